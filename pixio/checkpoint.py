@@ -1,0 +1,126 @@
+"""Encoder checkpoint formats: read any supported file safely, load into an encoder, save.
+
+Supported inputs of `load_encoder`: a reference encoder `.pth` (plain state dict); a training
+checkpoint with a `'model'` entry (pre-training: decoder dropped; distillation student:
+`last_proj` dropped); a `.safetensors` file; a Hugging Face Pixio folder.
+"""
+
+from __future__ import annotations
+
+import pickle
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from pixio.hf import hf_to_pixio_state
+from pixio.models.encoder import PixioEncoder
+from pixio.models.registry import build_encoder
+
+# Keys that belong to wrappers around the encoder, not to the encoder itself.
+NON_ENCODER_PREFIXES = ("decoder_", "mask_token", "last_proj.")
+WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+STATE_ENTRIES = ("model", "state_dict", "student")
+
+
+class UnsafeCheckpointError(ValueError):
+    """A checkpoint that needs pickled code to load; refused, never executed."""
+
+
+def safe_torch_load(path: str | Path, map_location: str | torch.device = "cpu") -> Any:
+    """`torch.load(weights_only=True)`; a file carrying pickled code raises UnsafeCheckpointError."""
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise UnsafeCheckpointError(
+            f"refusing to load {path}: it holds pickled objects or code that weights_only=True "
+            f"does not allow (only tensors and plain containers are accepted). Details: {err}"
+        ) from err
+
+
+def _strip_wrappers(sd: dict[str, Any]) -> dict[str, Any]:
+    """Drop DDP (`module.`) and torch.compile (`_orig_mod.`) prefixes."""
+    out = {}
+    for key, value in sd.items():
+        for prefix in WRAPPER_PREFIXES:
+            key = key.removeprefix(prefix)
+        out[key] = value
+    return out
+
+
+def _hf_folder_state(folder: Path) -> dict[str, torch.Tensor]:
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"{folder}: no .safetensors file in this Hugging Face folder")
+    sd: dict[str, torch.Tensor] = {}
+    for f in files:
+        sd.update(load_file(str(f)))
+    return sd
+
+
+def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """Any supported checkpoint -> flat state dict with reference key names (weights_only)."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    if path.is_dir():
+        obj: Any = _hf_folder_state(path)
+    elif path.suffix == ".safetensors":
+        obj = load_file(str(path))
+    else:
+        obj = safe_torch_load(path)
+    for entry in STATE_ENTRIES:
+        if isinstance(obj, dict) and isinstance(obj.get(entry), dict):
+            obj = obj[entry]
+            break
+    if not isinstance(obj, dict):
+        raise ValueError(f"{path}: expected a state dict, found {type(obj).__name__}")
+    sd = _strip_wrappers(obj)
+    if any(k.startswith(("embeddings.", "layers.", "pixio.")) for k in sd):
+        sd = hf_to_pixio_state(sd)
+    return sd
+
+
+def encoder_state(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Keep only encoder keys (drop the MAE decoder and a distillation student's `last_proj`)."""
+    return {k: v for k, v in sd.items() if not k.startswith(NON_ENCODER_PREFIXES)}
+
+
+def load_encoder_state(encoder: PixioEncoder, sd: dict[str, torch.Tensor], source: str) -> None:
+    """Strict load; an error that lists missing and unexpected keys, naming the source."""
+    expected = set(encoder.state_dict())
+    missing, unexpected = sorted(expected - set(sd)), sorted(set(sd) - expected)
+    if missing or unexpected:
+        raise KeyError(
+            f"{source} does not match the encoder: missing keys {missing[:20]}"
+            f"{' ...' if len(missing) > 20 else ''}; unexpected keys {unexpected[:20]}"
+            f"{' ...' if len(unexpected) > 20 else ''}"
+        )
+    encoder.load_state_dict(sd, strict=True)
+
+
+def load_encoder(name: str, path: str | Path, **overrides: Any) -> PixioEncoder:
+    """Build encoder `name` and load weights from any supported checkpoint format."""
+    encoder = build_encoder(name, **overrides)
+    load_encoder_state(encoder, encoder_state(read_state_dict(path)), str(path))
+    return encoder
+
+
+def save_encoder(encoder: PixioEncoder, path: str | Path) -> Path:
+    """Save the encoder weights (reference key names) as `.safetensors` or `.pth`."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = encoder.state_dict()
+    if hasattr(encoder, "encoder_state_dict"):
+        state = encoder.encoder_state_dict()
+    state = {k: v.detach().cpu().contiguous() for k, v in state.items()}
+    if path.suffix == ".safetensors":
+        save_file(state, str(path), metadata={"format": "pt"})
+    elif path.suffix in (".pth", ".pt"):
+        torch.save(state, path)
+    else:
+        raise ValueError(
+            f"unsupported encoder file extension {path.suffix!r} ({path}): use .safetensors or .pth"
+        )
+    return path

@@ -1,0 +1,62 @@
+"""Convert encoder checkpoints between formats.
+
+    python -m pixio.convert --model pixio_vith16 --input ckpt.pth --output encoder.safetensors
+    python -m pixio.convert --model pixio_vith16 --input ckpt.pth --output hf_folder/
+
+The input may be any format `pixio.load_encoder` reads. The output format follows the extension:
+`.safetensors`, `.pth`, or (no extension) a Hugging Face `transformers` Pixio folder.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+from pixio.checkpoint import load_encoder, save_encoder
+from pixio.hf import export_hf
+from pixio.models.registry import list_models
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """`key=value` -> (key, int/float/bool/str value)."""
+    key, sep, raw = text.partition("=")
+    if not sep:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    for cast in (int, float):
+        try:
+            return key, cast(raw)
+        except ValueError:
+            pass
+    return key, {"true": True, "false": False}.get(raw.lower(), raw)
+
+
+def convert(model: str, src: str | Path, dst: str | Path, **overrides: Any) -> Path:
+    """Load `src` into encoder `model` and write it to `dst` (format from the extension)."""
+    encoder = load_encoder(model, src, **overrides)
+    dst = Path(dst)
+    if dst.suffix in (".safetensors", ".pth", ".pt"):
+        return save_encoder(encoder, dst)
+    if dst.suffix:
+        raise ValueError(
+            f"unknown output format {dst.suffix!r}: use .safetensors, .pth or a folder"
+        )
+    return export_hf(encoder, dst)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model", required=True, choices=list_models())
+    parser.add_argument("--input", required=True, help="checkpoint file or Hugging Face folder")
+    parser.add_argument("--output", required=True, help=".safetensors, .pth, or a folder (HF)")
+    parser.add_argument(
+        "--override", action="append", default=[], type=parse_override, metavar="KEY=VALUE",
+        help="build_encoder override, e.g. --override img_size=512 (repeatable)",
+    )  # fmt: skip
+    args = parser.parse_args(argv)
+    out = convert(args.model, args.input, args.output, **dict(args.override))
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()

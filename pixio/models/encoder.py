@@ -1,0 +1,190 @@
+"""The Pixio ViT encoder: patch embedding, learned position table, 8 class tokens, pre-norm blocks.
+
+Built from timm layers so the state-dict keys are exactly the reference ones
+(`cls_token`, `pos_embed`, `patch_embed.proj.*`, `blocks.{i}.{norm1,attn.qkv,attn.proj,norm2,mlp.fc1,
+mlp.fc2}.*`, `norm.*`).
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+import torch
+from timm.layers import PatchEmbed, resample_abs_pos_embed
+from timm.models.vision_transformer import Block
+from torch import nn
+
+from pixio.constants import DEFAULT_N_CLS_TOKENS
+
+LayerNorm = partial(nn.LayerNorm, eps=1e-6)
+
+
+def make_blocks(
+    dim: int, depth: int, num_heads: int, mlp_ratio: float, drop_path: float
+) -> nn.ModuleList:
+    """Pre-norm ViT blocks (exact GELU, qkv bias, no LayerScale); drop path linear over depth."""
+    # Plain Python (not torch.linspace) so models can be built on the meta device.
+    rates = [drop_path * i / (depth - 1) if depth > 1 else 0.0 for i in range(depth)]
+    return nn.ModuleList(
+        Block(dim, num_heads, mlp_ratio, qkv_bias=True, drop_path=r, norm_layer=LayerNorm)
+        for r in rates
+    )
+
+
+def resize_pos_embed(
+    table: torch.Tensor, grid: tuple[int, int], new_grid: tuple[int, int], n_prefix: int
+) -> torch.Tensor:
+    """Bicubic (align_corners=False, no antialias) resize of the grid rows; prefix rows unchanged.
+
+    table: (1, n_prefix + gh*gw, D) -> (1, n_prefix + h*w, D). Identity when the grid already fits.
+    """
+    if tuple(new_grid) == tuple(grid):
+        return table
+    return resample_abs_pos_embed(
+        table, list(new_grid), list(grid), num_prefix_tokens=n_prefix, antialias=False
+    )
+
+
+def init_weights(module: nn.Module) -> None:
+    """Reference initialisation: xavier-uniform Linears with zero bias, LayerNorm (1, 0)."""
+    if isinstance(module, nn.Linear):
+        nn.init.xavier_uniform_(module.weight)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.LayerNorm):
+        nn.init.ones_(module.weight)
+        nn.init.zeros_(module.bias)
+
+
+class PixioEncoder(nn.Module):
+    """ViT encoder with `n_cls_tokens` class tokens and a resizable learned position table.
+
+    `forward(x, block_ids)` is the reference feature API: one dict per selected block with
+    `cls_tokens` (B, n_cls, D), `patch_tokens` (B, h*w, D) (block output, before the final norm) and
+    their `*_norm` versions (final `norm` applied).
+    """
+
+    def __init__(
+        self,
+        img_size: int | tuple[int, int] = 256,
+        patch_size: int = 16,
+        in_chans: int = 3,
+        embed_dim: int = 1280,
+        depth: int = 32,
+        num_heads: int = 16,
+        mlp_ratio: float = 4.0,
+        n_cls_tokens: int = DEFAULT_N_CLS_TOKENS,
+        drop_path: float = 0.0,
+    ) -> None:
+        super().__init__()
+        self.patch_size = patch_size
+        self.embed_dim = embed_dim
+        self.n_cls_tokens = n_cls_tokens
+        # strict_img_size=False: any H, W divisible by the patch size is accepted (checked below).
+        self.patch_embed = PatchEmbed(
+            img_size, patch_size, in_chans, embed_dim, strict_img_size=False
+        )
+        self.grid_size: tuple[int, int] = tuple(self.patch_embed.grid_size)
+        num_patches = self.grid_size[0] * self.grid_size[1]
+        self.cls_token = nn.Parameter(torch.zeros(1, n_cls_tokens, embed_dim))
+        self.pos_embed = nn.Parameter(torch.zeros(1, n_cls_tokens + num_patches, embed_dim))
+        self.blocks = make_blocks(embed_dim, depth, num_heads, mlp_ratio, drop_path)
+        self.norm = LayerNorm(embed_dim)
+        self.init_encoder_weights()
+
+    @property
+    def depth(self) -> int:
+        return len(self.blocks)
+
+    def init_encoder_weights(self) -> None:
+        """SPEC initialisation of the encoder parameters."""
+        nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        nn.init.normal_(self.cls_token, std=0.02)
+        w = self.patch_embed.proj.weight
+        # The patch embedding is initialised as the Linear it is (fan over C*p*p).
+        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+        self.blocks.apply(init_weights)
+        self.norm.apply(init_weights)
+
+    def patch_grid(self, x: torch.Tensor) -> tuple[int, int]:
+        """Patch grid (h, w) of an image batch; ValueError unless H and W divide by the patch size."""
+        if x.ndim != 4:
+            raise ValueError(f"expected images (B, C, H, W), got shape {tuple(x.shape)}")
+        height, width = x.shape[-2:]
+        p = self.patch_size
+        if height % p or width % p:
+            raise ValueError(
+                f"input size {height}x{width} is not divisible by the patch size {p}: "
+                f"resize or crop to a multiple of {p} (e.g. {height // p * p}x{width // p * p})"
+            )
+        return height // p, width // p
+
+    def pos_embed_for(self, grid: tuple[int, int]) -> torch.Tensor:
+        """Position table for a (h, w) patch grid: (1, n_cls + h*w, D)."""
+        return resize_pos_embed(self.pos_embed, self.grid_size, grid, self.n_cls_tokens)
+
+    def embed_patches(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
+        """Images (B, C, H, W) -> patch tokens with position (B, h*w, D) and the grid (h, w)."""
+        grid = self.patch_grid(x)
+        pos = self.pos_embed_for(grid)
+        tokens = self.patch_embed(x) + pos[:, self.n_cls_tokens :]
+        return tokens, grid
+
+    def prepend_cls(self, tokens: torch.Tensor) -> torch.Tensor:
+        """(B, N, D) -> (B, n_cls + N, D): class tokens (with their position rows) in front."""
+        cls = self.cls_token + self.pos_embed[:, : self.n_cls_tokens]
+        return torch.cat([cls.expand(tokens.shape[0], -1, -1), tokens], dim=1)
+
+    def select_blocks(self, block_ids: list[int] | None) -> list[int]:
+        """Validate block indices (negative allowed, as in Python) and return them non-negative."""
+        if block_ids is None:
+            return list(range(self.depth))
+        out = []
+        for i in block_ids:
+            if not -self.depth <= i < self.depth:
+                raise ValueError(f"block id {i} out of range for an encoder of depth {self.depth}")
+            out.append(i % self.depth)
+        return out
+
+    def forward(self, x: torch.Tensor, block_ids: list[int] | None = None) -> list[dict]:
+        """Reference feature API (see `features`)."""
+        return self.features(x, block_ids)
+
+    def features(self, x: torch.Tensor, block_ids: list[int] | None = None) -> list[dict]:
+        """Per selected block (all when None): class and patch tokens before/after the final `norm`."""
+        wanted = self.select_blocks(block_ids)
+        tokens, _ = self.embed_patches(x)
+        x = self.prepend_cls(tokens)  # x: (B, n_cls + h*w, D)
+        n = self.n_cls_tokens
+        feats = []
+        for i, blk in enumerate(self.blocks[: max(wanted) + 1]):
+            x = blk(x)
+            if i in wanted:
+                xn = self.norm(x)
+                feats.append(
+                    {
+                        "cls_tokens": x[:, :n],
+                        "patch_tokens": x[:, n:],
+                        "cls_tokens_norm": xn[:, :n],
+                        "patch_tokens_norm": xn[:, n:],
+                    }
+                )
+        return [feats[sorted(set(wanted)).index(i)] for i in wanted]
+
+    @torch.no_grad()
+    def embed(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Convenience for the common case (no grad): final normed tokens and the global embedding.
+
+        Returns `cls_tokens` (B, n_cls, D), `patch_tokens` (B, h*w, D), `patch_map` (B, D, h, w) and
+        `embedding` (B, D) = mean of the normed class tokens (the recommended global feature).
+        """
+        h, w = self.patch_grid(x)
+        last = self.features(x, block_ids=[-1])[0]
+        cls, patches = last["cls_tokens_norm"], last["patch_tokens_norm"]
+        patch_map = patches.transpose(1, 2).reshape(x.shape[0], -1, h, w)
+        return {
+            "cls_tokens": cls,
+            "patch_tokens": patches,
+            "patch_map": patch_map,
+            "embedding": cls.mean(dim=1),
+        }
