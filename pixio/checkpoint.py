@@ -107,20 +107,20 @@ def load_encoder(name: str, path: str | Path, **overrides: Any) -> PixioEncoder:
     return encoder
 
 
-def save_encoder(encoder: PixioEncoder, path: str | Path) -> Path:
-    """Save the encoder weights (reference key names) as `.safetensors` or `.pth`."""
+def save_state_dict(state: dict[str, torch.Tensor], path: str | Path) -> Path:
+    """Write a plain state dict as `.safetensors` or `.pth` (format from the extension)."""
     path = Path(path)
+    if path.suffix not in (".safetensors", ".pth", ".pt"):
+        raise ValueError(f"unsupported encoder file extension {path.suffix!r} ({path}): use .safetensors or .pth")
     path.parent.mkdir(parents=True, exist_ok=True)
-    state = encoder.state_dict()
-    if hasattr(encoder, "encoder_state_dict"):
-        state = encoder.encoder_state_dict()
     state = {k: v.detach().cpu().contiguous() for k, v in state.items()}
     if path.suffix == ".safetensors":
         save_file(state, str(path), metadata={"format": "pt"})
-    elif path.suffix in (".pth", ".pt"):
-        torch.save(state, path)
     else:
-        raise ValueError(
-            f"unsupported encoder file extension {path.suffix!r} ({path}): use .safetensors or .pth"
-        )
+        torch.save(state, path)
     return path
+
+
+def save_encoder(encoder: PixioEncoder, path: str | Path) -> Path:
+    """Save the encoder weights (reference key names; an MAE's decoder is left out)."""
+    return save_state_dict(encoder_state(encoder.state_dict()), path)

@@ -10,6 +10,7 @@ from __future__ import annotations
 from functools import partial
 
 import torch
+import torch.utils.checkpoint
 from timm.layers import PatchEmbed, resample_abs_pos_embed
 from timm.models.vision_transformer import Block
 from torch import nn
@@ -90,7 +91,18 @@ class PixioEncoder(nn.Module):
         self.pos_embed = nn.Parameter(torch.zeros(1, n_cls_tokens + num_patches, embed_dim))
         self.blocks = make_blocks(embed_dim, depth, num_heads, mlp_ratio, drop_path)
         self.norm = LayerNorm(embed_dim)
+        self.grad_checkpointing = False
         self.init_encoder_weights()
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute block activations in backward (trades compute for memory)."""
+        self.grad_checkpointing = enable
+
+    def run_block(self, block: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """Apply one block, with activation checkpointing when enabled and training."""
+        if self.grad_checkpointing and torch.is_grad_enabled():
+            return torch.utils.checkpoint.checkpoint(block, x, use_reentrant=False)
+        return block(x)
 
     @property
     def depth(self) -> int:
@@ -158,7 +170,7 @@ class PixioEncoder(nn.Module):
         n = self.n_cls_tokens
         feats = []
         for i, blk in enumerate(self.blocks[: max(wanted) + 1]):
-            x = blk(x)
+            x = self.run_block(blk, x)
             if i in wanted:
                 xn = self.norm(x)
                 feats.append(

@@ -101,7 +101,7 @@ class PixioMAE(PixioEncoder):
         index = m.ids_keep.unsqueeze(-1).expand(-1, -1, tokens.shape[-1])
         x = self.prepend_cls(torch.gather(tokens, 1, index))
         for blk in self.blocks:
-            x = blk(x)
+            x = self.run_block(blk, x)
         return self.norm(x), m.mask, m.ids_restore, grid
 
     def forward_decoder(
@@ -118,7 +118,7 @@ class PixioMAE(PixioEncoder):
         pos = resize_pos_embed(self.decoder_pos_embed, self.grid_size, grid, n)
         x = torch.cat([x[:, :n], patches], dim=1) + pos
         for blk in self.decoder_blocks:
-            x = blk(x)
+            x = self.run_block(blk, x)
         return self.decoder_pred(self.decoder_norm(x))[:, n:]
 
     def forward(  # type: ignore[override]

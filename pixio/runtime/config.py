@@ -1,0 +1,149 @@
+"""Typed configuration schema shared by the Pixio jobs (backs the Hydra groups in `configs/`).
+
+Every field has one line of doc. `validate_pretrain` checks values before any model or GPU is
+touched and raises `ConfigError` with one line naming the key.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, DictConfig, OmegaConf
+
+from pixio.models.registry import list_models
+from pixio.runtime.launcher import LauncherConfig
+
+
+class ConfigError(ValueError):
+    """A configuration value is invalid; the message names the key."""
+
+
+@dataclass
+class ModelConfig:
+    name: str = MISSING  # registry name, e.g. pixio_vith16 (see pixio.list_models())
+    img_size: int = 256  # training crop size; a multiple of patch_size * mask_grid
+    drop_path: float = 0.0  # stochastic depth, linear over depth up to this rate
+    n_cls_tokens: int = 8  # number of class tokens
+    embed_dim: int | None = None  # override the registry width (small demo/test models)
+    depth: int | None = None  # override the registry depth
+    num_heads: int | None = None  # override the registry head count
+    decoder_embed_dim: int = 512  # decoder width
+    decoder_depth: int = 32  # decoder blocks
+    decoder_num_heads: int = 16  # decoder attention heads
+    mask_grid: int = 4  # side of the square patch groups that are masked together
+    mask_ratio: float = 0.75  # share of patch groups masked
+    norm_pix_loss: bool = True  # normalise each target patch by its mean and variance
+
+
+@dataclass
+class DataConfig:
+    root: str = MISSING  # shard root (kind=imagenet: *train*.tar; kind=web: **/*.tar)
+    kind: str = "imagenet"  # imagenet | web
+    json_root: str | None = None  # per-shard curation statistics (kind=web)
+    hist_thresh: float | None = None  # keep images with histogram_score > this
+    imgres_thresh: int | None = None  # keep images whose both sides are >= this
+    soft_sampling: bool = False  # keep an image with probability mae_loss
+    missing_json: str = "unfiltered"  # shard without statistics: unfiltered | skip
+    crop_scale: list[float] = field(default_factory=lambda: [0.2, 1.0])  # RandomResizedCrop scale
+    shuffle_buffer: int = 10000  # sample shuffle buffer
+    num_workers: int = 6  # data-loader workers per process
+    build_demo: bool = False  # build the built-in demo shards under `root` if missing
+
+
+@dataclass
+class OptimConfig:
+    lr: float | None = None  # absolute lr; None -> blr * global_batch / 256
+    blr: float = 1.5e-4  # base lr per 256 images
+    min_lr: float = 0.0  # floor of the cosine schedule
+    weight_decay: float = 0.05  # AdamW weight decay (not on biases / norms / 1-d params)
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])  # AdamW betas
+    warmup_epochs: float = 40.0  # linear warmup length in epochs
+    clip_grad: float | None = None  # max grad norm; None = no clipping (norm still logged)
+    fused: bool | None = None  # fused AdamW; None = on for CUDA
+
+
+@dataclass
+class TrainConfig:
+    batch_size: int = 64  # images per process (per GPU) per iteration
+    epochs: int = 400  # schedule length in epochs
+    iters_per_epoch: int = 1605  # data iterations per epoch (streams have no natural epoch)
+    accum_iter: int = 1  # gradient accumulation: iterations per optimiser step
+    save_every_iters: int = 1000  # full checkpoint period (multiple of accum_iter)
+    keep_last: int = 2  # numbered checkpoints kept besides checkpoint-last.pth
+    keep_every: int | None = None  # also keep numbered checkpoints at multiples of this
+    log_every: int = 20  # console/metrics/wandb period in iterations
+    vis_every: int = 1000  # reconstruction picture period in iterations (0 = off)
+    precision: str = "bf16"  # bf16 | fp16 | fp32 (autocast dtype; fp16 uses a grad scaler)
+    parallel: str = "auto"  # auto | none | ddp | fsdp (auto: fsdp for 1B/5B, ddp otherwise)
+    compile: bool = False  # torch.compile the model
+    activation_checkpointing: bool = False  # recompute block activations in backward
+    device: str = "auto"  # auto | cpu | cuda
+    seed: int = 0  # global seed (model init, masking, data order)
+    max_iters: int | None = None  # stop (with a checkpoint) after this many iterations
+
+
+@dataclass
+class LoggerConfig:
+    name: str = "wandb"  # wandb | none
+    project: str = "pixio"  # wandb project
+    entity: str | None = None  # wandb entity (team or user)
+    run_name: str | None = None  # wandb run name; None = output_dir's name
+    mode: str | None = None  # online | offline | disabled; None = offline without an API key
+    tags: list[str] = field(default_factory=list)  # wandb tags
+
+
+@dataclass
+class PretrainConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)  # the MAE being pre-trained
+    data: DataConfig = field(default_factory=DataConfig)  # shards and filters
+    optim: OptimConfig = field(default_factory=OptimConfig)  # AdamW and lr schedule
+    train: TrainConfig = field(default_factory=TrainConfig)  # loop, precision, checkpoints
+    launcher: LauncherConfig = field(default_factory=LauncherConfig)  # local or SLURM
+    logger: LoggerConfig = field(default_factory=LoggerConfig)  # wandb
+    output_dir: str = MISSING  # checkpoints, metrics.jsonl, vis/, encoder.safetensors
+
+
+def register_configs() -> None:
+    """Register the schemas so Hydra type-checks every composed config."""
+    cs = ConfigStore.instance()
+    cs.store(name="pretrain_schema", node=PretrainConfig)
+
+
+def _require(ok: bool, key: str, message: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key}: {message}")
+
+
+def validate_pretrain(cfg: DictConfig | PretrainConfig) -> None:
+    """Check values before anything is built; ConfigError names the first bad key."""
+    missing = [k for k in ("model.name", "data.root", "output_dir") if OmegaConf.is_missing(cfg, k)] if isinstance(cfg, DictConfig) else []  # fmt: skip
+    _require(not missing, missing[0] if missing else "", "is required (set it on the command line)")
+    m, d, t, o = cfg.model, cfg.data, cfg.train, cfg.optim
+    _require(m.name in list_models(), "model.name", f"unknown model {m.name!r}; valid: {', '.join(list_models())}")
+    _require(m.mask_grid >= 1, "model.mask_grid", f"must be >= 1, got {m.mask_grid}")
+    unit = 16 * m.mask_grid
+    _require(m.img_size > 0 and m.img_size % 16 == 0, "model.img_size", f"{m.img_size} is not divisible by the patch size 16")
+    _require(m.img_size % unit == 0, "model.img_size", f"{m.img_size} is not divisible by 16 * mask_grid = {unit}")
+    _require(0.0 <= m.mask_ratio < 1.0, "model.mask_ratio", f"must be in [0, 1), got {m.mask_ratio}")
+    _require(0.0 <= m.drop_path < 1.0, "model.drop_path", f"must be in [0, 1), got {m.drop_path}")
+    _require(d.kind in ("imagenet", "web"), "data.kind", f"must be imagenet or web, got {d.kind!r}")
+    _require(d.missing_json in ("unfiltered", "skip"), "data.missing_json", f"must be unfiltered or skip, got {d.missing_json!r}")
+    _require(bool(d.root), "data.root", "is empty")
+    _require(d.num_workers >= 0, "data.num_workers", f"must be >= 0, got {d.num_workers}")
+    for key in ("batch_size", "epochs", "iters_per_epoch", "accum_iter", "save_every_iters", "log_every", "keep_last"):
+        _require(getattr(t, key) > 0, f"train.{key}", f"must be positive, got {getattr(t, key)}")
+    _require(t.save_every_iters % t.accum_iter == 0, "train.save_every_iters", f"{t.save_every_iters} is not a multiple of train.accum_iter = {t.accum_iter}")
+    _require(t.precision in ("bf16", "fp16", "fp32"), "train.precision", f"must be bf16, fp16 or fp32, got {t.precision!r}")
+    _require(t.parallel in ("auto", "none", "ddp", "fsdp"), "train.parallel", f"must be auto, none, ddp or fsdp, got {t.parallel!r}")
+    _require(t.device in ("auto", "cpu", "cuda"), "train.device", f"must be auto, cpu or cuda, got {t.device!r}")
+    _require(o.lr is None or o.lr > 0, "optim.lr", f"must be positive, got {o.lr}")
+    _require(o.blr > 0, "optim.blr", f"must be positive, got {o.blr}")
+    _require(0 <= o.warmup_epochs <= t.epochs, "optim.warmup_epochs", f"must be in [0, train.epochs], got {o.warmup_epochs}")
+    _require(cfg.logger.name in ("wandb", "none"), "logger.name", f"must be wandb or none, got {cfg.logger.name!r}")
+
+
+def to_container(cfg: DictConfig) -> dict[str, Any]:
+    """Resolved config as a plain dict (what checkpoints and wandb store)."""
+    return OmegaConf.to_container(cfg, resolve=True, throw_on_missing=False)  # type: ignore[return-value]

@@ -1,0 +1,227 @@
+"""Process-group set-up for single-process, torchrun and SLURM (srun / submitit) runs.
+
+Rank and world size come from, in order: the torchrun variables (``RANK``, ``WORLD_SIZE``,
+``LOCAL_RANK``, ``MASTER_ADDR``, ``MASTER_PORT``; the submitit launcher sets them too), the SLURM
+variables of an ``srun`` step, or nothing (one process, no process group).
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import os
+import re
+import subprocess
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+log = logging.getLogger(__name__)
+
+# MASTER_PORT under SLURM = base + job id % span: distinct for jobs sharing a node, and below
+# Linux's ephemeral range (32768+) so it does not collide with outgoing connections.
+_SLURM_PORT_BASE = 20000
+_SLURM_PORT_SPAN = 10000
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    """Where this process sits in the job, as read from the environment."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    master_addr: str | None
+    master_port: int | None
+    source: str  # "torchrun", "slurm" or "single"
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    """What ``init_distributed`` set up for this process."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def first_slurm_host(nodelist: str) -> str:
+    """First host name of a SLURM node list such as ``gpu[003-005,9],cpu1``."""
+    try:
+        out = subprocess.run(
+            ["scontrol", "show", "hostnames", nodelist],
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=30,
+        ).stdout.split()
+        if out:
+            return out[0]
+    except (OSError, subprocess.SubprocessError):
+        pass
+    # No scontrol (e.g. in a container without SLURM clients): expand the first entry ourselves.
+    match = re.match(r"([^,\[]+)(?:\[([^\]]+)\])?", nodelist)
+    if match is None:
+        raise ValueError(f"cannot parse SLURM node list {nodelist!r}")
+    prefix, ranges = match.groups()
+    return prefix + (re.split(r"[-,]", ranges)[0] if ranges else "")
+
+
+def slurm_master_port(job_id: str) -> int:
+    """Rendez-vous port derived from the SLURM job id (all tasks compute the same one)."""
+    digits = re.sub(r"\D", "", job_id) or "0"
+    return _SLURM_PORT_BASE + int(digits) % _SLURM_PORT_SPAN
+
+
+def read_dist_env(environ: Mapping[str, str] | None = None) -> DistEnv:
+    """Rank, world size and rendez-vous address from torchrun or SLURM variables."""
+    env = os.environ if environ is None else environ
+    if "RANK" in env and "WORLD_SIZE" in env:
+        return DistEnv(
+            rank=int(env["RANK"]),
+            world_size=int(env["WORLD_SIZE"]),
+            local_rank=int(env.get("LOCAL_RANK", 0)),
+            master_addr=env.get("MASTER_ADDR"),
+            master_port=int(env["MASTER_PORT"]) if "MASTER_PORT" in env else None,
+            source="torchrun",
+        )
+    # Only inside an srun step: the batch script itself also has SLURM_PROCID=0 and
+    # SLURM_NTASKS=N, and a lone `python` there must not wait for N - 1 peers.
+    if "SLURM_STEP_ID" in env and "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
+        world_size = int(env["SLURM_NTASKS"])
+        addr = env.get("MASTER_ADDR")
+        port = env.get("MASTER_PORT")
+        if world_size > 1 and addr is None:
+            addr = first_slurm_host(env.get("SLURM_JOB_NODELIST") or env["SLURM_NODELIST"])
+        if world_size > 1 and port is None:
+            port = str(slurm_master_port(env.get("SLURM_JOB_ID", "0")))
+        return DistEnv(
+            rank=int(env["SLURM_PROCID"]),
+            world_size=world_size,
+            local_rank=int(env.get("SLURM_LOCALID", 0)),
+            master_addr=addr,
+            master_port=int(port) if port is not None else None,
+            source="slurm",
+        )
+    return DistEnv(0, 1, 0, None, None, "single")
+
+
+def _device_for(local_rank: int, want: str) -> torch.device:
+    """``want``: "cpu", "cuda" or "auto" (CUDA when available)."""
+    if want not in ("auto", "cpu", "cuda"):
+        raise ValueError(f"device must be auto, cpu or cuda, got {want!r}")
+    if want == "cpu" or (want == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise RuntimeError("device=cuda requested but CUDA is not available")
+    # Modulo: some clusters bind one GPU per task, so each task sees a single device.
+    return torch.device("cuda", local_rank % torch.cuda.device_count())
+
+
+def init_distributed(
+    backend: str | None = None, device: str = "auto", timeout_min: float = 30.0
+) -> DistInfo:
+    """Join the job's process group (if there is more than one process) and pick the device.
+
+    ``device``: "auto" (CUDA when available), "cpu" (gloo, even on a GPU node: e.g. a
+    ``launcher.use_gpu=false`` job, where SLURM does not hide the GPUs) or "cuda".
+    ``backend``: default nccl on CUDA, gloo on CPU. Idempotent: a second call returns the
+    already-initialised group's info.
+    """
+    env = read_dist_env()
+    torch_device = _device_for(env.local_rank, device)
+    if torch_device.type == "cuda":
+        torch.cuda.set_device(torch_device)
+    if dist.is_available() and dist.is_initialized():
+        return DistInfo(dist.get_rank(), dist.get_world_size(), env.local_rank, torch_device)
+    if env.world_size <= 1:
+        return DistInfo(0, 1, env.local_rank, torch_device)
+    if env.master_addr is None or env.master_port is None:
+        raise RuntimeError(
+            f"{env.source} run with {env.world_size} processes has no MASTER_ADDR/PORT"
+        )
+    # init_method="env://" reads these; SLURM runs do not have them set yet.
+    os.environ.update(
+        MASTER_ADDR=env.master_addr,
+        MASTER_PORT=str(env.master_port),
+        RANK=str(env.rank),
+        WORLD_SIZE=str(env.world_size),
+        LOCAL_RANK=str(env.local_rank),
+    )
+    backend = backend or ("nccl" if torch_device.type == "cuda" else "gloo")
+    dist.init_process_group(
+        backend=backend,
+        init_method="env://",
+        rank=env.rank,
+        world_size=env.world_size,
+        timeout=datetime.timedelta(minutes=timeout_min),
+    )
+    log.info(
+        "process group: rank %d/%d (local %d) via %s, backend %s, %s:%s",
+        env.rank,
+        env.world_size,
+        env.local_rank,
+        env.source,
+        backend,
+        env.master_addr,
+        env.master_port,
+    )
+    return DistInfo(env.rank, env.world_size, env.local_rank, torch_device)
+
+
+def is_dist() -> bool:
+    """True when a process group with more than one process is active."""
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def get_rank() -> int:
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def get_world_size() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def is_main() -> bool:
+    """True on rank 0 (and in a single-process run)."""
+    return get_rank() == 0
+
+
+def barrier() -> None:
+    """Wait for all ranks; a no-op without a process group."""
+    if is_dist():
+        dist.barrier()
+
+
+def all_reduce_mean(t: torch.Tensor) -> torch.Tensor:
+    """Mean of floating ``t`` over all ranks, as a new tensor on ``t``'s device (``t`` unchanged)."""
+    if not is_dist():
+        return t.detach().clone()
+    out = t.detach().to(reduce_device(), copy=True)
+    dist.all_reduce(out, op=dist.ReduceOp.SUM)
+    out /= dist.get_world_size()
+    return out.to(t.device)
+
+
+def reduce_device() -> torch.device:
+    """Device for collective tensors: NCCL only reduces CUDA tensors, gloo CPU ones."""
+    if is_dist() and dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def cleanup() -> None:
+    """Destroy the process group if one exists."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()

@@ -1,0 +1,237 @@
+"""Run a job's ``main(cfg)`` here, under torchrun, or as a SLURM job submitted with submitit.
+
+``launch(main, cfg, overrides)`` reads ``cfg.launcher`` (a ``LauncherConfig``):
+
+- ``name=local``, ``gpus<=1`` (or already inside torchrun / a multi-task srun step): ``main(cfg)``
+  in this process.
+- ``name=local``, ``gpus>1``: re-runs the entry module under ``torchrun --standalone`` with the same
+  Hydra overrides; each worker then takes the in-process path.
+- ``name=slurm``: submits ``SubmititMain(main, cfg)`` (one task per GPU), prints the job id and log
+  path, and returns the submitit job. The job requeues itself on the time-limit signal, see
+  ``pixio.runtime.preemption``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import os
+import re
+import subprocess
+import sys
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import submitit
+from omegaconf import DictConfig, OmegaConf
+
+from pixio.runtime.distributed import read_dist_env, slurm_master_port
+
+
+@dataclasses.dataclass
+class LauncherConfig:
+    """The ``launcher`` config group."""
+
+    name: str = "local"  # "local" (this machine) or "slurm" (submit through submitit)
+    gpus: int = 1  # local: processes on this machine; > 1 spawns torchrun
+    nodes: int = 1  # slurm: number of nodes
+    gpus_per_node: int = 8  # slurm: GPUs per node = tasks per node (one task per GPU)
+    cpus_per_task: int = 10  # slurm: CPUs per task (data-loader workers + the trainer)
+    mem_gb: float | None = None  # slurm: memory per node in GB; None = the partition's default
+    timeout_min: int = 2880  # slurm: time limit of each run; the job requeues itself after it
+    partition: str | None = None  # slurm: partition (sbatch --partition)
+    account: str | None = None  # slurm: account charged for the job (sbatch --account)
+    qos: str | None = None  # slurm: quality of service (sbatch --qos)
+    constraint: str | None = None  # slurm: node features, e.g. "h100" (sbatch --constraint)
+    comment: str | None = None  # slurm: free-text comment (sbatch --comment)
+    signal_delay_s: int = 120  # slurm: SIGUSR2 this many seconds before the time limit
+    max_num_timeout: int = 20  # slurm: how many time-limit requeues are allowed
+    folder: str | None = None  # slurm: job folder (logs, pickles); None = <output_dir>/slurm/%j
+    use_gpu: bool = True  # slurm: request GPUs; False runs the tasks on CPU-only nodes
+    job_name: str = "pixio"  # slurm: job name shown by squeue
+
+
+def launcher_config(node: Any) -> LauncherConfig:
+    """Validated ``LauncherConfig`` from a config node (DictConfig, dict, dataclass or None)."""
+    if node is None:
+        return LauncherConfig()
+    if isinstance(node, LauncherConfig):
+        node = dataclasses.asdict(node)
+    if isinstance(node, DictConfig):
+        node = OmegaConf.to_container(node, resolve=True)
+    known = {f.name for f in dataclasses.fields(LauncherConfig)}
+    for key in node:
+        if key not in known:
+            raise ValueError(f"launcher.{key}: unknown key (known: {', '.join(sorted(known))})")
+    cfg = LauncherConfig(**node)
+    if cfg.name not in ("local", "slurm"):
+        raise ValueError(f"launcher.name: must be 'local' or 'slurm', got {cfg.name!r}")
+    for key in ("gpus", "nodes", "gpus_per_node", "cpus_per_task", "timeout_min"):
+        if not isinstance(getattr(cfg, key), int) or getattr(cfg, key) < 1:
+            raise ValueError(
+                f"launcher.{key}: must be a positive integer, got {getattr(cfg, key)!r}"
+            )
+    for key in ("signal_delay_s", "max_num_timeout"):
+        if not isinstance(getattr(cfg, key), int) or getattr(cfg, key) < 0:
+            raise ValueError(f"launcher.{key}: must be an integer >= 0, got {getattr(cfg, key)!r}")
+    if cfg.mem_gb is not None and cfg.mem_gb <= 0:
+        raise ValueError(f"launcher.mem_gb: must be positive or null, got {cfg.mem_gb!r}")
+    if cfg.signal_delay_s >= cfg.timeout_min * 60:
+        raise ValueError("launcher.signal_delay_s: must be shorter than launcher.timeout_min")
+    return cfg
+
+
+def under_process_launcher(environ: Mapping[str, str] | None = None) -> bool:
+    """True inside torchrun or a multi-task srun step (ranks already exist)."""
+    env = read_dist_env(environ)
+    return env.source == "torchrun" or env.world_size > 1
+
+
+def launch(
+    main: Callable[[DictConfig], Any], cfg: DictConfig, overrides: Sequence[str] | None = None
+) -> Any:
+    """Run ``main(cfg)`` as ``cfg.launcher`` says.
+
+    ``overrides``: the command-line overrides torchrun workers get; by default Hydra's (or
+    ``sys.argv[1:]`` outside a Hydra app).
+    """
+    lc = launcher_config(cfg.get("launcher"))
+    if lc.name == "slurm":
+        return submit_slurm(main, cfg, lc)
+    if lc.gpus > 1 and not under_process_launcher():
+        return run_torchrun(cfg, lc.gpus, _overrides() if overrides is None else overrides)
+    return main(cfg)
+
+
+def _overrides() -> list[str]:
+    """This run's command-line overrides."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if HydraConfig.initialized():
+        return list(HydraConfig.get().overrides.task)
+    return sys.argv[1:]
+
+
+# -- local: torchrun ---------------------------------------------------------------------------
+def _main_module() -> str | None:
+    """Name of the module run with ``python -m`` (None when a script path was run)."""
+    spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+    return spec.name if spec is not None else None
+
+
+def _hydra_value(value: str) -> str:
+    """Quote a value for a Hydra override when it has characters Hydra's grammar treats specially."""
+    if re.fullmatch(r"[\w./:@%+~-]+", value):
+        return value
+    return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+def torchrun_command(
+    nproc: int, overrides: Sequence[str], module: str | None = None, output_dir: str | None = None
+) -> list[str]:
+    """``torchrun --standalone --nproc_per_node=N -m module overrides`` with this interpreter.
+
+    ``output_dir`` pins the workers to the parent's resolved output directory (a default built
+    from the time of day would differ between workers).
+    """
+    args = list(overrides)
+    if output_dir is not None:
+        args = [a for a in args if a.lstrip("+").split("=", 1)[0] != "output_dir"]
+        args.append(f"output_dir={_hydra_value(output_dir)}")
+    target = ["-m", module] if module else [sys.argv[0]]
+    run = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+    return [*run, f"--nproc_per_node={nproc}", *target, *args]
+
+
+def run_torchrun(cfg: DictConfig, nproc: int, overrides: Sequence[str]) -> None:
+    """Re-run this entry point as ``nproc`` torchrun workers; exits with their status on failure."""
+    output_dir = cfg.get("output_dir")
+    out = str(Path(output_dir).absolute()) if output_dir else None
+    cmd = torchrun_command(nproc, overrides, _main_module(), out)
+    print(f"[pixio] spawning {nproc} processes: {' '.join(cmd)}", flush=True)
+    code = subprocess.run(cmd, check=False).returncode
+    if code != 0:
+        raise SystemExit(code)
+
+
+# -- SLURM: submitit ---------------------------------------------------------------------------
+class SubmititMain(submitit.helpers.Checkpointable):
+    """The callable a SLURM task runs: rank set-up from submitit, then ``main(cfg)``.
+
+    ``checkpoint()`` (called by submitit on rank 0 when the job requeues itself) resubmits a fresh
+    copy: the training state lives in ``output_dir``'s checkpoint, which the trainer resumes from.
+    """
+
+    def __init__(self, main: Callable[[DictConfig], Any], cfg: DictConfig) -> None:
+        self.main = main
+        self.cfg = cfg
+
+    def __call__(self) -> Any:
+        export_submitit_dist_env()
+        return self.main(self.cfg)
+
+    def checkpoint(self, *args: Any, **kwargs: Any) -> submitit.helpers.DelayedSubmission:
+        return submitit.helpers.DelayedSubmission(type(self)(self.main, self.cfg))
+
+
+def export_submitit_dist_env() -> None:
+    """Set the torchrun-style variables that ``init_distributed`` reads, from submitit's view."""
+    job = submitit.JobEnvironment()
+    os.environ.update(
+        RANK=str(job.global_rank),
+        WORLD_SIZE=str(job.num_tasks),
+        LOCAL_RANK=str(job.local_rank),
+        MASTER_ADDR=job.hostnames[0],
+        MASTER_PORT=str(slurm_master_port(job.job_id)),
+    )
+
+
+def slurm_parameters(lc: LauncherConfig) -> dict[str, Any]:
+    """submitit ``AutoExecutor.update_parameters`` arguments for ``lc``."""
+    params: dict[str, Any] = {
+        "name": lc.job_name,
+        "nodes": lc.nodes,
+        "tasks_per_node": lc.gpus_per_node,
+        "cpus_per_task": lc.cpus_per_task,
+        "timeout_min": lc.timeout_min,
+        "slurm_signal_delay_s": lc.signal_delay_s,
+        # Requeueable: SLURM may requeue it on pre-emption or node failure, and it requeues itself.
+        "slurm_additional_parameters": {"requeue": True},
+    }
+    if lc.use_gpu:
+        params["gpus_per_node"] = lc.gpus_per_node
+    if lc.mem_gb is not None:
+        params["mem_gb"] = lc.mem_gb
+    for key in ("partition", "account", "qos", "constraint", "comment"):
+        if getattr(lc, key):
+            params[f"slurm_{key}"] = getattr(lc, key)
+    return params
+
+
+def _importable(main: Callable[..., Any]) -> Callable[..., Any]:
+    """``main`` by its module name when it lives in ``python -m``'s ``__main__`` (so the job can
+    import it instead of unpickling a copy of the whole ``__main__`` module)."""
+    module = _main_module()
+    if getattr(main, "__module__", None) != "__main__" or module is None:
+        return main
+    return getattr(importlib.import_module(module), main.__name__, main)
+
+
+def submit_slurm(main: Callable[[DictConfig], Any], cfg: DictConfig, lc: LauncherConfig) -> Any:
+    """Submit ``main(cfg)`` to SLURM; prints the job id and log path and returns the job."""
+    # Resolve now: interpolations such as ${hydra:...} cannot be resolved inside the job.
+    job_cfg = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
+    output_dir = Path(job_cfg.get("output_dir") or ".").absolute()
+    if "output_dir" in job_cfg:
+        job_cfg.output_dir = str(output_dir)
+    folder = lc.folder or str(output_dir / "slurm" / "%j")
+    executor = submitit.AutoExecutor(
+        folder=folder, cluster="slurm", slurm_max_num_timeout=lc.max_num_timeout
+    )
+    executor.update_parameters(**slurm_parameters(lc))
+    job = executor.submit(SubmititMain(_importable(main), job_cfg))
+    shape = f"{lc.nodes} node(s) x {lc.gpus_per_node} task(s)"
+    print(f"[pixio] submitted SLURM job {job.job_id} ({shape})", flush=True)
+    print(f"[pixio] log: {job.paths.stdout} (errors: {job.paths.stderr})", flush=True)
+    return job

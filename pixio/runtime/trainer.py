@@ -1,0 +1,369 @@
+"""The one training loop shared by pre-training and distillation.
+
+A job builds a `Task` (its model wrapper) and a data stream and hands them to `Trainer.fit()`.
+The trainer owns precision, parallelism (DDP / FSDP), the optimiser and lr schedule, gradient
+accumulation, logging, pictures, checkpoints and resume, and pre-emption.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
+
+from pixio.runtime import checkpointing, optim
+from pixio.runtime.distributed import DistInfo
+from pixio.runtime.logging import MetricsWriter, Throughput, WandbLogger, format_progress
+from pixio.runtime.preemption import PreemptionHandler
+from pixio.runtime.task import Task
+from pixio.runtime.vis import save_png
+
+log = logging.getLogger("pixio.train")
+
+# Models at least this wide default to FSDP: a 1B/5B model with AdamW does not fit under DDP.
+FSDP_MIN_WIDTH = 1536
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN or infinite; the run stops without overwriting the last checkpoint."""
+
+
+@dataclass
+class Progress:
+    """Where the loop is: `iteration` counts data iterations (micro-batches) done."""
+
+    iteration: int = 0
+    samples_seen: int = 0
+
+
+def resolve_device(name: str, info: DistInfo) -> torch.device:
+    """`auto` -> the process's CUDA device when available, else CPU."""
+    if name == "cpu" or (name == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise RuntimeError("train.device=cuda but CUDA is not available")
+    return torch.device("cuda", info.local_rank)
+
+
+def autocast_dtype(precision: str) -> torch.dtype | None:
+    """bf16 / fp16 autocast dtype; None for fp32."""
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[precision]
+
+
+def choose_parallel(parallel: str, model: nn.Module, world_size: int) -> str:
+    """Resolve `auto`: single process -> none; wide models -> fsdp; else ddp."""
+    if world_size == 1 and parallel in ("auto", "ddp"):
+        return "none"
+    if parallel != "auto":
+        return parallel
+    return "fsdp" if getattr(model, "embed_dim", 0) >= FSDP_MIN_WIDTH else "ddp"
+
+
+class Trainer:
+    """Runs `task` on `data` under the `train`/`optim` config; see module docstring."""
+
+    def __init__(self, cfg: Any, task: Task, data: Iterable, info: DistInfo, config_dict: dict) -> None:
+        self.cfg, self.task, self.data, self.info = cfg, task, data, info
+        self.config_dict = config_dict
+        self.t, self.o = cfg.train, cfg.optim
+        self.output_dir = Path(cfg.output_dir)
+        self.device = resolve_device(self.t.device, info)
+        self.amp_dtype = autocast_dtype(self.t.precision)
+        self.progress = Progress()
+        self.total_iters = self.t.epochs * self.t.iters_per_epoch
+        self.global_batch = self.t.batch_size * self.t.accum_iter * info.world_size
+        self.base_lr = optim.resolve_lr(self.o.lr, self.o.blr, self.global_batch)
+        self.model = self._wrap(task.model.to(self.device))
+        self.optimizer = optim.build_optimizer(
+            task.model, self.base_lr, self.o.weight_decay, tuple(self.o.betas), self.o.fused
+        )
+        # A gradient scaler only for fp16: bf16 and fp32 have fp32's exponent range.
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.t.precision == "fp16")
+        self.metrics = MetricsWriter(self.output_dir, enabled=info.rank == 0)
+        self.wandb = WandbLogger(cfg.logger, self.output_dir, config_dict, enabled=info.rank == 0)
+        self.preemption = PreemptionHandler()
+        self.throughput = Throughput()
+
+    # ---- set-up ---------------------------------------------------------------------------
+    def _wrap(self, model: nn.Module) -> nn.Module:
+        """Activation checkpointing, then FSDP or DDP, then torch.compile, as configured."""
+        if self.t.activation_checkpointing and hasattr(model, "set_grad_checkpointing"):
+            model.set_grad_checkpointing(True)
+        self.parallel = choose_parallel(self.t.parallel, model, self.info.world_size)
+        if self.parallel == "fsdp":
+            model = self._fully_shard(model)
+        elif self.parallel == "ddp":
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            model = nn.parallel.DistributedDataParallel(model, device_ids=ids)
+        if self.t.compile:
+            model = torch.compile(model)
+        return model
+
+    def _fully_shard(self, model: nn.Module) -> nn.Module:
+        """FSDP2: one unit per block plus the root, parameters in the autocast dtype."""
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+        policy = MixedPrecisionPolicy(param_dtype=self.amp_dtype, reduce_dtype=torch.float32)
+        for unit in self.task.shard_units():
+            fully_shard(unit, mp_policy=policy)
+        fully_shard(model, mp_policy=policy)
+        self.amp_dtype = None  # FSDP casts parameters itself; autocast on top is redundant
+        return model
+
+    # ---- checkpoints ----------------------------------------------------------------------
+    def _state_options(self, loading: bool = False) -> StateDictOptions:
+        distributed = dist.is_available() and dist.is_initialized()
+        return StateDictOptions(
+            full_state_dict=True,
+            cpu_offload=distributed,
+            broadcast_from_rank0=loading and distributed,
+        )
+
+    def full_model_state(self) -> dict[str, torch.Tensor]:
+        """Unsharded model state with reference key names (rank 0 holds it when distributed)."""
+        return get_model_state_dict(self.task.model, options=self._state_options())
+
+    def save(self) -> Path | None:
+        """Write a full checkpoint (every rank takes part in gathering; rank 0 writes)."""
+        state = {
+            "model": self.full_model_state(),
+            "optimizer": get_optimizer_state_dict(
+                self.task.model, self.optimizer, options=self._state_options()
+            ),
+            "scaler": self.scaler.state_dict(),
+            "iteration": self.progress.iteration,
+            "epoch": self.progress.iteration // self.t.iters_per_epoch,
+            "samples_seen": self.progress.samples_seen,
+            "rng": checkpointing.capture_rng_state(),
+            "world_size": self.info.world_size,
+            "config": self.config_dict,
+        }
+        path = None
+        if self.info.rank == 0:
+            path = checkpointing.save_checkpoint(
+                state, self.output_dir, self.progress.iteration, self.t.keep_last, self.t.keep_every
+            )
+            log.info("saved checkpoint %s", path)
+        self._barrier()
+        return path
+
+    def resume(self) -> bool:
+        """Load the latest checkpoint in output_dir, if any. Returns True when resumed."""
+        path = checkpointing.find_latest(self.output_dir)
+        if path is None:
+            return False
+        ckpt = checkpointing.load_checkpoint(path) if self.info.rank == 0 or not dist.is_initialized() else {}
+        ckpt = self._broadcast_meta(ckpt)
+        opts = self._state_options(loading=True)
+        set_model_state_dict(self.task.model, ckpt.get("model", {}), options=opts)
+        set_optimizer_state_dict(self.task.model, self.optimizer, ckpt.get("optimizer", {}), options=opts)
+        self.scaler.load_state_dict(ckpt["scaler"]) if ckpt.get("scaler") else None
+        self.progress = Progress(ckpt["iteration"], ckpt.get("samples_seen", 0))
+        if ckpt.get("world_size") == self.info.world_size and ckpt.get("rng"):
+            checkpointing.restore_rng_state(ckpt["rng"])  # same layout: continue the same streams
+        log.info("resumed from %s at iteration %d", path, self.progress.iteration)
+        return True
+
+    def _broadcast_meta(self, ckpt: dict) -> dict:
+        """Give every rank the small entries of rank 0's checkpoint (tensors stay on rank 0)."""
+        if not (dist.is_available() and dist.is_initialized()):
+            return ckpt
+        meta = [{k: v for k, v in ckpt.items() if k not in ("model", "optimizer")}]
+        dist.broadcast_object_list(meta, src=0)
+        return {**meta[0], "model": ckpt.get("model", {}), "optimizer": ckpt.get("optimizer", {})}
+
+    def _barrier(self) -> None:
+        if dist.is_available() and dist.is_initialized():
+            dist.barrier()
+
+    # ---- the loop -------------------------------------------------------------------------
+    def batches(self, start: int) -> Iterator[tuple[int, Any]]:
+        """(iteration, batch) from `start`; each epoch re-seeds the stream, a mid-epoch resume
+        fast-forwards within the epoch so the data matches an uninterrupted run."""
+        ipe = self.t.iters_per_epoch
+        for epoch in range(start // ipe, self.t.epochs):
+            if hasattr(self.data, "set_epoch"):
+                self.data.set_epoch(epoch)
+            stream = iter(self.data)
+            first = epoch * ipe
+            for _ in range(first, max(first, start)):
+                next(stream)
+            for it in range(max(first, start), first + ipe):
+                yield it, next(stream)
+
+    def fit(self) -> None:
+        """Train until the schedule (or train.max_iters) ends; save and export at the end."""
+        self.resume()
+        self.preemption.install()
+        stop = self.t.max_iters if self.t.max_iters is not None else self.total_iters
+        stop = min(stop, self.total_iters)
+        log.info(
+            "training %s: %d iterations, global batch %d, lr %.3g, parallel=%s, device=%s",
+            type(self.task.model).__name__, stop, self.global_batch, self.base_lr, self.parallel, self.device,
+        )  # fmt: skip
+        if self.progress.iteration < stop:
+            self._loop(stop)
+        if self.progress.iteration >= stop:
+            self._finish()
+
+    def _loop(self, stop: int) -> None:
+        tick = time.perf_counter()
+        for it, batch in self.batches(self.progress.iteration):
+            data_time = time.perf_counter() - tick
+            batch = self.task.to_device(batch, self.device)
+            loss = self.train_iteration(it, batch)
+            self.progress.iteration = it + 1
+            self.progress.samples_seen += self.task.batch_size(batch) * self.info.world_size
+            step_time = time.perf_counter() - tick
+            self.throughput.update(self.task.batch_size(batch) * self.info.world_size, step_time, data_time)
+            if self._after_iteration(it + 1, loss, batch, stop):
+                return
+            tick = time.perf_counter()
+
+    def _after_iteration(self, done: int, loss: float, batch: Any, stop: int) -> bool:
+        """Logging, pictures, checkpoints, pre-emption. Returns True to leave the loop."""
+        boundary = done % self.t.accum_iter == 0
+        if done % self.t.log_every == 0 or done == stop:
+            self._log(done, loss, stop)
+        if self.t.vis_every and done % self.t.vis_every == 0:
+            self._visualize(done, batch)
+        if boundary and (done % self.t.save_every_iters == 0) and done < stop:
+            self.save()
+        if boundary and self.preemption.requested():
+            log.warning("pre-emption signal received: saving at iteration %d", done)
+            self.save()
+            self.close()
+            self.preemption.requeue_and_exit()
+        return done >= stop
+
+    def train_iteration(self, it: int, batch: Any) -> float:
+        """One micro-batch: forward, backward, and at accumulation boundaries the optimiser step."""
+        accum = self.t.accum_iter
+        if it % accum == 0:
+            epoch_f = it / self.t.iters_per_epoch
+            lr = optim.lr_at(epoch_f, self.base_lr, self.o.min_lr, self.o.warmup_epochs, self.t.epochs)
+            optim.set_lr(self.optimizer, lr)
+        boundary = (it + 1) % accum == 0
+        with self._no_sync(not boundary):  # must cover backward, where the all-reduce happens
+            with self._autocast():
+                loss = self.task.step(self.model, batch)["loss"]
+            self.scaler.scale(loss / accum).backward()
+        loss_value = self._reduced(loss.detach())
+        if not math.isfinite(loss_value):
+            raise NonFiniteLossError(
+                f"loss is {loss_value} at iteration {it}: stopping. The last good checkpoint in "
+                f"{self.output_dir} is untouched; lower the lr or check the data."
+            )
+        if boundary:
+            self.grad_norm = self._optimizer_step()
+        return loss_value
+
+    def _optimizer_step(self) -> float:
+        """Unscale, (optionally) clip, step, zero grads; returns the pre-clip gradient norm."""
+        self.scaler.unscale_(self.optimizer)
+        max_norm = self.o.clip_grad if self.o.clip_grad is not None else float("inf")
+        norm = torch.nn.utils.clip_grad_norm_(self.task.model.parameters(), max_norm)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+
+    def _no_sync(self, skip_sync: bool) -> contextlib.AbstractContextManager:
+        """Skip the gradient all-reduce on accumulation micro-steps."""
+        if not skip_sync:
+            return contextlib.nullcontext()
+        if self.parallel == "ddp":
+            return self.model.no_sync()
+        if self.parallel == "fsdp":
+            self.task.model.set_requires_gradient_sync(False)
+            return _restore_sync(self.task.model)
+        return contextlib.nullcontext()
+
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+
+    def _reduced(self, value: torch.Tensor) -> float:
+        """Mean over ranks (every rank gets the same number, so all stop together on NaN)."""
+        if dist.is_available() and dist.is_initialized():
+            value = value.clone()
+            dist.all_reduce(value)
+            value /= dist.get_world_size()
+        return float(value)
+
+    # ---- reporting ------------------------------------------------------------------------
+    def _log(self, done: int, loss: float, stop: int) -> None:
+        stats = self.throughput.summary()
+        record = {
+            "step": done,
+            "epoch": done / self.t.iters_per_epoch,
+            "loss": loss,
+            "lr": self.optimizer.param_groups[0]["lr"],
+            "grad_norm": getattr(self, "grad_norm", float("nan")),
+            "images_per_s": stats["images_per_s"],
+            "data_wait": stats["data_wait"],
+            "max_mem_gb": max_memory_gb(self.device),
+        }
+        if self.info.rank == 0:
+            eta = stats["step_time"] * (stop - done)
+            log.info(format_progress(done, stop, eta, record))
+        self.metrics.write(record)
+        self.wandb.log(record, step=done)
+
+    def _visualize(self, done: int, batch: Any) -> None:
+        """Every rank runs the forward (FSDP needs all ranks); rank 0 writes the picture."""
+        was_training = self.model.training
+        self.model.eval()
+        with self._autocast():
+            picture = self.task.visualize(self.model, batch)
+        self.model.train(was_training)
+        if picture is not None and self.info.rank == 0:
+            path = save_png(picture, self.output_dir / "vis" / f"step{done}.png")
+            self.wandb.log_image("reconstruction", path, step=done)
+
+    def _finish(self) -> None:
+        """Final checkpoint, exported artifacts, closing the loggers."""
+        self.save()
+        state = self.full_model_state()
+        if self.info.rank == 0:
+            for path in self.task.export(state, self.output_dir):
+                log.info("wrote %s", path)
+        self.close()
+
+    def close(self) -> None:
+        self.metrics.close()
+        self.wandb.finish()
+
+
+@contextlib.contextmanager
+def _restore_sync(model: nn.Module) -> Iterator[None]:
+    try:
+        yield
+    finally:
+        model.set_requires_gradient_sync(True)
+
+
+def max_memory_gb(device: torch.device) -> float:
+    """Peak memory of this process: CUDA allocator peak, or the resident set size on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # kB on Linux

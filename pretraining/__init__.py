@@ -1,0 +1,1 @@
+"""Pixio pre-training job (entry point: `python -m pretraining.train`)."""

@@ -1,0 +1,154 @@
+"""The shared training loop on in-memory batches: accumulation, DDP parity, NaN stop, resume."""
+
+from __future__ import annotations
+
+import os
+import socket
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from pixio.runtime import checkpointing
+from pixio.runtime.distributed import DistInfo
+from pixio.runtime.trainer import NonFiniteLossError, Trainer
+from pixio.runtime.config import to_container
+from pretraining.task import MAETask
+from pretraining.train import build_model
+
+SINGLE = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
+
+
+def fixed_batches(n: int, batch: int, seed: int = 0) -> list[dict]:
+    """Images and masking noise fixed in advance, so runs can be compared exactly."""
+    g = torch.Generator().manual_seed(seed)
+    return [
+        {"image": torch.randn(batch, 3, 64, 64, generator=g), "noise": torch.rand(batch, 4, generator=g)}
+        for _ in range(n)
+    ]
+
+
+def split(batches: list[dict], parts: int, index: int) -> list[dict]:
+    """Every batch cut into `parts` equal slices along the batch axis; keep slice `index`."""
+    out = []
+    for b in batches:
+        n = b["image"].shape[0] // parts
+        out.append({k: v[index * n : (index + 1) * n] for k, v in b.items()})
+    return out
+
+
+def micro_batches(batches: list[dict], parts: int) -> list[dict]:
+    """Each batch as `parts` consecutive micro-batches (for gradient accumulation)."""
+    return [m for b in batches for m in (split([b], parts, i)[0] for i in range(parts))]
+
+
+def make_trainer(cfg, batches, info=SINGLE) -> Trainer:
+    torch.manual_seed(0)
+    task = MAETask(build_model(cfg), cfg.model.mask_ratio)
+    return Trainer(cfg, task, batches, info, to_container(cfg))
+
+
+def record_grads(trainer: Trainer) -> list[dict]:
+    """Capture the gradients each optimiser step sees."""
+    seen: list[dict] = []
+    step = trainer.optimizer.step
+
+    def wrapped(*args, **kwargs):
+        seen.append({n: p.grad.clone() for n, p in trainer.task.model.named_parameters()})
+        return step(*args, **kwargs)
+
+    trainer.optimizer.step = wrapped
+    return seen
+
+
+def test_accumulation_matches_larger_batch(cpu_config):
+    data = fixed_batches(1, 8)
+    big = make_trainer(cpu_config("train.batch_size=8", "train.max_iters=1"), data)
+    grads_big = record_grads(big)
+    big.fit()
+    cfg = cpu_config("train.batch_size=4", "train.accum_iter=2", "train.max_iters=2", "output_dir=" + str(big.output_dir) + "_acc")
+    acc = make_trainer(cfg, micro_batches(data, 2))
+    grads_acc = record_grads(acc)
+    acc.fit()
+    assert len(grads_big) == len(grads_acc) == 1
+    assert big.base_lr == acc.base_lr
+    for name, g in grads_big[0].items():
+        torch.testing.assert_close(grads_acc[0][name], g, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_run_writes_checkpoints_metrics_and_encoder(cpu_config):
+    cfg = cpu_config("train.keep_last=1")
+    trainer = make_trainer(cfg, fixed_batches(8, 4))
+    trainer.fit()
+    out = trainer.output_dir
+    assert (out / "encoder.safetensors").exists()
+    ckpt = checkpointing.load_checkpoint(checkpointing.find_latest(out))
+    assert ckpt["iteration"] == 8 and ckpt["epoch"] == 2
+    assert ckpt["config"]["model"]["name"] == "pixio_vitt16"
+    assert "decoder_pred.weight" in ckpt["model"] and "optimizer" in ckpt
+    lines = (out / "metrics.jsonl").read_text().splitlines()
+    assert len(lines) == 8
+
+
+def test_non_finite_loss_stops_and_keeps_last_checkpoint(cpu_config):
+    batches = fixed_batches(8, 4)
+    batches[5]["image"][0, 0, 0, 0] = float("nan")
+    trainer = make_trainer(cpu_config("train.save_every_iters=2"), batches)
+    with pytest.raises(NonFiniteLossError, match="loss is nan at iteration 5"):
+        trainer.fit()
+    ckpt = checkpointing.load_checkpoint(trainer.output_dir / "checkpoint-last.pth")
+    assert ckpt["iteration"] == 4
+    assert all(torch.isfinite(v).all() for v in ckpt["model"].values())
+
+
+def test_resume_continues_exactly(cpu_config, tmp_path):
+    batches = fixed_batches(8, 4)
+    full = make_trainer(cpu_config(f"output_dir={tmp_path / 'full'}"), batches)
+    full.fit()
+    part_cfg = cpu_config(f"output_dir={tmp_path / 'part'}", "train.max_iters=3", "train.save_every_iters=1")
+    make_trainer(part_cfg, batches).fit()
+    resumed = make_trainer(cpu_config(f"output_dir={tmp_path / 'part'}"), batches)
+    resumed.fit()
+    a, b = full.full_model_state(), resumed.full_model_state()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ddp_worker(rank: int, world: int, port: int, overrides: list[str], result_path: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      WORLD_SIZE=str(world), LOCAL_RANK=str(rank))  # fmt: skip
+    from conftest import compose_pretrain
+    from pixio.runtime.distributed import cleanup, init_distributed
+
+    info = init_distributed()
+    torch.set_num_threads(1)
+    cfg = compose_pretrain(overrides)
+    trainer = make_trainer(cfg, split(fixed_batches(4, 8), world, rank), info)
+    trainer.fit()
+    state = trainer.full_model_state()
+    if rank == 0:
+        torch.save(state, result_path)
+    cleanup()
+
+
+def test_two_process_gloo_matches_single_process(tmp_path):
+    from conftest import CPU_OVERRIDES
+
+    base = [*CPU_OVERRIDES, "data.root=unused", "train.epochs=1", "train.parallel=ddp"]
+    ddp_out = tmp_path / "ddp.pth"
+    overrides = [*base, "train.batch_size=4", f"output_dir={tmp_path / 'ddp'}"]
+    mp.spawn(_ddp_worker, args=(2, _free_port(), overrides, str(ddp_out)), nprocs=2, join=True)
+    from conftest import compose_pretrain
+
+    torch.set_num_threads(1)
+    single = make_trainer(compose_pretrain([*base, "train.batch_size=8", f"output_dir={tmp_path / 'one'}"]), fixed_batches(4, 8))
+    single.fit()
+    ddp_state = torch.load(ddp_out, weights_only=True)
+    for k, v in single.full_model_state().items():
+        torch.testing.assert_close(ddp_state[k], v, rtol=1e-4, atol=1e-5, msg=k)

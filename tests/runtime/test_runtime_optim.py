@@ -1,0 +1,111 @@
+"""AdamW parameter groups and the lr schedule (SPEC section 4)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from pixio.runtime import optim
+
+
+class Named(nn.Module):
+    """Covers each branch of the decay rule with known names."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.cls_token = nn.Parameter(torch.zeros(1, 2, 4))
+        self.pos_embed = nn.Parameter(torch.zeros(1, 6, 4))
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, 4))
+        self.patch_embed = nn.Conv2d(3, 4, 2, 2)
+        self.norm = nn.LayerNorm(4)
+        self.fc = nn.Linear(4, 4)
+        self.gamma = nn.Parameter(torch.ones(4))  # 1-d without a `.bias` name: no decay
+        self.gate_bias = nn.Parameter(torch.ones(2, 2))  # ends in "bias" but not ".bias": decay
+        self.extra = nn.Module()
+        self.extra.bias = nn.Parameter(torch.ones(2, 2))  # 2-d but named `.bias`: no decay
+        self.frozen = nn.Linear(4, 4)
+        self.frozen.requires_grad_(False)
+
+
+def test_split_decay_exact_names() -> None:
+    decay, no_decay = optim.split_decay(Named())
+    assert sorted(decay) == sorted(
+        ["cls_token", "pos_embed", "mask_token", "patch_embed.weight", "fc.weight", "gate_bias"]
+    )
+    assert sorted(no_decay) == sorted(
+        ["patch_embed.bias", "norm.weight", "norm.bias", "fc.bias", "gamma", "extra.bias"]
+    )
+
+
+def test_param_groups_hold_the_right_tensors() -> None:
+    model = Named()
+    groups = optim.param_groups(model, weight_decay=0.05)
+    assert [g["weight_decay"] for g in groups] == [0.0, 0.05]
+    ids = [{id(p) for p in g["params"]} for g in groups]
+    named = dict(model.named_parameters())
+    assert id(named["mask_token"]) in ids[1] and id(named["fc.bias"]) in ids[0]
+    assert not any(id(p) in ids[0] | ids[1] for p in model.frozen.parameters())
+    assert len(ids[0]) + len(ids[1]) == sum(p.requires_grad for p in model.parameters())
+
+
+def test_param_groups_skip_empty_group() -> None:
+    groups = optim.param_groups(nn.LayerNorm(4), weight_decay=0.05)
+    assert len(groups) == 1 and groups[0]["weight_decay"] == 0.0
+
+
+def test_build_optimizer_settings_and_step() -> None:
+    model = Named()
+    opt = optim.build_optimizer(model, lr=1e-3, weight_decay=0.05)
+    assert isinstance(opt, torch.optim.AdamW)
+    assert all(g["betas"] == (0.9, 0.95) and g["lr"] == 1e-3 for g in opt.param_groups)
+    assert not opt.defaults["fused"]  # CPU parameters: the fused kernel is a CUDA default
+    before = model.fc.weight.detach().clone()
+    model.fc(torch.randn(2, 4)).sum().backward()
+    opt.step()
+    assert not torch.equal(before, model.fc.weight)
+
+
+@pytest.mark.parametrize(
+    ("epoch", "expected"),
+    [
+        (0.0, 0.0),
+        (0.5, 2.5e-4),  # 1e-3 * 0.5 / 2
+        (1.0, 5e-4),
+        (2.0, 1e-3),  # end of warmup: the peak
+        (4.0, 1e-5 + 0.99e-3 * 0.5 * (1 + math.sqrt(0.5))),  # cos(pi/4)
+        (6.0, 1e-5 + 0.99e-3 * 0.5),  # half way through the cosine
+        (10.0, 1e-5),  # end of schedule: min_lr
+        (12.0, 1e-5),  # past the end stays at min_lr
+    ],
+)
+def test_lr_at_known_points(epoch: float, expected: float) -> None:
+    lr = optim.lr_at(epoch, base_lr=1e-3, min_lr=1e-5, warmup_epochs=2, epochs=10)
+    assert lr == pytest.approx(expected, rel=1e-12, abs=1e-15)
+
+
+def test_lr_at_reference_recipe_iteration() -> None:
+    # ViT-H recipe: blr 2.5e-5, global batch 8192 -> 8e-4; 40 warmup epochs of 1605 iterations.
+    base = optim.resolve_lr(None, 2.5e-5, 8192)
+    assert base == pytest.approx(8e-4)
+    epoch = 3 + 802 / 1605
+    assert optim.lr_at(epoch, base, 0.0, 40, 400) == pytest.approx(8e-4 * epoch / 40)
+    assert optim.lr_at(220, base, 0.0, 40, 400) == pytest.approx(4e-4)
+
+
+def test_lr_at_without_warmup_starts_at_base() -> None:
+    assert optim.lr_at(0.0, 1e-3, 0.0, 0, 10) == 1e-3
+
+
+def test_resolve_lr_prefers_explicit_lr() -> None:
+    assert optim.resolve_lr(3e-4, 1.5e-4, 4096) == 3e-4
+    assert optim.resolve_lr(None, 1.5e-4, 512) == pytest.approx(3e-4)
+
+
+def test_set_lr_respects_lr_scale() -> None:
+    a, b = nn.Parameter(torch.zeros(2)), nn.Parameter(torch.zeros(2))
+    opt = torch.optim.AdamW([{"params": [a]}, {"params": [b], "lr_scale": 0.25}], lr=1.0)
+    optim.set_lr(opt, 2e-3)
+    assert [g["lr"] for g in opt.param_groups] == [2e-3, 5e-4]
