@@ -67,7 +67,7 @@ def build_data(cfg: DictConfig, rank: int, world_size: int) -> EpochLoader:
 def main(cfg: DictConfig) -> None:
     """Pre-train one Pixio MAE: set up, build, run, close."""
     validate_pretrain(cfg)
-    info = init_distributed()
+    info = init_distributed(device=cfg.train.device)
     setup_logging(Path(cfg.output_dir), info.rank)
     torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
     task = MAETask(build_model(cfg), cfg.model.mask_ratio)

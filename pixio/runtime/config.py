@@ -13,7 +13,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
 from pixio.models.registry import list_models
-from pixio.runtime.launcher import LauncherConfig
+from pixio.runtime.launcher import LauncherConfig, launcher_config
 
 
 class ConfigError(ValueError):
@@ -116,9 +116,19 @@ def _require(ok: bool, key: str, message: str) -> None:
         raise ConfigError(f"{key}: {message}")
 
 
+def _is_missing(cfg: DictConfig | PretrainConfig, dotted: str) -> bool:
+    """True when `dotted` (e.g. "data.root") is still `???`."""
+    *parents, leaf = dotted.split(".")
+    for key in parents:
+        cfg = getattr(cfg, key)
+    if isinstance(cfg, DictConfig):
+        return OmegaConf.is_missing(cfg, leaf)
+    return getattr(cfg, leaf) == MISSING
+
+
 def validate_pretrain(cfg: DictConfig | PretrainConfig) -> None:
     """Check values before anything is built; ConfigError names the first bad key."""
-    missing = [k for k in ("model.name", "data.root", "output_dir") if OmegaConf.is_missing(cfg, k)] if isinstance(cfg, DictConfig) else []  # fmt: skip
+    missing = [k for k in ("model.name", "data.root", "output_dir") if _is_missing(cfg, k)]
     _require(not missing, missing[0] if missing else "", "is required (set it on the command line)")
     m, d, t, o = cfg.model, cfg.data, cfg.train, cfg.optim
     _require(m.name in list_models(), "model.name", f"unknown model {m.name!r}; valid: {', '.join(list_models())}")
@@ -141,6 +151,10 @@ def validate_pretrain(cfg: DictConfig | PretrainConfig) -> None:
     _require(o.lr is None or o.lr > 0, "optim.lr", f"must be positive, got {o.lr}")
     _require(o.blr > 0, "optim.blr", f"must be positive, got {o.blr}")
     _require(0 <= o.warmup_epochs <= t.epochs, "optim.warmup_epochs", f"must be in [0, train.epochs], got {o.warmup_epochs}")
+    try:
+        launcher_config(cfg.launcher)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
     _require(cfg.logger.name in ("wandb", "none"), "logger.name", f"must be wandb or none, got {cfg.logger.name!r}")
 
 

@@ -52,15 +52,6 @@ class Progress:
     samples_seen: int = 0
 
 
-def resolve_device(name: str, info: DistInfo) -> torch.device:
-    """`auto` -> the process's CUDA device when available, else CPU."""
-    if name == "cpu" or (name == "auto" and not torch.cuda.is_available()):
-        return torch.device("cpu")
-    if not torch.cuda.is_available():
-        raise RuntimeError("train.device=cuda but CUDA is not available")
-    return torch.device("cuda", info.local_rank)
-
-
 def autocast_dtype(precision: str) -> torch.dtype | None:
     """bf16 / fp16 autocast dtype; None for fp32."""
     return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[precision]
@@ -83,9 +74,10 @@ class Trainer:
         self.config_dict = config_dict
         self.t, self.o = cfg.train, cfg.optim
         self.output_dir = Path(cfg.output_dir)
-        self.device = resolve_device(self.t.device, info)
+        self.device = info.device  # chosen by init_distributed(device=train.device)
         self.amp_dtype = autocast_dtype(self.t.precision)
         self.progress = Progress()
+        self._saved_at = -1  # iteration of the last checkpoint written or loaded
         self.total_iters = self.t.epochs * self.t.iters_per_epoch
         self.global_batch = self.t.batch_size * self.t.accum_iter * info.world_size
         self.base_lr = optim.resolve_lr(self.o.lr, self.o.blr, self.global_batch)
@@ -150,11 +142,12 @@ class Trainer:
             "iteration": self.progress.iteration,
             "epoch": self.progress.iteration // self.t.iters_per_epoch,
             "samples_seen": self.progress.samples_seen,
-            "rng": checkpointing.capture_rng_state(),
+            "rng": self._gather_rng(),
             "world_size": self.info.world_size,
             "config": self.config_dict,
         }
         path = None
+        self._saved_at = self.progress.iteration
         if self.info.rank == 0:
             path = checkpointing.save_checkpoint(
                 state, self.output_dir, self.progress.iteration, self.t.keep_last, self.t.keep_every
@@ -176,9 +169,21 @@ class Trainer:
         self.scaler.load_state_dict(ckpt["scaler"]) if ckpt.get("scaler") else None
         self.progress = Progress(ckpt["iteration"], ckpt.get("samples_seen", 0))
         if ckpt.get("world_size") == self.info.world_size and ckpt.get("rng"):
-            checkpointing.restore_rng_state(ckpt["rng"])  # same layout: continue the same streams
+            # Same layout: every rank continues its own masking / drop-path random stream.
+            checkpointing.restore_rng_state(ckpt["rng"][self.info.rank])
+        self._saved_at = self.progress.iteration
+        self.metrics.rewind(self.progress.iteration)  # drop records logged after this checkpoint
         log.info("resumed from %s at iteration %d", path, self.progress.iteration)
         return True
+
+    def _gather_rng(self) -> list[dict[str, Any]]:
+        """Every rank's generator states, in rank order (rank 0 writes them all)."""
+        state = checkpointing.capture_rng_state()
+        if not (dist.is_available() and dist.is_initialized()):
+            return [state]
+        states: list[Any] = [None] * dist.get_world_size()
+        dist.all_gather_object(states, state)
+        return states
 
     def _broadcast_meta(self, ckpt: dict) -> dict:
         """Give every rank the small entries of rank 0's checkpoint (tensors stay on rank 0)."""
@@ -247,9 +252,10 @@ class Trainer:
             self.save()
         if boundary and self.preemption.requested():
             log.warning("pre-emption signal received: saving at iteration %d", done)
-            self.save()
-            self.close()
-            self.preemption.requeue_and_exit()
+            if self._saved_at != done:
+                self.save()
+            self.close()  # flush metrics / wandb; the process group stays up for the requeue
+            self.preemption.requeue_and_exit(done)
         return done >= stop
 
     def train_iteration(self, it: int, batch: Any) -> float:

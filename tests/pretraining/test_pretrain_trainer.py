@@ -93,7 +93,8 @@ def test_run_writes_checkpoints_metrics_and_encoder(cpu_config):
 def test_non_finite_loss_stops_and_keeps_last_checkpoint(cpu_config):
     batches = fixed_batches(8, 4)
     batches[5]["image"][0, 0, 0, 0] = float("nan")
-    trainer = make_trainer(cpu_config("train.save_every_iters=2"), batches)
+    cfg = cpu_config("train.epochs=1", "train.iters_per_epoch=8", "train.save_every_iters=2")
+    trainer = make_trainer(cfg, batches)  # one epoch: batch i is iteration i
     with pytest.raises(NonFiniteLossError, match="loss is nan at iteration 5"):
         trainer.fit()
     ckpt = checkpointing.load_checkpoint(trainer.output_dir / "checkpoint-last.pth")
@@ -123,7 +124,7 @@ def _free_port() -> int:
 def _ddp_worker(rank: int, world: int, port: int, overrides: list[str], result_path: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                       WORLD_SIZE=str(world), LOCAL_RANK=str(rank))  # fmt: skip
-    from conftest import compose_pretrain
+    from tests_helpers import compose_pretrain
     from pixio.runtime.distributed import cleanup, init_distributed
 
     info = init_distributed()
@@ -138,13 +139,13 @@ def _ddp_worker(rank: int, world: int, port: int, overrides: list[str], result_p
 
 
 def test_two_process_gloo_matches_single_process(tmp_path):
-    from conftest import CPU_OVERRIDES
+    from tests_helpers import CPU_OVERRIDES
 
     base = [*CPU_OVERRIDES, "data.root=unused", "train.epochs=1", "train.parallel=ddp"]
     ddp_out = tmp_path / "ddp.pth"
     overrides = [*base, "train.batch_size=4", f"output_dir={tmp_path / 'ddp'}"]
     mp.spawn(_ddp_worker, args=(2, _free_port(), overrides, str(ddp_out)), nprocs=2, join=True)
-    from conftest import compose_pretrain
+    from tests_helpers import compose_pretrain
 
     torch.set_num_threads(1)
     single = make_trainer(compose_pretrain([*base, "train.batch_size=8", f"output_dir={tmp_path / 'one'}"]), fixed_batches(4, 8))
