@@ -111,7 +111,9 @@ def save_state_dict(state: dict[str, torch.Tensor], path: str | Path) -> Path:
     """Write a plain state dict as `.safetensors` or `.pth` (format from the extension)."""
     path = Path(path)
     if path.suffix not in (".safetensors", ".pth", ".pt"):
-        raise ValueError(f"unsupported encoder file extension {path.suffix!r} ({path}): use .safetensors or .pth")
+        raise ValueError(
+            f"unsupported encoder file extension {path.suffix!r} ({path}): use .safetensors or .pth"
+        )
     path.parent.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in state.items()}
     if path.suffix == ".safetensors":

@@ -76,7 +76,10 @@ def main(cfg: DictConfig) -> None:
     try:
         Trainer(cfg, task, data, info, to_container(cfg)).fit()
         if info.rank == 0:
-            log.info("done: checkpoints, metrics.jsonl, vis/ and encoder.safetensors in %s", Path(cfg.output_dir).resolve())
+            log.info(
+                "done: checkpoints, metrics.jsonl, vis/ and encoder.safetensors in %s",
+                Path(cfg.output_dir).resolve(),
+            )
     finally:
         cleanup()
 

@@ -26,6 +26,8 @@ def cpu_config(tmp_path):
     """A composed pre-training config shrunk for CPU, writing under tmp_path."""
 
     def make(*extra: str):
-        return compose_pretrain([*CPU_OVERRIDES, f"output_dir={tmp_path / 'run'}", "data.root=unused", *extra])
+        return compose_pretrain(
+            [*CPU_OVERRIDES, f"output_dir={tmp_path / 'run'}", "data.root=unused", *extra]
+        )
 
     return make

@@ -17,7 +17,9 @@ from torch.utils.data import DataLoader
 class EpochLoader:
     """`DataLoader` over an iterable dataset with `set_epoch` (deterministic per epoch)."""
 
-    def __init__(self, dataset: Any, batch_size: int, num_workers: int, seed: int, pin_memory: bool = False) -> None:
+    def __init__(
+        self, dataset: Any, batch_size: int, num_workers: int, seed: int, pin_memory: bool = False
+    ) -> None:
         self.dataset = dataset
         self.seed = seed
         self.generator = torch.Generator()

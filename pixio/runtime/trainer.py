@@ -69,7 +69,9 @@ def choose_parallel(parallel: str, model: nn.Module, world_size: int) -> str:
 class Trainer:
     """Runs `task` on `data` under the `train`/`optim` config; see module docstring."""
 
-    def __init__(self, cfg: Any, task: Task, data: Iterable, info: DistInfo, config_dict: dict) -> None:
+    def __init__(
+        self, cfg: Any, task: Task, data: Iterable, info: DistInfo, config_dict: dict
+    ) -> None:
         self.cfg, self.task, self.data, self.info = cfg, task, data, info
         self.config_dict = config_dict
         self.t, self.o = cfg.train, cfg.optim
@@ -161,11 +163,17 @@ class Trainer:
         path = checkpointing.find_latest(self.output_dir)
         if path is None:
             return False
-        ckpt = checkpointing.load_checkpoint(path) if self.info.rank == 0 or not dist.is_initialized() else {}
+        ckpt = (
+            checkpointing.load_checkpoint(path)
+            if self.info.rank == 0 or not dist.is_initialized()
+            else {}
+        )
         ckpt = self._broadcast_meta(ckpt)
         opts = self._state_options(loading=True)
         set_model_state_dict(self.task.model, ckpt.get("model", {}), options=opts)
-        set_optimizer_state_dict(self.task.model, self.optimizer, ckpt.get("optimizer", {}), options=opts)
+        set_optimizer_state_dict(
+            self.task.model, self.optimizer, ckpt.get("optimizer", {}), options=opts
+        )
         self.scaler.load_state_dict(ckpt["scaler"]) if ckpt.get("scaler") else None
         self.progress = Progress(ckpt["iteration"], ckpt.get("samples_seen", 0))
         if ckpt.get("world_size") == self.info.world_size and ckpt.get("rng"):
@@ -236,7 +244,9 @@ class Trainer:
             self.progress.iteration = it + 1
             self.progress.samples_seen += self.task.batch_size(batch) * self.info.world_size
             step_time = time.perf_counter() - tick
-            self.throughput.update(self.task.batch_size(batch) * self.info.world_size, step_time, data_time)
+            self.throughput.update(
+                self.task.batch_size(batch) * self.info.world_size, step_time, data_time
+            )
             if self._after_iteration(it + 1, loss, batch, stop):
                 return
             tick = time.perf_counter()
@@ -263,7 +273,9 @@ class Trainer:
         accum = self.t.accum_iter
         if it % accum == 0:
             epoch_f = it / self.t.iters_per_epoch
-            lr = optim.lr_at(epoch_f, self.base_lr, self.o.min_lr, self.o.warmup_epochs, self.t.epochs)
+            lr = optim.lr_at(
+                epoch_f, self.base_lr, self.o.min_lr, self.o.warmup_epochs, self.t.epochs
+            )
             optim.set_lr(self.optimizer, lr)
         boundary = (it + 1) % accum == 0
         with self._no_sync(not boundary):  # must cover backward, where the all-reduce happens

@@ -26,7 +26,11 @@ def _options(group: str) -> list[str]:
 
 @pytest.mark.parametrize(
     "override",
-    [f"{g}={o}" for g in ("model", "data", "optim", "train", "launcher", "logger") for o in _options(g)]
+    [
+        f"{g}={o}"
+        for g in ("model", "data", "optim", "train", "launcher", "logger")
+        for o in _options(g)
+    ]
     + [f"experiment={e}" for e in _options("experiment")],
 )
 def test_every_config_composes_validates_and_builds(override):
@@ -44,7 +48,11 @@ def test_reference_recipes_match_spec():
     g = compose_pretrain(["experiment=pretrain_vit5b16_web", *REQUIRED])
     for cfg, nodes, epochs, warmup, blr in ((h, 16, 400, 40, 2.5e-5), (g, 32, 800, 80, 1.25e-5)):
         assert cfg.launcher.nodes * cfg.launcher.gpus_per_node == nodes * 8
-        assert (cfg.train.batch_size, cfg.train.epochs, cfg.train.iters_per_epoch) == (64, epochs, 1605)
+        assert (cfg.train.batch_size, cfg.train.epochs, cfg.train.iters_per_epoch) == (
+            64,
+            epochs,
+            1605,
+        )
         assert (cfg.optim.warmup_epochs, cfg.optim.blr, cfg.model.drop_path) == (warmup, blr, 0.4)
         assert (cfg.model.mask_ratio, cfg.model.mask_grid, cfg.model.n_cls_tokens) == (0.75, 4, 8)
         assert cfg.train.precision == "bf16" and cfg.launcher.cpus_per_task == 10
@@ -84,7 +92,14 @@ def test_missing_data_root_names_the_key():
 
 def test_cli_stops_with_one_line_before_building_anything(tmp_path):
     out = tmp_path / "never"
-    cmd = [sys.executable, "-m", "pretraining.train", "model.img_size=200", "data.root=/x", f"output_dir={out}"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pretraining.train",
+        "model.img_size=200",
+        "data.root=/x",
+        f"output_dir={out}",
+    ]
     result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120)
     assert result.returncode == 2
     assert result.stderr.strip().splitlines()[-1].startswith("config error: model.img_size: 200")

@@ -10,9 +10,9 @@ import torch
 import torch.multiprocessing as mp
 
 from pixio.runtime import checkpointing
+from pixio.runtime.config import to_container
 from pixio.runtime.distributed import DistInfo
 from pixio.runtime.trainer import NonFiniteLossError, Trainer
-from pixio.runtime.config import to_container
 from pretraining.task import MAETask
 from pretraining.train import build_model
 
@@ -23,7 +23,10 @@ def fixed_batches(n: int, batch: int, seed: int = 0) -> list[dict]:
     """Images and masking noise fixed in advance, so runs can be compared exactly."""
     g = torch.Generator().manual_seed(seed)
     return [
-        {"image": torch.randn(batch, 3, 64, 64, generator=g), "noise": torch.rand(batch, 4, generator=g)}
+        {
+            "image": torch.randn(batch, 3, 64, 64, generator=g),
+            "noise": torch.rand(batch, 4, generator=g),
+        }
         for _ in range(n)
     ]
 
@@ -66,7 +69,12 @@ def test_accumulation_matches_larger_batch(cpu_config):
     big = make_trainer(cpu_config("train.batch_size=8", "train.max_iters=1"), data)
     grads_big = record_grads(big)
     big.fit()
-    cfg = cpu_config("train.batch_size=4", "train.accum_iter=2", "train.max_iters=2", "output_dir=" + str(big.output_dir) + "_acc")
+    cfg = cpu_config(
+        "train.batch_size=4",
+        "train.accum_iter=2",
+        "train.max_iters=2",
+        "output_dir=" + str(big.output_dir) + "_acc",
+    )
     acc = make_trainer(cfg, micro_batches(data, 2))
     grads_acc = record_grads(acc)
     acc.fit()
@@ -106,7 +114,9 @@ def test_resume_continues_exactly(cpu_config, tmp_path):
     batches = fixed_batches(8, 4)
     full = make_trainer(cpu_config(f"output_dir={tmp_path / 'full'}"), batches)
     full.fit()
-    part_cfg = cpu_config(f"output_dir={tmp_path / 'part'}", "train.max_iters=3", "train.save_every_iters=1")
+    part_cfg = cpu_config(
+        f"output_dir={tmp_path / 'part'}", "train.max_iters=3", "train.save_every_iters=1"
+    )
     make_trainer(part_cfg, batches).fit()
     resumed = make_trainer(cpu_config(f"output_dir={tmp_path / 'part'}"), batches)
     resumed.fit()
@@ -125,6 +135,7 @@ def _ddp_worker(rank: int, world: int, port: int, overrides: list[str], result_p
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                       WORLD_SIZE=str(world), LOCAL_RANK=str(rank))  # fmt: skip
     from tests_helpers import compose_pretrain
+
     from pixio.runtime.distributed import cleanup, init_distributed
 
     info = init_distributed()
@@ -148,7 +159,10 @@ def test_two_process_gloo_matches_single_process(tmp_path):
     from tests_helpers import compose_pretrain
 
     torch.set_num_threads(1)
-    single = make_trainer(compose_pretrain([*base, "train.batch_size=8", f"output_dir={tmp_path / 'one'}"]), fixed_batches(4, 8))
+    single = make_trainer(
+        compose_pretrain([*base, "train.batch_size=8", f"output_dir={tmp_path / 'one'}"]),
+        fixed_batches(4, 8),
+    )
     single.fit()
     ddp_state = torch.load(ddp_out, weights_only=True)
     for k, v in single.full_model_state().items():
