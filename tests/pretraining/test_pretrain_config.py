@@ -104,3 +104,22 @@ def test_cli_stops_with_one_line_before_building_anything(tmp_path):
     assert result.returncode == 2
     assert result.stderr.strip().splitlines()[-1].startswith("config error: model.img_size: 200")
     assert not (out / "checkpoint-last.pth").exists()
+
+
+def test_local_machine_config_is_picked_up_and_demo_keeps_its_root(tmp_path):
+    import shutil
+
+    from hydra import compose, initialize_config_dir
+
+    configs = shutil.copytree(
+        CONFIG_DIR, tmp_path / "configs", ignore=shutil.ignore_patterns("local")
+    )
+    (configs / "local").mkdir()
+    (configs / "local" / "default.yaml").write_text(
+        "# @package _global_\ndata:\n  root: /datasets/in1k\nlauncher:\n  partition: gpu\n"
+    )
+    with initialize_config_dir(config_dir=str(configs), version_base=None):
+        plain = compose(config_name="pretrain", overrides=["output_dir=/tmp/x"])
+        demo = compose(config_name="pretrain", overrides=["experiment=demo"])
+    assert (plain.data.root, plain.launcher.partition) == ("/datasets/in1k", "gpu")
+    assert (demo.data.root, demo.launcher.partition) == ("data/demo", "gpu")
