@@ -9,16 +9,9 @@
 # Environment: DATA_ROOT (required), OUTPUT_DIR, PARTITION, ACCOUNT, QOS, CONSTRAINT,
 # TIME_MIN (time limit per run; the job requeues itself), PYTHON.
 set -euo pipefail
-REPO=$(cd "$(dirname "$0")/.." && pwd)
+source "$(dirname "$0")/pretrain_common.sh"
 : "${DATA_ROOT:?set DATA_ROOT to the directory holding the ImageNet *train*.tar shards}"
 OUTPUT_DIR=${OUTPUT_DIR:-outputs/pretrain_vith16_imagenet}
-if [ -z "${PYTHON:-}" ]; then
-  PYTHON=python
-  [ -x "$REPO/.venv/bin/python" ] && PYTHON=$REPO/.venv/bin/python
-fi
-# The SLURM job inherits this environment: it must import Pixio from this checkout too.
-export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"
-
 args=(
   experiment=pretrain_vith16_imagenet
   launcher=slurm
@@ -28,11 +21,6 @@ args=(
   train.batch_size=64
   "data.root=$DATA_ROOT"
   "output_dir=$OUTPUT_DIR"
+  "${CLUSTER_ARGS[@]}"
 )
-[ -n "${PARTITION:-}" ] && args+=("launcher.partition=$PARTITION")
-[ -n "${ACCOUNT:-}" ] && args+=("launcher.account=$ACCOUNT")
-[ -n "${QOS:-}" ] && args+=("launcher.qos=$QOS")
-[ -n "${CONSTRAINT:-}" ] && args+=("launcher.constraint=$CONSTRAINT")
-[ -n "${TIME_MIN:-}" ] && args+=("launcher.timeout_min=$TIME_MIN")
-
 exec "$PYTHON" -m pretraining.train "${args[@]}" "$@"

@@ -84,7 +84,7 @@ def tar_error_handler(report: ShardReport) -> Callable[[Exception], bool]:
 
     def handler(exn: Exception) -> bool:
         if not report.has("bad_tar"):
-            message = str(exn.args[0]) if exn.args else ""
+            message = str(exn.args[0]).split(" @ ")[0] if exn.args else ""  # drop stream repr
             report.add("bad_tar", detail=f"{type(exn).__name__}: {message[:120]}")
         return True  # keep going: the samples before the damage are used
 

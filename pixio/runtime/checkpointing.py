@@ -19,7 +19,6 @@ pickled code is refused and never executed.
 from __future__ import annotations
 
 import os
-import pickle
 import random
 import re
 import shutil
@@ -30,6 +29,8 @@ from typing import Any, BinaryIO
 
 import numpy as np
 import torch
+
+from pixio.checkpoint import UnsafeCheckpointError, safe_torch_load
 
 LAST_NAME = "checkpoint-last.pth"
 _NUMBERED = re.compile(r"^checkpoint-(\d{8,})\.pth$")
@@ -173,12 +174,9 @@ def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict[
     """`torch.load(weights_only=True)`; a file needing pickled code raises CheckpointError."""
     path = Path(path)
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError as e:
-        raise CheckpointError(
-            f"{path}: refused to load, it contains pickled objects other than tensors and plain "
-            f"containers (weights_only=True never runs code from a checkpoint). Details: {e}"
-        ) from e
+        return safe_torch_load(path, map_location)
+    except UnsafeCheckpointError as e:
+        raise CheckpointError(str(e)) from e
     except (RuntimeError, EOFError, OSError) as e:
         raise CheckpointError(f"{path}: cannot be read as a checkpoint ({e})") from e
 

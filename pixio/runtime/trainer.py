@@ -338,12 +338,26 @@ class Trainer:
             "images_per_s": stats["images_per_s"],
             "data_wait": stats["data_wait"],
             "max_mem_gb": max_memory_gb(self.device),
+            **self._skipped(),
         }
         if self.info.rank == 0:
             eta = stats["step_time"] * (stop - done)
             log.info(format_progress(done, stop, eta, record))
         self.metrics.write(record)
         self.wandb.log(record, step=done)
+
+    def _skipped(self) -> dict[str, int]:
+        """Samples the data pipeline dropped since this process started, by reason, summed over
+        ranks (`skipped/<reason>`; zero counts left out). Collective when distributed."""
+        counts = self.data.skip_counts() if hasattr(self.data, "skip_counts") else {}
+        reasons = sorted(counts)  # every rank's pipeline lists the same reasons
+        if not reasons:
+            return {}
+        totals = torch.tensor([counts[r] for r in reasons], dtype=torch.float64)
+        if dist.is_available() and dist.is_initialized():
+            totals = totals.to(self.device)
+            dist.all_reduce(totals)
+        return {f"skipped/{r}": int(n) for r, n in zip(reasons, totals.tolist(), strict=True) if n}
 
     def _visualize(self, done: int, batch: Any) -> None:
         """Every rank runs the forward (FSDP needs all ranks); rank 0 writes the picture."""

@@ -123,3 +123,27 @@ def test_local_machine_config_is_picked_up_and_demo_keeps_its_root(tmp_path):
         demo = compose(config_name="pretrain", overrides=["experiment=demo"])
     assert (plain.data.root, plain.launcher.partition) == ("/datasets/in1k", "gpu")
     assert (demo.data.root, demo.launcher.partition) == ("data/demo", "gpu")
+
+
+@pytest.mark.parametrize(
+    "script, env",
+    [
+        ("pretrain_vith16_imagenet.sh", {"DATA_ROOT": "/d"}),
+        ("pretrain_vit5b16_web.sh", {"DATA_ROOT": "/d", "JSON_ROOT": "/j"}),
+    ],
+)
+def test_recipe_scripts_pass_valid_overrides(script, env, tmp_path):
+    import os
+
+    env = {**os.environ, **env, "PYTHON": "echo", "PARTITION": "gpu", "ACCOUNT": "proj"}
+    out = subprocess.run(
+        ["bash", str(REPO / "scripts" / script), "train.epochs=100"],
+        env=env, capture_output=True, text=True, check=True,
+    ).stdout.split()  # fmt: skip
+    assert out[:2] == ["-m", "pretraining.train"]
+    overrides = out[2:]
+    assert {"launcher=slurm", "launcher.partition=gpu", "launcher.account=proj"} <= set(overrides)
+    cfg = compose_pretrain(overrides)
+    validate_pretrain(cfg)
+    assert cfg.train.epochs == 100 and cfg.data.root == "/d"
+    assert cfg.launcher.nodes * cfg.launcher.gpus_per_node * cfg.train.batch_size in (8192, 16384)
