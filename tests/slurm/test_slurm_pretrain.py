@@ -8,19 +8,21 @@ import pickle
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 from slurm_jobs import all_logs, wait_done
+
+from pixio.runtime import checkpointing
 
 pytestmark = [pytest.mark.slurm, pytest.mark.usefixtures("slurm_cluster")]
 
 REPO = Path(__file__).resolve().parents[2]
 
 
-def test_demo_runs_as_a_two_task_slurm_job(tmp_path, job_env) -> None:
-    out = tmp_path / "demo"
-    overrides = [
+def _demo_overrides(out: Path, iters: int, save_every: int) -> list[str]:
+    return [
         "experiment=demo",
         "launcher=slurm",
         "launcher.nodes=1",
@@ -30,14 +32,18 @@ def test_demo_runs_as_a_two_task_slurm_job(tmp_path, job_env) -> None:
         "launcher.timeout_min=20",
         "train.device=cpu",
         "train.epochs=1",
-        "train.iters_per_epoch=6",
-        "train.save_every_iters=3",
+        f"train.iters_per_epoch={iters}",
+        f"train.save_every_iters={save_every}",
         "train.log_every=1",
         "train.vis_every=0",
         "data.num_workers=0",
         "logger=none",
         f"output_dir={out}",
     ]
+
+
+def _submit(overrides: list[str], job_env: dict[str, str]) -> str:
+    """Run the real entry point with launcher=slurm; returns the job id it printed."""
     env = {**job_env, "PYTHONPATH": f"{REPO}:{job_env['PYTHONPATH']}"}
     submit = subprocess.run(
         [sys.executable, "-m", "pretraining.train", *overrides],
@@ -49,8 +55,20 @@ def test_demo_runs_as_a_two_task_slurm_job(tmp_path, job_env) -> None:
     )
     assert submit.returncode == 0, submit.stdout + submit.stderr
     job_id = re.search(r"submitted SLURM job (\d+)", submit.stdout).group(1)
+    assert f"{job_id}_0_log.out" in submit.stdout  # the log path is printed
+    return job_id
+
+
+def _metric_steps(out: Path) -> list[int]:
+    path = out / "metrics.jsonl"
+    lines = path.read_text().splitlines() if path.exists() else []
+    return [json.loads(line)["step"] for line in lines if line.strip()]
+
+
+def test_demo_runs_as_a_two_task_slurm_job(tmp_path, job_env) -> None:
+    out = tmp_path / "demo"
+    job_id = _submit(_demo_overrides(out, iters=6, save_every=3), job_env)
     folder = out / "slurm" / job_id
-    assert f"{folder / job_id}_0_log.out" in submit.stdout  # the log path is printed
 
     info = wait_done(job_id, folder, timeout=300)
     assert info["JobState"] == "COMPLETED", all_logs(folder)
@@ -61,3 +79,23 @@ def test_demo_runs_as_a_two_task_slurm_job(tmp_path, job_env) -> None:
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert metrics
     assert all({"step", "loss", "lr"} <= m.keys() for m in metrics)
+
+
+def test_requeued_pretraining_resumes_and_finishes_with_the_right_count(tmp_path, job_env) -> None:
+    out, iters = tmp_path / "demo", 30
+    job_id = _submit(_demo_overrides(out, iters=iters, save_every=100), job_env)
+    folder = out / "slurm" / job_id
+    deadline = time.time() + 240
+    while len(_metric_steps(out)) < 3:  # inside the training loop
+        assert time.time() < deadline, all_logs(folder)
+        time.sleep(0.5)
+    subprocess.run(["scontrol", "requeue", job_id], check=True)
+    info = wait_done(job_id, folder, timeout=400)
+    logs = all_logs(folder)
+    assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", logs
+    stopped = re.search(r"pre-empted \(SIGTERM\) at step (\d+): checkpoint saved", logs)
+    assert stopped and 3 <= int(stopped.group(1)) < iters, logs
+    assert f"resumed from {out / 'checkpoint-last.pth'} at iteration {stopped.group(1)}" in logs
+    assert checkpointing.load_checkpoint(out / "checkpoint-last.pth")["iteration"] == iters
+    assert _metric_steps(out) == list(range(1, iters + 1)), logs  # each step once, none lost
+    assert (out / "encoder.safetensors").exists()
