@@ -84,7 +84,11 @@ def main(cfg: DictConfig) -> None:
         cleanup()
 
 
-@hydra.main(config_path="../configs", config_name="pretrain", version_base=None)
+# Absolute, so the configs are found however the module is started (python -m, -c, an import).
+CONFIG_DIR = str(Path(__file__).resolve().parents[1] / "configs")
+
+
+@hydra.main(config_path=CONFIG_DIR, config_name="pretrain", version_base=None)
 def cli(cfg: DictConfig) -> None:
     """Validate, then run `main` through the configured launcher."""
     try:
