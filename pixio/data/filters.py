@@ -95,7 +95,7 @@ class ShardFilter:
         if entry is None:
             self.report.add("missing_json_entry")
             return policy_keeps
-        if not isinstance(entry, dict) or not all(_is_number(entry.get(f)) for f in self.cfg.fields):
+        if not self.complete(entry):
             self.report.add("missing_field")
             return policy_keeps
         reason = self.drop_reason(entry)
@@ -103,12 +103,17 @@ class ShardFilter:
             self.report.add(reason)
         return reason is None
 
+    def complete(self, entry: Any) -> bool:
+        """Whether an entry has a finite number for every field the active filters need."""
+        return isinstance(entry, dict) and all(_is_number(entry.get(k)) for k in self.cfg.fields)
+
     def drop_reason(self, entry: dict[str, Any]) -> str | None:
         """The first filter that drops a sample with complete statistics, or None to keep it."""
         cfg = self.cfg
         if cfg.hist_thresh is not None and not entry["histogram_score"] > cfg.hist_thresh:
             return "hist_filter"
-        if cfg.imgres_thresh is not None and min(entry["height"], entry["width"]) < cfg.imgres_thresh:
+        res = cfg.imgres_thresh
+        if res is not None and min(entry["height"], entry["width"]) < res:
             return "res_filter"
         if cfg.soft_sampling and not self.rng.random() < entry["mae_loss"]:
             return "soft_sampling"

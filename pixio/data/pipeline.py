@@ -75,6 +75,11 @@ def seeded(*entropy: int) -> np.random.Generator:
     return np.random.default_rng(list(entropy))
 
 
+def reader_seed(seed: int, epoch: int, reader: Reader, tag: int) -> int:
+    """An integer seed (for python's `random`) from (seed, epoch, rank, worker, purpose)."""
+    return int(seeded(seed, epoch, reader.rank, reader.worker, tag).integers(2**62))
+
+
 def web_plan(shards: list[Path], reader: Reader, seed: int, epoch: int, passes: int | None):
     """Per pass one permutation of all shards (shared by readers); reader i takes i, i+total...
 
@@ -93,10 +98,10 @@ def imagenet_plan(shards: list[Path], reader: Reader, seed: int, epoch: int, pas
     A pass is as many draws as the subset has shards.
     """
     subset = shards if len(shards) < reader.total else shards[reader.index :: reader.total]
-    reader_seed = int(seeded(seed, epoch, reader.rank, reader.worker, TAG_RESAMPLE).integers(2**62))
+    resample_seed = reader_seed(seed, epoch, reader, TAG_RESAMPLE)
     draws = sys.maxsize if passes is None else passes * len(subset)
     resampled = wds.ResampledShards(
-        [str(s) for s in subset], nshards=draws, seed=seed, worker_seed=lambda: reader_seed,
+        [str(s) for s in subset], nshards=draws, seed=seed, worker_seed=lambda: resample_seed,
         deterministic=True,
     )  # fmt: skip
     for n, item in enumerate(resampled):
@@ -165,7 +170,7 @@ class PretrainDataset(IterableDataset):
         plan = functools.partial(plan_fn, self.shards, reader, self.seed, epoch, self.passes)
         stages: list[Any] = [plan, functools.partial(self._samples, reader=reader, epoch=epoch)]
         if self.shuffle_buffer > 0:
-            rng = random.Random(int(seeded(self.seed, epoch, reader.rank, reader.worker, TAG_SHUFFLE).integers(2**62)))
+            rng = random.Random(reader_seed(self.seed, epoch, reader, TAG_SHUFFLE))
             initial = min(self.shuffle_buffer, 1000)
             stages.append(wds.shuffle(self.shuffle_buffer, initial=initial, rng=rng))
         stages.append(self._normalise)

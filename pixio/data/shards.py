@@ -106,7 +106,6 @@ def read_members(shard: str | Path, report: ShardReport) -> Iterator[dict[str, A
     """The regular files of one shard as `{"fname", "data"}` (webdataset's tar reader)."""
     handler = tar_error_handler(report)
     streams = url_opener(iter([{"url": str(shard)}]), handler=handler)
-    for member in tar_file_expander(streams, handler=handler, eof_value=None):
-        yield member
+    yield from tar_file_expander(streams, handler=handler, eof_value=None)
     if not report.has("bad_tar") and not tar_is_complete(shard):
         report.add("bad_tar", detail="truncated (no end-of-archive block)")
