@@ -80,6 +80,7 @@ class Trainer:
         self.amp_dtype = autocast_dtype(self.t.precision)
         self.progress = Progress()
         self._saved_at = -1  # iteration of the last checkpoint written or loaded
+        self._window: list[float] = []  # losses since the last log line (logged as their mean)
         self.total_iters = self.t.epochs * self.t.iters_per_epoch
         self.global_batch = self.t.batch_size * self.t.accum_iter * info.world_size
         self.base_lr = optim.resolve_lr(self.o.lr, self.o.blr, self.global_batch)
@@ -254,8 +255,10 @@ class Trainer:
     def _after_iteration(self, done: int, loss: float, batch: Any, stop: int) -> bool:
         """Logging, pictures, checkpoints, pre-emption. Returns True to leave the loop."""
         boundary = done % self.t.accum_iter == 0
+        self._window.append(loss)
         if done % self.t.log_every == 0 or done == stop:
-            self._log(done, loss, stop)
+            self._log(done, sum(self._window) / len(self._window), stop)
+            self._window.clear()
         if self.t.vis_every and done % self.t.vis_every == 0:
             self._visualize(done, batch)
         if boundary and (done % self.t.save_every_iters == 0) and done < stop:

@@ -167,3 +167,18 @@ def test_two_process_gloo_matches_single_process(tmp_path):
     ddp_state = torch.load(ddp_out, weights_only=True)
     for k, v in single.full_model_state().items():
         torch.testing.assert_close(ddp_state[k], v, rtol=1e-4, atol=1e-5, msg=k)
+
+
+def test_logged_loss_is_the_mean_over_the_logging_window(cpu_config):
+    import json
+
+    trainer = make_trainer(cpu_config("train.log_every=3"), fixed_batches(8, 4))
+    seen: list[float] = []
+    step = trainer.train_iteration
+    trainer.train_iteration = lambda it, batch: seen.append(step(it, batch)) or seen[-1]
+    trainer.fit()
+    lines = (trainer.output_dir / "metrics.jsonl").read_text().splitlines()
+    records = [json.loads(line) for line in lines]
+    assert [r["step"] for r in records] == [3, 6, 8]  # every 3 iterations and the last one
+    for r, window in zip(records, (seen[0:3], seen[3:6], seen[6:8]), strict=True):
+        assert r["loss"] == pytest.approx(sum(window) / len(window), rel=1e-12)
