@@ -95,7 +95,8 @@ def test_requeued_pretraining_resumes_and_finishes_with_the_right_count(tmp_path
     assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", logs
     stopped = re.search(r"pre-empted \(SIGTERM\) at step (\d+): checkpoint saved", logs)
     assert stopped and 3 <= int(stopped.group(1)) < iters, logs
-    assert f"resumed from {out / 'checkpoint-last.pth'} at iteration {stopped.group(1)}" in logs
+    resumed = f"resumed from {out / 'checkpoint-last.pth'} at iteration {stopped.group(1)}"
+    assert resumed in (out / "train.log").read_text(), logs
     assert checkpointing.load_checkpoint(out / "checkpoint-last.pth")["iteration"] == iters
     assert _metric_steps(out) == list(range(1, iters + 1)), logs  # each step once, none lost
     assert (out / "encoder.safetensors").exists()
