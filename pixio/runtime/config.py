@@ -126,86 +126,64 @@ def _is_missing(cfg: DictConfig | PretrainConfig, dotted: str) -> bool:
     return getattr(cfg, leaf) == MISSING
 
 
+def _choice(node: Any, group: str, key: str, options: tuple[str, ...]) -> None:
+    value = getattr(node, key)
+    _require(
+        value in options, f"{group}.{key}", f"must be one of {', '.join(options)}; got {value!r}"
+    )
+
+
+def _positive(node: Any, group: str, *keys: str) -> None:
+    for key in keys:
+        value = getattr(node, key)
+        _require(value > 0, f"{group}.{key}", f"must be positive, got {value}")
+
+
+def _check_model(m: Any) -> None:
+    models = list_models()
+    _require(
+        m.name in models, "model.name", f"unknown model {m.name!r}; valid: {', '.join(models)}"
+    )
+    _require(m.mask_grid >= 1, "model.mask_grid", f"must be >= 1, got {m.mask_grid}")
+    size, unit = m.img_size, 16 * m.mask_grid
+    _require(size > 0 and size % 16 == 0, "model.img_size", f"{size} is not divisible by the patch size 16")  # fmt: skip
+    _require(size % unit == 0, "model.img_size", f"{size} is not divisible by 16 * mask_grid = {unit}")  # fmt: skip
+    _require(0 <= m.mask_ratio < 1, "model.mask_ratio", f"must be in [0, 1), got {m.mask_ratio}")
+    _require(0 <= m.drop_path < 1, "model.drop_path", f"must be in [0, 1), got {m.drop_path}")
+
+
+def _check_data(d: Any) -> None:
+    _choice(d, "data", "kind", ("imagenet", "web"))
+    _choice(d, "data", "missing_json", ("unfiltered", "skip"))
+    _require(bool(d.root), "data.root", "is empty")
+    _require(d.num_workers >= 0, "data.num_workers", f"must be >= 0, got {d.num_workers}")
+
+
+def _check_train(t: Any, o: Any) -> None:
+    _positive(t, "train", "batch_size", "epochs", "iters_per_epoch", "accum_iter")
+    _positive(t, "train", "save_every_iters", "log_every", "keep_last")
+    every, accum = t.save_every_iters, t.accum_iter
+    _require(every % accum == 0, "train.save_every_iters", f"{every} is not a multiple of train.accum_iter = {accum}")  # fmt: skip
+    _choice(t, "train", "precision", ("bf16", "fp16", "fp32"))
+    _choice(t, "train", "parallel", ("auto", "none", "ddp", "fsdp"))
+    _choice(t, "train", "device", ("auto", "cpu", "cuda"))
+    _require(o.lr is None or o.lr > 0, "optim.lr", f"must be positive, got {o.lr}")
+    _positive(o, "optim", "blr")
+    _require(0 <= o.warmup_epochs <= t.epochs, "optim.warmup_epochs", f"must be in [0, train.epochs], got {o.warmup_epochs}")  # fmt: skip
+
+
 def validate_pretrain(cfg: DictConfig | PretrainConfig) -> None:
     """Check values before anything is built; ConfigError names the first bad key."""
     missing = [k for k in ("model.name", "data.root", "output_dir") if _is_missing(cfg, k)]
     _require(not missing, missing[0] if missing else "", "is required (set it on the command line)")
-    m, d, t, o = cfg.model, cfg.data, cfg.train, cfg.optim
-    _require(
-        m.name in list_models(),
-        "model.name",
-        f"unknown model {m.name!r}; valid: {', '.join(list_models())}",
-    )
-    _require(m.mask_grid >= 1, "model.mask_grid", f"must be >= 1, got {m.mask_grid}")
-    unit = 16 * m.mask_grid
-    _require(
-        m.img_size > 0 and m.img_size % 16 == 0,
-        "model.img_size",
-        f"{m.img_size} is not divisible by the patch size 16",
-    )
-    _require(
-        m.img_size % unit == 0,
-        "model.img_size",
-        f"{m.img_size} is not divisible by 16 * mask_grid = {unit}",
-    )
-    _require(
-        0.0 <= m.mask_ratio < 1.0, "model.mask_ratio", f"must be in [0, 1), got {m.mask_ratio}"
-    )
-    _require(0.0 <= m.drop_path < 1.0, "model.drop_path", f"must be in [0, 1), got {m.drop_path}")
-    _require(d.kind in ("imagenet", "web"), "data.kind", f"must be imagenet or web, got {d.kind!r}")
-    _require(
-        d.missing_json in ("unfiltered", "skip"),
-        "data.missing_json",
-        f"must be unfiltered or skip, got {d.missing_json!r}",
-    )
-    _require(bool(d.root), "data.root", "is empty")
-    _require(d.num_workers >= 0, "data.num_workers", f"must be >= 0, got {d.num_workers}")
-    for key in (
-        "batch_size",
-        "epochs",
-        "iters_per_epoch",
-        "accum_iter",
-        "save_every_iters",
-        "log_every",
-        "keep_last",
-    ):
-        _require(getattr(t, key) > 0, f"train.{key}", f"must be positive, got {getattr(t, key)}")
-    _require(
-        t.save_every_iters % t.accum_iter == 0,
-        "train.save_every_iters",
-        f"{t.save_every_iters} is not a multiple of train.accum_iter = {t.accum_iter}",
-    )
-    _require(
-        t.precision in ("bf16", "fp16", "fp32"),
-        "train.precision",
-        f"must be bf16, fp16 or fp32, got {t.precision!r}",
-    )
-    _require(
-        t.parallel in ("auto", "none", "ddp", "fsdp"),
-        "train.parallel",
-        f"must be auto, none, ddp or fsdp, got {t.parallel!r}",
-    )
-    _require(
-        t.device in ("auto", "cpu", "cuda"),
-        "train.device",
-        f"must be auto, cpu or cuda, got {t.device!r}",
-    )
-    _require(o.lr is None or o.lr > 0, "optim.lr", f"must be positive, got {o.lr}")
-    _require(o.blr > 0, "optim.blr", f"must be positive, got {o.blr}")
-    _require(
-        0 <= o.warmup_epochs <= t.epochs,
-        "optim.warmup_epochs",
-        f"must be in [0, train.epochs], got {o.warmup_epochs}",
-    )
+    _check_model(cfg.model)
+    _check_data(cfg.data)
+    _check_train(cfg.train, cfg.optim)
     try:
         launcher_config(cfg.launcher)
     except ValueError as err:
         raise ConfigError(str(err)) from None
-    _require(
-        cfg.logger.name in ("wandb", "none"),
-        "logger.name",
-        f"must be wandb or none, got {cfg.logger.name!r}",
-    )
+    _choice(cfg.logger, "logger", "name", ("wandb", "none"))
 
 
 def to_container(cfg: DictConfig) -> dict[str, Any]:
