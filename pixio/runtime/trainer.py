@@ -59,7 +59,7 @@ def autocast_dtype(precision: str) -> torch.dtype | None:
 
 def choose_parallel(parallel: str, model: nn.Module, world_size: int) -> str:
     """Resolve `auto`: single process -> none; wide models -> fsdp; else ddp."""
-    if world_size == 1 and parallel in ("auto", "ddp"):
+    if world_size == 1:  # nothing to replicate or shard
         return "none"
     if parallel != "auto":
         return parallel

@@ -142,6 +142,7 @@ def _ddp_worker(rank: int, world: int, port: int, overrides: list[str], result_p
     torch.set_num_threads(1)
     cfg = compose_pretrain(overrides)
     trainer = make_trainer(cfg, split(fixed_batches(4, 8), world, rank), info)
+    assert trainer.parallel == cfg.train.parallel
     trainer.fit()
     state = trainer.full_model_state()
     if rank == 0:
@@ -149,10 +150,11 @@ def _ddp_worker(rank: int, world: int, port: int, overrides: list[str], result_p
     cleanup()
 
 
-def test_two_process_gloo_matches_single_process(tmp_path):
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_two_process_gloo_matches_single_process(tmp_path, parallel):
     from tests_helpers import CPU_OVERRIDES
 
-    base = [*CPU_OVERRIDES, "data.root=unused", "train.epochs=1", "train.parallel=ddp"]
+    base = [*CPU_OVERRIDES, "data.root=unused", "train.epochs=1", f"train.parallel={parallel}"]
     ddp_out = tmp_path / "ddp.pth"
     overrides = [*base, "train.batch_size=4", f"output_dir={tmp_path / 'ddp'}"]
     mp.spawn(_ddp_worker, args=(2, _free_port(), overrides, str(ddp_out)), nprocs=2, join=True)
@@ -182,3 +184,16 @@ def test_logged_loss_is_the_mean_over_the_logging_window(cpu_config):
     assert [r["step"] for r in records] == [3, 6, 8]  # every 3 iterations and the last one
     for r, window in zip(records, (seen[0:3], seen[3:6], seen[6:8]), strict=True):
         assert r["loss"] == pytest.approx(sum(window) / len(window), rel=1e-12)
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_reduced_precision_trains_and_checkpoints_fp32_weights(cpu_config, precision):
+    cfg = cpu_config(f"train.precision={precision}", "train.epochs=1", "optim.clip_grad=1.0")
+    trainer = make_trainer(cfg, fixed_batches(4, 4))
+    assert trainer.scaler.is_enabled() == (precision == "fp16")  # a scaler only for fp16
+    before = {k: v.clone() for k, v in trainer.full_model_state().items()}
+    trainer.fit()
+    ckpt = checkpointing.load_checkpoint(trainer.output_dir / "checkpoint-last.pth")
+    assert all(v.dtype == torch.float32 for v in ckpt["model"].values())
+    assert any(not torch.equal(before[k], v) for k, v in ckpt["model"].items())  # it learned
+    assert bool(ckpt["scaler"]) == (precision == "fp16")
