@@ -197,3 +197,17 @@ def test_reduced_precision_trains_and_checkpoints_fp32_weights(cpu_config, preci
     assert all(v.dtype == torch.float32 for v in ckpt["model"].values())
     assert any(not torch.equal(before[k], v) for k, v in ckpt["model"].items())  # it learned
     assert bool(ckpt["scaler"]) == (precision == "fp16")
+
+
+def test_activation_checkpointing_gives_the_same_gradients(cpu_config, tmp_path):
+    data = fixed_batches(1, 4)
+    grads = []
+    for flag in (False, True):
+        cfg = cpu_config(f"train.activation_checkpointing={flag}", "train.max_iters=1")
+        cfg.output_dir = str(tmp_path / f"ac_{flag}")
+        trainer = make_trainer(cfg, data)
+        assert trainer.task.model.grad_checkpointing is flag
+        grads.append(record_grads(trainer))
+        trainer.fit()
+    for name, g in grads[0][0].items():
+        torch.testing.assert_close(grads[1][0][name], g, rtol=1e-5, atol=1e-7, msg=name)
