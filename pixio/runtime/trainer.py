@@ -375,7 +375,8 @@ class Trainer:
 
     def _finish(self) -> None:
         """Final checkpoint, exported artifacts, closing the loggers."""
-        self.save()
+        if self._saved_at != self.progress.iteration:  # not when re-run after the end
+            self.save()
         state = self.full_model_state()
         if self.info.rank == 0:
             for path in self.task.export(state, self.output_dir):

@@ -211,3 +211,13 @@ def test_activation_checkpointing_gives_the_same_gradients(cpu_config, tmp_path)
         trainer.fit()
     for name, g in grads[0][0].items():
         torch.testing.assert_close(grads[1][0][name], g, rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_rerun_after_the_end_changes_nothing(cpu_config):
+    cfg = cpu_config()
+    make_trainer(cfg, fixed_batches(8, 4)).fit()
+    last = cfg.output_dir + "/checkpoint-last.pth"
+    before = open(last, "rb").read()
+    again = make_trainer(cfg, fixed_batches(8, 4))
+    again.fit()
+    assert again.progress.iteration == 8 and open(last, "rb").read() == before
