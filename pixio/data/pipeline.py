@@ -28,6 +28,7 @@ from pixio.data.counters import ShardReport, SkipCounter
 from pixio.data.filters import FilterConfig, ShardFilter, open_shard_filter
 from pixio.data.images import DecodeError, decode_crop
 from pixio.data.shards import KINDS, check_kind, find_shards, read_shard
+from pixio.runtime.distributed import read_dist_env
 
 log = logging.getLogger("pixio.data")
 
@@ -38,13 +39,14 @@ MAX_EMPTY_PASSES = 20
 
 
 def default_rank_world(rank: int | None, world_size: int | None) -> tuple[int, int]:
-    """torch.distributed's rank / world size when initialised, else RANK / WORLD_SIZE, else 0 / 1."""
+    """torch.distributed's rank / world size when initialised, else the launcher's variables
+    (torchrun or SLURM, `pixio.runtime.distributed.read_dist_env`), else 0 / 1."""
     dist = torch.distributed
     if dist.is_available() and dist.is_initialized():
         default_rank, default_world = dist.get_rank(), dist.get_world_size()
-    else:
-        default_rank = int(os.environ.get("RANK", 0))
-        default_world = int(os.environ.get("WORLD_SIZE", 1))
+    else:  # before the process group exists: torchrun's or SLURM's variables
+        env = read_dist_env()
+        default_rank, default_world = env.rank, env.world_size
     rank = default_rank if rank is None else int(rank)
     world_size = default_world if world_size is None else int(world_size)
     if world_size < 1 or not 0 <= rank < world_size:

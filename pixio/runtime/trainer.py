@@ -28,7 +28,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from pixio.runtime import checkpointing, optim
-from pixio.runtime.distributed import DistInfo
+from pixio.runtime.distributed import DistInfo, all_reduce_mean, barrier, is_dist, reduce_device
 from pixio.runtime.logging import MetricsWriter, Throughput, WandbLogger, format_progress
 from pixio.runtime.preemption import PreemptionHandler
 from pixio.runtime.task import Task
@@ -80,6 +80,7 @@ class Trainer:
         self.amp_dtype = autocast_dtype(self.t.precision)
         self.progress = Progress()
         self._saved_at = -1  # iteration of the last checkpoint written or loaded
+        self.grad_norm = float("nan")  # of the last optimiser step
         self._window: list[float] = []  # losses since the last log line (logged as their mean)
         self.total_iters = self.t.epochs * self.t.iters_per_epoch
         self.global_batch = self.t.batch_size * self.t.accum_iter * info.world_size
@@ -123,7 +124,7 @@ class Trainer:
 
     # ---- checkpoints ----------------------------------------------------------------------
     def _state_options(self, loading: bool = False) -> StateDictOptions:
-        distributed = dist.is_available() and dist.is_initialized()
+        distributed = is_dist()
         return StateDictOptions(
             full_state_dict=True,
             cpu_offload=distributed,
@@ -156,7 +157,7 @@ class Trainer:
                 state, self.output_dir, self.progress.iteration, self.t.keep_last, self.t.keep_every
             )
             log.info("saved checkpoint %s", path)
-        self._barrier()
+        barrier()
         return path
 
     def resume(self) -> bool:
@@ -164,11 +165,7 @@ class Trainer:
         path = checkpointing.find_latest(self.output_dir)
         if path is None:
             return False
-        ckpt = (
-            checkpointing.load_checkpoint(path)
-            if self.info.rank == 0 or not dist.is_initialized()
-            else {}
-        )
+        ckpt = checkpointing.load_checkpoint(path) if self.info.rank == 0 or not is_dist() else {}
         ckpt = self._broadcast_meta(ckpt)
         opts = self._state_options(loading=True)
         set_model_state_dict(self.task.model, ckpt.get("model", {}), options=opts)
@@ -188,7 +185,7 @@ class Trainer:
     def _gather_rng(self) -> list[dict[str, Any]]:
         """Every rank's generator states, in rank order (rank 0 writes them all)."""
         state = checkpointing.capture_rng_state()
-        if not (dist.is_available() and dist.is_initialized()):
+        if not is_dist():
             return [state]
         states: list[Any] = [None] * dist.get_world_size()
         dist.all_gather_object(states, state)
@@ -196,15 +193,11 @@ class Trainer:
 
     def _broadcast_meta(self, ckpt: dict) -> dict:
         """Give every rank the small entries of rank 0's checkpoint (tensors stay on rank 0)."""
-        if not (dist.is_available() and dist.is_initialized()):
+        if not is_dist():
             return ckpt
         meta = [{k: v for k, v in ckpt.items() if k not in ("model", "optimizer")}]
         dist.broadcast_object_list(meta, src=0)
         return {**meta[0], "model": ckpt.get("model", {}), "optimizer": ckpt.get("optimizer", {})}
-
-    def _barrier(self) -> None:
-        if dist.is_available() and dist.is_initialized():
-            dist.barrier()
 
     # ---- the loop -------------------------------------------------------------------------
     def batches(self, start: int) -> Iterator[tuple[int, Any]]:
@@ -242,12 +235,10 @@ class Trainer:
             data_time = time.perf_counter() - tick
             batch = self.task.to_device(batch, self.device)
             loss = self.train_iteration(it, batch)
+            images = self.task.batch_size(batch) * self.info.world_size
             self.progress.iteration = it + 1
-            self.progress.samples_seen += self.task.batch_size(batch) * self.info.world_size
-            step_time = time.perf_counter() - tick
-            self.throughput.update(
-                self.task.batch_size(batch) * self.info.world_size, step_time, data_time
-            )
+            self.progress.samples_seen += images
+            self.throughput.update(images, time.perf_counter() - tick, data_time)
             if self._after_iteration(it + 1, loss, batch, stop):
                 return
             tick = time.perf_counter()
@@ -285,7 +276,7 @@ class Trainer:
             with self._autocast():
                 loss = self.task.step(self.model, batch)["loss"]
             self.scaler.scale(loss / accum).backward()
-        loss_value = self._reduced(loss.detach())
+        loss_value = float(all_reduce_mean(loss))  # same on every rank: all stop together on NaN
         if not math.isfinite(loss_value):
             raise NonFiniteLossError(
                 f"loss is {loss_value} at iteration {it}: stopping. The last good checkpoint in "
@@ -321,14 +312,6 @@ class Trainer:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.amp_dtype)
 
-    def _reduced(self, value: torch.Tensor) -> float:
-        """Mean over ranks (every rank gets the same number, so all stop together on NaN)."""
-        if dist.is_available() and dist.is_initialized():
-            value = value.clone()
-            dist.all_reduce(value)
-            value /= dist.get_world_size()
-        return float(value)
-
     # ---- reporting ------------------------------------------------------------------------
     def _log(self, done: int, loss: float, stop: int) -> None:
         stats = self.throughput.summary()
@@ -337,7 +320,7 @@ class Trainer:
             "epoch": done / self.t.iters_per_epoch,
             "loss": loss,
             "lr": self.optimizer.param_groups[0]["lr"],
-            "grad_norm": getattr(self, "grad_norm", float("nan")),
+            "grad_norm": self.grad_norm,
             "images_per_s": stats["images_per_s"],
             "data_wait": stats["data_wait"],
             "max_mem_gb": max_memory_gb(self.device),
@@ -357,8 +340,8 @@ class Trainer:
         if not reasons:
             return {}
         totals = torch.tensor([counts[r] for r in reasons], dtype=torch.float64)
-        if dist.is_available() and dist.is_initialized():
-            totals = totals.to(self.device)
+        if is_dist():
+            totals = totals.to(reduce_device())
             dist.all_reduce(totals)
         return {f"skipped/{r}": int(n) for r, n in zip(reasons, totals.tolist(), strict=True) if n}
 
