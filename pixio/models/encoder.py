@@ -16,6 +16,7 @@ from timm.models.vision_transformer import Block
 from torch import nn
 
 from pixio.constants import DEFAULT_N_CLS_TOKENS
+from pixio.models.init import draw_init_seed, init_parameters
 
 LayerNorm = partial(nn.LayerNorm, eps=1e-6)
 
@@ -44,17 +45,6 @@ def resize_pos_embed(
     return resample_abs_pos_embed(
         table, list(new_grid), list(grid), num_prefix_tokens=n_prefix, antialias=False
     )
-
-
-def init_weights(module: nn.Module) -> None:
-    """Reference initialisation: xavier-uniform Linears with zero bias, LayerNorm (1, 0)."""
-    if isinstance(module, nn.Linear):
-        nn.init.xavier_uniform_(module.weight)
-        if module.bias is not None:
-            nn.init.zeros_(module.bias)
-    elif isinstance(module, nn.LayerNorm):
-        nn.init.ones_(module.weight)
-        nn.init.zeros_(module.bias)
 
 
 class PixioEncoder(nn.Module):
@@ -92,7 +82,10 @@ class PixioEncoder(nn.Module):
         self.blocks = make_blocks(embed_dim, depth, num_heads, mlp_ratio, drop_path)
         self.norm = LayerNorm(embed_dim)
         self.grad_checkpointing = False
-        self.init_encoder_weights()
+        # Per-parameter seeds (pixio.models.init): the same weights whether built here or on the
+        # meta device and materialised shard by shard under FSDP.
+        self.init_seed = draw_init_seed()
+        init_parameters(self, self.init_seed)
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """Recompute block activations in backward (trades compute for memory)."""
@@ -107,16 +100,6 @@ class PixioEncoder(nn.Module):
     @property
     def depth(self) -> int:
         return len(self.blocks)
-
-    def init_encoder_weights(self) -> None:
-        """SPEC initialisation of the encoder parameters."""
-        nn.init.trunc_normal_(self.pos_embed, std=0.02)
-        nn.init.normal_(self.cls_token, std=0.02)
-        w = self.patch_embed.proj.weight
-        # The patch embedding is initialised as the Linear it is (fan over C*p*p).
-        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
-        self.blocks.apply(init_weights)
-        self.norm.apply(init_weights)
 
     def patch_grid(self, x: torch.Tensor) -> tuple[int, int]:
         """Patch grid (h, w) of an image batch; ValueError unless H and W divide by the patch size."""

@@ -7,13 +7,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from pixio.models.encoder import (
-    LayerNorm,
-    PixioEncoder,
-    init_weights,
-    make_blocks,
-    resize_pos_embed,
-)
+from pixio.models.encoder import LayerNorm, PixioEncoder, make_blocks, resize_pos_embed
+from pixio.models.init import init_parameters
 from pixio.models.masking import check_mask_ratio, group_masking
 from pixio.models.patchify import patchify
 
@@ -79,14 +74,8 @@ class PixioMAE(PixioEncoder):
         )
         self.decoder_norm = LayerNorm(decoder_embed_dim)
         self.decoder_pred = nn.Linear(decoder_embed_dim, self.patch_size**2 * in_chans)
-        self.init_decoder_weights()
-
-    def init_decoder_weights(self) -> None:
-        """SPEC initialisation of the decoder parameters."""
-        nn.init.normal_(self.mask_token, std=0.02)
-        nn.init.trunc_normal_(self.decoder_pos_embed, std=0.02)
-        for m in (self.decoder_embed, self.decoder_blocks, self.decoder_norm, self.decoder_pred):
-            m.apply(init_weights)
+        # The encoder's parameters were initialised by PixioEncoder.__init__ (same base seed).
+        init_parameters(self, self.init_seed, select=lambda n: n.startswith(DECODER_PREFIXES))
 
     def encoder_state_dict(self) -> dict[str, torch.Tensor]:
         """The encoder part of the state dict (what a released encoder checkpoint holds)."""

@@ -1,0 +1,81 @@
+"""Parallelism shared by every job: the DDP / FSDP2 choice, sharding, meta-device materialisation.
+
+One precision policy for every path, so DDP (ViT-H) and FSDP (1B, 5B) optimise the same objective:
+- the inputs reach the model in fp32 (FSDP's input cast is off), so the norm-pix targets are
+  computed from fp32 images on every path;
+- matrix products run in bf16 under autocast on every path; under FSDP the blocks' parameters are
+  gathered in bf16 (what autocast would cast them to anyway), the root's few parameters (patch
+  embedding, position tables, tokens, final norms, decoder projections) stay fp32;
+- the residual stream is fp32 on every path (fp32 + bf16 branch outputs), LayerNorm and softmax
+  statistics run in fp32 (autocast), gradients are reduced in fp32.
+
+Large models are built on the meta device, sharded, then materialised: each rank allocates only its
+shard and fills it with `pixio.models.init.init_parameters`, which gives exactly the weights a
+single-process build with the same seed has.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch import nn
+
+from pixio.models.init import init_parameters
+
+log = logging.getLogger("pixio.parallel")
+
+# Models at least this wide default to FSDP: a 1B/5B model with AdamW does not fit under DDP.
+FSDP_MIN_WIDTH = 1536
+PARALLEL_CHOICES = ("auto", "none", "ddp", "fsdp")
+
+
+def choose_parallel(parallel: str, width: int, world_size: int) -> str:
+    """Resolve `auto`: single process -> none; models at least FSDP_MIN_WIDTH wide -> fsdp;
+    otherwise ddp. An explicit choice is kept when there is more than one process."""
+    if parallel not in PARALLEL_CHOICES:
+        raise ValueError(f"parallel must be one of {', '.join(PARALLEL_CHOICES)}, got {parallel!r}")
+    if world_size == 1:  # nothing to replicate or shard
+        return "none"
+    if parallel != "auto":
+        return parallel
+    return "fsdp" if width >= FSDP_MIN_WIDTH else "ddp"
+
+
+def fully_shard_model(
+    model: nn.Module, units: list[nn.Module], param_dtype: torch.dtype | None
+) -> nn.Module:
+    """FSDP2: one unit per block (`units`, parameters gathered in `param_dtype`), then the root
+    (parameters kept fp32); gradients reduced in fp32; inputs never cast (see module doc)."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    blocks = MixedPrecisionPolicy(
+        param_dtype=param_dtype, reduce_dtype=torch.float32, cast_forward_inputs=False
+    )
+    root = MixedPrecisionPolicy(reduce_dtype=torch.float32, cast_forward_inputs=False)
+    for unit in units:
+        fully_shard(unit, mp_policy=blocks)
+    fully_shard(model, mp_policy=root)
+    return model
+
+
+def has_meta(model: nn.Module) -> bool:
+    """True when any parameter or buffer still lives on the meta device."""
+    return any(t.is_meta for t in (*model.parameters(), *model.buffers()))
+
+
+def materialize(model: nn.Module, device: torch.device, initialize: bool = True) -> nn.Module:
+    """Allocate a meta-built (possibly sharded) model on `device` and initialise it from its
+    `init_seed`; a model that is already materialised is only moved. `initialize=False` skips
+    the initialisation (a checkpoint overwrites every value anyway)."""
+    if not has_meta(model):
+        return model.to(device)
+    if any(b.is_meta for b in model.buffers()):
+        raise ValueError("meta-built models with buffers are not supported: build it on a device")
+    model.to_empty(device=device)
+    if initialize:
+        seed = getattr(model, "init_seed", None)
+        if seed is None:
+            raise ValueError(f"{type(model).__name__} has no init_seed: cannot initialise it")
+        init_parameters(model, seed)
+    return model
