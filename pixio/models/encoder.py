@@ -68,6 +68,10 @@ class PixioEncoder(nn.Module):
         drop_path: float = 0.0,
     ) -> None:
         super().__init__()
+        # Per-parameter seeds (pixio.models.init): the same weights whether built here or on the
+        # meta device and materialised shard by shard under FSDP. Drawn first, because building
+        # layers on the CPU consumes the global generator (their default init) and on meta not.
+        self.init_seed = draw_init_seed()
         self.patch_size = patch_size
         self.embed_dim = embed_dim
         self.n_cls_tokens = n_cls_tokens
@@ -82,9 +86,6 @@ class PixioEncoder(nn.Module):
         self.blocks = make_blocks(embed_dim, depth, num_heads, mlp_ratio, drop_path)
         self.norm = LayerNorm(embed_dim)
         self.grad_checkpointing = False
-        # Per-parameter seeds (pixio.models.init): the same weights whether built here or on the
-        # meta device and materialised shard by shard under FSDP.
-        self.init_seed = draw_init_seed()
         init_parameters(self, self.init_seed)
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:

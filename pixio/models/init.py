@@ -55,7 +55,9 @@ def rule_for(module: nn.Module, pname: str, full_name: str) -> Rule:
         return lambda t, g: nn.init.trunc_normal_(t, std=0.02, generator=g)
     if pname.endswith("token"):
         return lambda t, g: t.normal_(0.0, 0.02, generator=g)
-    raise ValueError(f"no initialisation rule for parameter {full_name!r} ({type(module).__name__})")
+    raise ValueError(
+        f"no initialisation rule for parameter {full_name!r} ({type(module).__name__})"
+    )
 
 
 def _assign(param: torch.Tensor, value: torch.Tensor) -> None:

@@ -11,6 +11,8 @@ the one-node cluster of ``scripts/slurm/local_cluster.sh``):
 - ``SIGTERM``: ``scancel``, pre-emption and ``scontrol requeue`` (SLURM then restarts the job by
   itself). Save and exit only: SLURM decides whether the job comes back, and requeueing here
   would resurrect jobs that were cancelled on purpose.
+- ``SIGINT`` (Ctrl-C): like SIGTERM, save at the next step and exit; a second Ctrl-C exits at
+  once (``KeyboardInterrupt``), losing the work since the last checkpoint.
 """
 
 from __future__ import annotations
@@ -36,11 +38,12 @@ PREEMPTED_EXIT_CODE = 143
 
 # Ordered by precedence: a time-limit signal (requeue) wins over a plain stop request.
 _NONE, _STOP, _REQUEUE = 0, 1, 2
-_KIND_OF_SIGNAL = {signal.SIGTERM: _STOP, signal.SIGUSR2: _REQUEUE}
+_KIND_OF_SIGNAL = {signal.SIGTERM: _STOP, signal.SIGINT: _STOP, signal.SIGUSR2: _REQUEUE}
+DEFAULT_SIGNALS = (signal.SIGUSR2, signal.SIGTERM, signal.SIGINT)
 
 
 class PreemptionHandler:
-    """Turns SIGUSR2 / SIGTERM into a flag the training loop checks between steps.
+    """Turns SIGUSR2 / SIGTERM / SIGINT into a flag the training loop checks between steps.
 
     Use as a context manager (or call ``install()`` / ``uninstall()``)::
 
@@ -52,7 +55,7 @@ class PreemptionHandler:
                     preempt.requeue_and_exit()
     """
 
-    def __init__(self, signals: tuple[signal.Signals, ...] = (signal.SIGUSR2, signal.SIGTERM)):
+    def __init__(self, signals: tuple[signal.Signals, ...] = DEFAULT_SIGNALS):
         self.signals = signals
         self._previous: dict[signal.Signals, Any] = {}
         self._kind = _NONE
@@ -85,11 +88,14 @@ class PreemptionHandler:
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:
         # Only record: the loop acts on it at the next step boundary.
         sig = signal.Signals(signum)
+        if sig == signal.SIGINT and self._received == signal.SIGINT:
+            raise KeyboardInterrupt  # a second Ctrl-C: the user wants out now
         if _KIND_OF_SIGNAL.get(sig, _STOP) > self._kind:
             self._kind = _KIND_OF_SIGNAL.get(sig, _STOP)
             self._received = sig
         # os.write, not print: print from a handler can hit a half-done print (reentrant call).
-        _write_stderr(f"[pixio] received {sig.name}: will save and stop at the next step\n")
+        again = " (Ctrl-C again to exit at once, without saving)" if sig == signal.SIGINT else ""
+        _write_stderr(f"[pixio] received {sig.name}: will save and stop at the next step{again}\n")
 
     # -- polling -----------------------------------------------------------------------------
     @property
@@ -129,7 +135,7 @@ class PreemptionHandler:
         # end the step and SLURM the job before the requeue went through.
         distributed.barrier()
         where = f" at step {step}" if step is not None else ""
-        name = "SIGUSR2" if kind == _REQUEUE else "SIGTERM"
+        name = "SIGUSR2" if kind == _REQUEUE else (self._received or signal.SIGTERM).name
         message = f"pre-empted ({name}){where}: checkpoint saved, {action}; exiting"
         # print, not log: it must reach the job's log whatever logging the trainer configured.
         print(f"[pixio] {message}", flush=True)

@@ -1,0 +1,110 @@
+"""A run's own config record, and the check a resume makes against the checkpoint's config.
+
+`output_dir/config.yaml` is written once, by the run that starts the directory, and never
+overwritten. A resume compares its config with the one stored in the checkpoint it will load,
+before anything is built: keys that change the model's shape are refused with one line (the
+weights could not be loaded); every other changed key is logged (as a warning when it changes
+what the run computes, so the resume is no longer the run it continues; as information for
+bookkeeping keys such as the launcher), and the new config is kept beside the original as
+`config.resume-<iteration>.yaml`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+from omegaconf import OmegaConf
+
+from pixio.runtime.config import ConfigError
+
+log = logging.getLogger("pixio.config")
+
+CONFIG_NAME = "config.yaml"
+# Keys whose change affects nothing a run computes (where it runs, how often it reports).
+BOOKKEEPING_PREFIXES = (
+    "launcher.", "logger.", "output_dir", "train.max_iters", "train.log_every",
+    "train.vis_every", "train.save_every_iters", "train.keep_last", "train.keep_every",
+    "train.async_save", "train.compile", "train.device", "data.num_workers", "data.root",
+    "data.shard_list",
+)  # fmt: skip
+
+
+def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{"a": {"b": 1}} -> {"a.b": 1}; lists stay values."""
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            out.update(flatten(value, f"{name}."))
+        else:
+            out[name] = value
+    return out
+
+
+def config_changes(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[tuple[str, Any, Any]]:
+    """(key, old value, new value) for every key that differs (missing keys as None)."""
+    a, b = flatten(old), flatten(new)
+    return [(k, a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+
+
+def check_resume_config(
+    old: Mapping[str, Any], new: Mapping[str, Any], frozen: Iterable[str], source: str
+) -> list[tuple[str, Any, Any]]:
+    """ConfigError on the first changed `frozen` key (those that fix parameter shapes); log the
+    other changes. Returns all changes."""
+    changes = config_changes(old, new)
+    frozen = tuple(frozen)
+    for key, was, now in changes:
+        if key in frozen:
+            raise ConfigError(
+                f"{key}: {source} was trained with {was!r}; this run asks for {now!r}. A resume "
+                f"cannot change the model's shape: set it back, or use a new output_dir"
+            )
+    for key, was, now in changes:
+        quiet = key.startswith(BOOKKEEPING_PREFIXES)
+        level = logging.INFO if quiet else logging.WARNING
+        log.log(level, "resume changes %s: %r -> %r (checkpoint: %s)", key, was, now, source)
+    if any(not key.startswith(BOOKKEEPING_PREFIXES) for key, _, _ in changes):
+        log.warning(
+            "the resumed run differs from the saved one: it will not equal an uninterrupted run"
+        )
+    return changes
+
+
+def write_run_config(
+    output_dir: str | os.PathLike, config: Mapping[str, Any], iteration: int
+) -> Path | None:
+    """`config.yaml` for a new run; for a resume whose config changed,
+    `config.resume-<iteration>.yaml` beside it. None when nothing needed writing."""
+    out = Path(output_dir)
+    path = out / CONFIG_NAME
+    if path.exists():
+        original = OmegaConf.to_container(OmegaConf.load(path), resolve=False)
+        if not config_changes(original, config):  # type: ignore[arg-type]
+            return None
+        path = out / f"config.resume-{iteration:08d}.yaml"
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(OmegaConf.to_yaml(OmegaConf.create(dict(config))), encoding="utf-8")
+    os.replace(tmp, path)
+    return path
+
+
+def check_resume(
+    output_dir: str | os.PathLike, config: Mapping[str, Any], frozen: Iterable[str], write: bool
+) -> None:
+    """Before building anything: compare `config` with the newest checkpoint's (ConfigError on a
+    shape change, changes logged), then record the config (`write` on one rank only)."""
+    from pixio.runtime import checkpointing
+
+    found = checkpointing.latest_meta(output_dir)
+    iteration = 0
+    if found is not None:
+        path, meta = found
+        iteration = int(meta.get("iteration", 0))
+        check_resume_config(meta.get("config") or {}, config, frozen, str(path))
+    if write:
+        write_run_config(output_dir, config, iteration)
