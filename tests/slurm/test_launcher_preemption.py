@@ -189,3 +189,16 @@ def test_two_ranks_stop_at_the_same_step_and_resume(tmp_path, job_env) -> None:
     assert [p.returncode for p in procs] == [0, 0], logs
     assert json.loads((out / "done.json").read_text()) == {"steps": steps, "start": saved}
     assert (out / "steps.txt").read_text().split() == [str(i) for i in range(steps)]
+
+
+def test_ctrl_c_saves_like_sigterm_and_a_second_one_exits_at_once(calls, capfd) -> None:
+    with PreemptionHandler() as handler:
+        _raise(signal.SIGINT)  # no KeyboardInterrupt: only a flag
+        assert handler.requested() and handler.received == signal.SIGINT
+        assert "Ctrl-C again to exit at once" in capfd.readouterr().err
+        with pytest.raises(KeyboardInterrupt):
+            _raise(signal.SIGINT)
+        with pytest.raises(SystemExit) as exit_info:
+            handler.requeue_and_exit(step=3)
+    assert exit_info.value.code == PREEMPTED_EXIT_CODE and calls == []
+    assert "pre-empted (SIGINT) at step 3" in capfd.readouterr().out
