@@ -2,41 +2,49 @@
 
 Supported inputs of `load_encoder`: a reference encoder `.pth` (plain state dict); a training
 checkpoint with a `'model'` entry (pre-training: decoder dropped; distillation student:
-`last_proj` dropped); a `.safetensors` file; a Hugging Face Pixio folder.
+`last_proj` dropped), either a single `.pth` file or a training checkpoint directory
+(`torch.distributed.checkpoint`, e.g. `output_dir/checkpoint-last`), from which only the model
+tensors are read (never the optimiser state); a `.safetensors` file; a Hugging Face Pixio folder.
+Nothing is unpickled except through `weights_only=True` or the restricted DCP metadata reader.
 """
 
 from __future__ import annotations
 
-import pickle
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
+from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
 from pixio.hf import hf_to_pixio_state
 from pixio.models.encoder import PixioEncoder
 from pixio.models.registry import build_encoder
+from pixio.safe_load import (
+    METADATA_NAME,
+    UnsafeCheckpointError,
+    dcp_key_paths,
+    load_dcp_entries,
+    read_dcp_metadata,
+    safe_torch_load,
+)
+
+__all__ = [
+    "UnsafeCheckpointError",
+    "encoder_state",
+    "is_dcp_checkpoint",
+    "load_encoder",
+    "load_encoder_state",
+    "read_state_dict",
+    "safe_torch_load",
+    "save_encoder",
+    "save_state_dict",
+]
 
 # Keys that belong to wrappers around the encoder, not to the encoder itself.
 NON_ENCODER_PREFIXES = ("decoder_", "mask_token", "last_proj.")
 WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 STATE_ENTRIES = ("model", "state_dict", "student")
-
-
-class UnsafeCheckpointError(ValueError):
-    """A checkpoint that needs pickled code to load; refused, never executed."""
-
-
-def safe_torch_load(path: str | Path, map_location: str | torch.device = "cpu") -> Any:
-    """`torch.load(weights_only=True)`; a file carrying pickled code raises UnsafeCheckpointError."""
-    try:
-        return torch.load(path, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError as err:
-        raise UnsafeCheckpointError(
-            f"refusing to load {path}: it holds pickled objects or code that weights_only=True "
-            f"does not allow (only tensors and plain containers are accepted). Details: {err}"
-        ) from err
 
 
 def _strip_wrappers(sd: dict[str, Any]) -> dict[str, Any]:
@@ -59,13 +67,36 @@ def _hf_folder_state(folder: Path) -> dict[str, torch.Tensor]:
     return sd
 
 
+def is_dcp_checkpoint(path: str | Path) -> bool:
+    """True for a `torch.distributed.checkpoint` directory (it holds `.metadata`)."""
+    return Path(path).is_dir() and (Path(path) / METADATA_NAME).is_file()
+
+
+def _dcp_model_state(path: Path) -> dict[str, Any]:
+    """The model entry of a DCP training checkpoint, reading only its tensors: the first of
+    STATE_ENTRIES present (else every tensor), keys without that prefix."""
+    md = read_dcp_metadata(path)
+    tensors = {
+        k: p
+        for k, p in dcp_key_paths(md).items()
+        if isinstance(md.state_dict_metadata[k], TensorStorageMetadata)
+    }
+    entry = next((e for e in STATE_ENTRIES if any(p[0] == e for p in tensors.values())), None)
+    chosen = {k: p for k, p in tensors.items() if entry is None or (p[0] == entry and len(p) > 1)}
+    skip = 0 if entry is None else 1  # drop the entry name from the nested path
+    flat = load_dcp_entries(path, chosen, md)
+    return {".".join(map(str, chosen[k][skip:])): v for k, v in flat.items()}
+
+
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     """Any supported checkpoint -> flat state dict with reference key names (weights_only)."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"checkpoint not found: {path}")
-    if path.is_dir():
-        obj: Any = _hf_folder_state(path)
+    if is_dcp_checkpoint(path):
+        obj: Any = {"model": _dcp_model_state(path)}
+    elif path.is_dir():
+        obj = _hf_folder_state(path)
     elif path.suffix == ".safetensors":
         obj = load_file(str(path))
     else:

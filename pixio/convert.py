@@ -1,10 +1,14 @@
 """Convert encoder checkpoints between formats.
 
     python -m pixio.convert --model pixio_vith16 --input ckpt.pth --output encoder.safetensors
+    python -m pixio.convert --model pixio_vith16 --input run/checkpoint-last --output enc.pth
     python -m pixio.convert --model pixio_vith16 --input ckpt.pth --output hf_folder/
 
-The input may be any format `pixio.load_encoder` reads. The output format follows the extension:
-`.safetensors`, `.pth`, or (no extension) a Hugging Face `transformers` Pixio folder.
+The input may be any format `pixio.load_encoder` reads, including a training checkpoint directory
+(only its model tensors are read). The output format follows the extension: `.safetensors`,
+`.pth`, or (no extension) a Hugging Face `transformers` Pixio folder. The output may not be the
+input itself nor lie inside an input directory (symlinks resolved): that would overwrite or
+corrupt the checkpoint being read.
 """
 
 from __future__ import annotations
@@ -31,8 +35,20 @@ def parse_override(text: str) -> tuple[str, Any]:
     return key, {"true": True, "false": False}.get(raw.lower(), raw)
 
 
+def check_paths(src: str | Path, dst: str | Path) -> None:
+    """Refuse an output that is the input, or lies inside an input directory (ValueError)."""
+    src_r, dst_r = Path(src).resolve(), Path(dst).resolve()
+    if src_r == dst_r:
+        raise ValueError(f"--output {dst} is the input {src}: write the encoder elsewhere")
+    if src_r.is_dir() and dst_r.is_relative_to(src_r):
+        raise ValueError(
+            f"--output {dst} lies inside the input checkpoint directory {src}: write it elsewhere"
+        )
+
+
 def convert(model: str, src: str | Path, dst: str | Path, **overrides: Any) -> Path:
     """Load `src` into encoder `model` and write it to `dst` (format from the extension)."""
+    check_paths(src, dst)
     encoder = load_encoder(model, src, **overrides)
     dst = Path(dst)
     if dst.suffix in (".safetensors", ".pth", ".pt"):
@@ -47,13 +63,19 @@ def convert(model: str, src: str | Path, dst: str | Path, **overrides: Any) -> P
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", required=True, choices=list_models())
-    parser.add_argument("--input", required=True, help="checkpoint file or Hugging Face folder")
+    parser.add_argument(
+        "--input", required=True, help="checkpoint file, training checkpoint dir or HF folder"
+    )
     parser.add_argument("--output", required=True, help=".safetensors, .pth, or a folder (HF)")
     parser.add_argument(
         "--override", action="append", default=[], type=parse_override, metavar="KEY=VALUE",
         help="build_encoder override, e.g. --override img_size=512 (repeatable)",
     )  # fmt: skip
     args = parser.parse_args(argv)
+    try:
+        check_paths(args.input, args.output)
+    except ValueError as err:
+        parser.error(str(err))  # one line, exit status 2
     out = convert(args.model, args.input, args.output, **dict(args.override))
     print(f"wrote {out}")
 

@@ -33,7 +33,7 @@ from PIL import Image
 from pixio.constants import IMAGENET_MEAN, IMAGENET_STD
 from pixio.data.counters import ShardReport
 from pixio.data.images import DecodeError, load_rgb, to_rgb
-from pixio.data.shards import find_shards, read_members, stats_path
+from pixio.data.shards import find_shards, load_stats, read_members, stats_path
 
 log = logging.getLogger("pixio.data")
 
@@ -221,6 +221,36 @@ def output_paths(shards: list[Path], out_root: Path) -> dict[Path, Path]:
     return outputs
 
 
+def output_problem(path: Path) -> str | None:
+    """Why an existing statistics file cannot be trusted (None when it is usable)."""
+    stats, problem = load_stats(path)
+    if stats is None:
+        return "not a readable UTF-8 JSON object" if problem == "bad_json" else problem
+    needed = ("height", "width", "histogram_score")  # what collect_scores reads
+    for name, entry in stats.items():
+        if not isinstance(entry, dict) or any(not _number(entry.get(k)) for k in needed):
+            return f"entry {name!r} lacks height / width / histogram_score"
+    return None
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def shards_to_curate(shards: list[Path], outputs: dict[Path, Path], overwrite: bool) -> list[Path]:
+    """Shards without a usable statistics file (all with `overwrite`); a corrupt existing file is
+    named in a log line and recomputed."""
+    todo = []
+    for shard in shards:
+        out = outputs[shard]
+        if overwrite or not out.exists():
+            todo.append(shard)
+        elif (problem := output_problem(out)) is not None:
+            log.warning("re-curating %s: existing statistics file %s is corrupt (%s)", shard, out, problem)  # fmt: skip
+            todo.append(shard)
+    return todo
+
+
 def run_jobs(
     jobs: list[tuple[Path, Path, int]], spec: ModelSpec | None, workers: int
 ) -> Iterator[ShardResult]:
@@ -321,7 +351,7 @@ def curate(args: argparse.Namespace) -> dict[str, Any]:
     """Curate every shard not yet done, then write the summary JSON and PNG; returns the summary."""
     shards = find_shards(args.shards, "web")
     outputs = output_paths(shards, args.out)
-    todo = [s for s in shards if args.overwrite or not outputs[s].exists()]
+    todo = shards_to_curate(shards, outputs, args.overwrite)
     log.info(
         "%d shards, %d to curate, %d already done", len(shards), len(todo), len(shards) - len(todo)
     )

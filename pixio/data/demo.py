@@ -149,12 +149,13 @@ def build(build_dir: Path, samples: int, shard_size: int, workers: int, seed: in
         (build_dir, k, n_shards, k * shard_size, min(samples, (k + 1) * shard_size), seed)
         for k in range(n_shards)
     ]
-    source_images()  # loaded once here: forked workers inherit them
+    source_images()  # loaded once here (spawned workers load their own copy)
     if workers <= 1:
         counts = [build_shard(job) for job in jobs]
     else:
-        method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
-        with mp.get_context(method).Pool(min(workers, n_shards)) as pool:
+        # Not fork: the builder often runs inside a training process whose threads (gloo, torch,
+        # logging) may hold locks at fork time, which then never open in the child.
+        with mp.get_context("spawn").Pool(min(workers, n_shards)) as pool:
             counts = pool.map(build_shard, jobs, chunksize=1)
     if sum(counts) != samples:
         raise RuntimeError(f"demo build wrote statistics for {sum(counts)} of {samples} samples")

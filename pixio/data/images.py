@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import math
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -159,10 +160,13 @@ def plan_crop(box: Box, size: int, width: int, height: int, is_jpeg: bool) -> Cr
 
 def resize_tensor(img: Image.Image, size: int) -> torch.Tensor:
     """RGB PIL image -> uint8 (3, size, size) with torch's antialiased bicubic (channels-last)."""
-    x = torch.from_numpy(np.array(img, dtype=np.uint8)).permute(2, 0, 1).unsqueeze(0)
+    with warnings.catch_warnings():  # a read-only view of the bytes: only read, never written
+        warnings.simplefilter("ignore", UserWarning)
+        flat = torch.frombuffer(img.tobytes(), dtype=torch.uint8)  # one copy less than np.array
+    x = flat.view(1, img.height, img.width, 3).permute(0, 3, 1, 2)
     if x.shape[-2:] != (size, size):
-        x = F.interpolate(x, size=(size, size), mode="bicubic", antialias=True)
-    return x[0]
+        return F.interpolate(x, size=(size, size), mode="bicubic", antialias=True)[0]
+    return x[0].clone()
 
 
 def _decode_reduced(img: Image.Image, plan: CropPlan, size: int) -> torch.Tensor:

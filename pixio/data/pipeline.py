@@ -1,41 +1,42 @@
 """The pre-training stream: webdataset shards -> filtered, randomly cropped, normalised images.
 
-One *reader* is one DataLoader worker of one rank. Each iteration builds a `wds.DataPipeline`:
-shard plan -> webdataset tar reader -> filters -> decode + crop (uint8) -> shuffle -> normalise.
+Each reader (a logical worker of a rank) walks its shard plan, reads `shard_interleave` shards
+at once, filters, shuffles *encoded* samples (pixio/data/stream.py) and only then decodes + crops,
+one decode per image delivered. The crop of a sample is drawn from (seed, epoch, salt, rank,
+worker, position in the stream), so a stream can be resumed at any position by re-reading bytes.
 See docs/data.md for the design and SPEC section 5 for the formats and filter rules.
 """
 
 from __future__ import annotations
 
-import functools
-import itertools
 import logging
-import os
-import random
-import sys
-from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+import math
+import zlib
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
-import webdataset as wds
 from torch.utils.data import IterableDataset, get_worker_info
 
 from pixio.constants import IMAGENET_MEAN, IMAGENET_STD
-from pixio.data.counters import ShardReport, SkipCounter
-from pixio.data.filters import FilterConfig, ShardFilter, open_shard_filter
+from pixio.data.counters import SkipCounter
+from pixio.data.filters import FilterConfig
 from pixio.data.images import DecodeError, decode_crop
-from pixio.data.shards import KINDS, check_kind, find_shards, read_shard
+from pixio.data.plan import (
+    TAG_CROP,
+    BatchPlan,
+    Cursor,
+    Reader,
+    StreamKey,
+    reader_entropy,
+    seeded,
+)
+from pixio.data.shards import KINDS, check_kind, discover_shards
+from pixio.data.stream import EncodedSample, EncodedStream, StreamSource
 from pixio.runtime.distributed import read_dist_env
 
 log = logging.getLogger("pixio.data")
-
-# Independent random streams per purpose, all derived from (seed, epoch, ...).
-TAG_ORDER, TAG_RESAMPLE, TAG_CROP, TAG_SOFT, TAG_SHUFFLE = range(5)
-# An endless stream whose reader keeps getting nothing would hang the DataLoader silently.
-MAX_EMPTY_PASSES = 20
 
 
 def default_rank_world(rank: int | None, world_size: int | None) -> tuple[int, int]:
@@ -54,219 +55,203 @@ def default_rank_world(rank: int | None, world_size: int | None) -> tuple[int, i
     return rank, world_size
 
 
-@dataclass(frozen=True)
-class Reader:
-    """This reader's place: `index` of `total` (= rank * num_workers + worker of world * workers)."""
-
-    index: int
-    total: int
-    rank: int
-    worker: int
-
-
-@dataclass(frozen=True)
-class ShardRead:
-    """One planned read of one shard during pass `pass_index`."""
-
-    shard: Path
-    pass_index: int
-
-
-def seeded(*entropy: int) -> np.random.Generator:
-    """A numpy generator seeded by a tuple of non-negative integers."""
-    return np.random.default_rng(list(entropy))
-
-
-def reader_seed(seed: int, epoch: int, reader: Reader, tag: int) -> int:
-    """An integer seed (for python's `random`) from (seed, epoch, rank, worker, purpose)."""
-    return int(seeded(seed, epoch, reader.rank, reader.worker, tag).integers(2**62))
-
-
-def web_plan(shards: list[Path], reader: Reader, seed: int, epoch: int, passes: int | None):
-    """Per pass one permutation of all shards (shared by readers); reader i takes i, i+total...
-
-    With fewer shards than readers every reader reads every shard (samples are strided later).
-    """
-    for p in itertools.count() if passes is None else range(passes):
-        order = seeded(seed, epoch, p, TAG_ORDER).permutation(len(shards))
-        mine = order if len(shards) < reader.total else order[reader.index :: reader.total]
-        for i in mine:
-            yield ShardRead(shards[i], p)
-
-
-def imagenet_plan(shards: list[Path], reader: Reader, seed: int, epoch: int, passes: int | None):
-    """Draws with replacement from the reader's subset (`wds.ResampledShards`, seeded).
-
-    A pass is as many draws as the subset has shards.
-    """
-    subset = shards if len(shards) < reader.total else shards[reader.index :: reader.total]
-    resample_seed = reader_seed(seed, epoch, reader, TAG_RESAMPLE)
-    draws = sys.maxsize if passes is None else passes * len(subset)
-    resampled = wds.ResampledShards(
-        [str(s) for s in subset], nshards=draws, seed=seed, worker_seed=lambda: resample_seed,
-        deterministic=True,
-    )  # fmt: skip
-    for n, item in enumerate(resampled):
-        yield ShardRead(Path(item["url"]), n // len(subset))
-
-
 class PretrainDataset(IterableDataset):
-    """Endless (or `passes`-long) stream of normalised float32 (3, S, S) crops; see docs/data.md."""
+    """Endless (or `passes`-long) stream of normalised float32 (3, S, S) crops; see docs/data.md.
+
+    Iterating it directly (or through a plain DataLoader) gives single images of epoch
+    `set_epoch(...)`; `pixio.runtime.loader.EpochLoader` instead asks `worker_batches` for whole
+    batches of a run that spans epochs.
+    """
 
     def __init__(
         self,
         root: Path,
-        shards: list[Path],
-        kind: str,
+        source: StreamSource,
         input_size: int,
         crop_scale: tuple[float, float],
-        filters: FilterConfig,
-        json_root: Path | None,
-        seed: int,
         rank: int,
         world_size: int,
-        shuffle_buffer: int,
-        passes: int | None = None,
         reduced_decode: bool = True,
         return_keys: bool = False,
     ) -> None:
         super().__init__()
-        self.root, self.shards, self.kind = root, shards, kind
+        self.root, self.source = root, source
         self.input_size, self.crop_scale = input_size, crop_scale
-        self.filters, self.json_root = filters, json_root
-        self.seed, self.rank, self.world_size = seed, rank, world_size
-        self.shuffle_buffer, self.passes = shuffle_buffer, passes
+        self.rank, self.world_size = rank, world_size
         self.reduced_decode, self.return_keys = reduced_decode, return_keys
-        self.image_exts = KINDS[kind][2]
         self.counter = SkipCounter()
-        # [epoch, "fewer shards than readers" logged]: shared so persistent workers see set_epoch.
+        # [epoch, "readers share shards" logged]: shared so persistent workers see set_epoch.
         self._shared = torch.zeros(2, dtype=torch.int64).share_memory_()
         std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
         self._scale = 1.0 / (255.0 * std)
         self._bias = -torch.tensor(IMAGENET_MEAN).view(3, 1, 1) / std
+        self._fingerprint: str | None = None
+
+    # ---- settings and counts ----------------------------------------------------------------
+    @property
+    def shards(self) -> list[Path]:
+        """The shard files, in plan order."""
+        return self.source.shards
+
+    @property
+    def seed(self) -> int:
+        """The seed every random choice of the stream derives from."""
+        return self.source.seed
 
     @property
     def epoch(self) -> int:
-        """The epoch the next iterator will use."""
+        """The epoch the next plain iterator will use."""
         return int(self._shared[0])
 
     def set_epoch(self, epoch: int) -> None:
-        """Select the epoch's order (call before creating the epoch's iterator)."""
+        """Select the epoch of plain iteration (call before creating the epoch's iterator)."""
         self._shared[0] = int(epoch)
 
     def skip_counts(self) -> dict[str, int]:
         """Skips by reason over this process and all its DataLoader workers so far."""
         return self.counter.totals()
 
-    def reader(self) -> Reader:
-        """This process's reader (DataLoader worker of this rank)."""
-        info = get_worker_info()
-        worker, workers = (0, 1) if info is None else (info.id, info.num_workers)
-        total = self.world_size * workers
-        return Reader(self.rank * workers + worker, total, self.rank, worker)
+    def stream_counts(self) -> dict[str, int]:
+        """decoded / delivered images and replayed samples / bytes over this process and its
+        workers (pixio.data.counters.EVENTS)."""
+        return self.counter.event_totals()
+
+    def fingerprint(self) -> str:
+        """A short digest of everything besides the loader layout that shapes the stream: the
+        shard list (relative to the root, so a moved mount point keeps it) and the settings."""
+        if self._fingerprint is None:
+            s, root = self.source, self.root.expanduser().absolute()
+            text = repr((
+                s.kind, s.filters, s.shuffle_buffer, s.shuffle_bytes, s.interleave, s.passes,
+                self.input_size, self.crop_scale, self.reduced_decode,
+            ))  # fmt: skip
+            names = [str(p.relative_to(root)) if p.is_relative_to(root) else str(p) for p in s.shards]  # fmt: skip
+            crc = zlib.crc32("\n".join(names).encode(), zlib.crc32(text.encode()))
+            self._fingerprint = f"{len(s.shards)}-{crc:08x}"
+        return self._fingerprint
+
+    # ---- streams ----------------------------------------------------------------------------
+    def encoded_stream(
+        self, reader: Reader, key: StreamKey, owed: int | None = None
+    ) -> EncodedStream:
+        """One reader's encoded samples (nothing decoded): what tests and resumes walk."""
+        self._log_sharing(reader)
+        return EncodedStream(self.source, reader, key, self.counter, owed)
 
     def __iter__(self) -> Iterator[Any]:
-        reader, epoch = self.reader(), self.epoch
-        self._log_sharing(reader)
-        plan_fn = web_plan if self.kind == "web" else imagenet_plan
-        plan = functools.partial(plan_fn, self.shards, reader, self.seed, epoch, self.passes)
-        stages: list[Any] = [plan, functools.partial(self._samples, reader=reader, epoch=epoch)]
-        if self.shuffle_buffer > 0:
-            rng = random.Random(reader_seed(self.seed, epoch, reader, TAG_SHUFFLE))
-            initial = min(self.shuffle_buffer, 1000)
-            stages.append(wds.shuffle(self.shuffle_buffer, initial=initial, rng=rng))
-        stages.append(self._normalise)
-        return iter(wds.DataPipeline(*stages))
+        info = get_worker_info()
+        worker, workers = (0, 1) if info is None else (info.id, info.num_workers)
+        reader = Reader(self.rank, worker, workers, self.world_size)
+        key = StreamKey(self.epoch)
+        stream = self.encoded_stream(reader, key)
+        for sample in stream:
+            image = self.decode(sample, reader, key, stream.position - 1)
+            self._count(1, int(image is not None))
+            if image is not None:
+                out = self._normalise(image)
+                yield (out, sample.key) if self.return_keys else out
 
-    def _log_sharing(self, reader: Reader) -> None:
-        """Log once (across epochs and workers) that readers share shards."""
-        if len(self.shards) < reader.total and reader.index == 0 and not int(self._shared[1]):
-            self._shared[1] = 1
-            log.info(
-                "%d shards for %d readers: every reader reads every shard and keeps every "
-                "%d-th sample", len(self.shards), reader.total, reader.total,
-            )  # fmt: skip
+    def worker_batches(
+        self, plan: BatchPlan, worker: int
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """(float32 (B, 3, S, S) batch, int64 [iteration, worker, epoch, start, position]) for
+        every iteration of logical `worker` from the plan's start, switching epochs itself.
 
-    def _samples(self, plan: Iterable[ShardRead], reader: Reader, epoch: int) -> Iterator[Any]:
-        """(uint8 crop, key) for every kept sample of the planned shard reads."""
-        crop_rng = seeded(self.seed, epoch, reader.rank, reader.worker, TAG_CROP)
-        soft_rng = seeded(self.seed, epoch, reader.rank, reader.worker, TAG_SOFT)
-        stride = reader.total if len(self.shards) < reader.total else 1
-        offset = reader.index if stride > 1 else 0
-        empty_passes = 0
-        for pass_index, reads in itertools.groupby(plan, key=lambda r: r.pass_index):
-            produced = 0
-            for read in reads:
-                for item in self._shard_samples(read.shard, crop_rng, soft_rng, stride, offset):
-                    produced += 1
-                    yield item
-            empty_passes = 0 if produced else empty_passes + 1
-            if empty_passes:
-                self._report_empty_pass(reader, pass_index, empty_passes)
+        A cursor with a position first skips that many encoded samples without decoding them.
+        Ends only if the data does (`passes`).
+        """
+        reader = Reader(self.rank, worker, plan.workers, self.world_size)
+        iteration, cursor = plan.first_iteration(worker), plan.cursors[worker]
+        while True:
+            key, stream = plan.key(cursor), self._resume_stream(plan, reader, cursor)
+            end = (cursor.epoch + 1) * plan.iters_per_epoch
+            while iteration < end:
+                images = self._take(stream, reader, key, plan.batch_size)
+                if images is None:
+                    return
+                meta = [iteration, worker, cursor.epoch, cursor.start, stream.position]
+                yield self._batch(images), torch.tensor(meta)
+                iteration += plan.workers
+            epoch = iteration // plan.iters_per_epoch
+            cursor = Cursor(epoch, epoch * plan.iters_per_epoch)
 
-    def _report_empty_pass(self, reader: Reader, pass_index: int, count: int) -> None:
-        """Warn about a pass without any usable sample; fail after MAX_EMPTY_PASSES in a row."""
-        message = (
-            f"reader {reader.index}/{reader.total}: pass {pass_index} over {self.root} gave no "
-            f"usable sample ({count} in a row); skips so far: {self.skip_counts()}"
-        )
-        if count >= MAX_EMPTY_PASSES:
-            raise RuntimeError(message)
-        log.warning(message)
+    def _resume_stream(self, plan: BatchPlan, reader: Reader, cursor: Cursor) -> EncodedStream:
+        """The cursor's stream, advanced to its position by re-reading bytes (no decode)."""
+        stream = self.encoded_stream(reader, plan.key(cursor), plan.owed(reader.worker, cursor))
+        if cursor.position:
+            read = stream.skip(cursor.position)
+            self.counter.add_event("replayed", stream.position)
+            self.counter.add_event("replayed_bytes", read)
+        return stream
 
-    def _shard_samples(
-        self,
-        shard: Path,
-        crop_rng: np.random.Generator,
-        soft_rng: np.random.Generator,
-        stride: int,
-        offset: int,
-    ) -> Iterator[tuple[torch.Tensor, str]]:
-        """Read one shard: stride, filter, decode + crop; problems counted and logged once."""
-        report = ShardReport(str(shard), self.counter)
-        try:
-            shard_filter = open_shard_filter(self.filters, shard, self.json_root, report, soft_rng)
-            if shard_filter is None:
-                return
-            for i, sample in enumerate(read_shard(shard, report)):
-                if i % stride != offset:
-                    continue
-                item = self._sample(sample, shard, shard_filter, crop_rng, report)
-                if item is not None:
-                    yield item
-        finally:
-            report.close()
+    def _take(
+        self, stream: EncodedStream, reader: Reader, key: StreamKey, n: int
+    ) -> list[torch.Tensor] | None:
+        """The next `n` decodable images of the stream (None when the stream ends first)."""
+        images: list[torch.Tensor] = []
+        tried = 0
+        while len(images) < n:
+            sample = next(stream, None)
+            if sample is None:
+                return None
+            image = self.decode(sample, reader, key, stream.position - 1)
+            tried += 1
+            if image is not None:
+                images.append(image)
+        self._count(tried, n)
+        return images
 
-    def _sample(
-        self,
-        sample: dict[str, Any],
-        shard: Path,
-        shard_filter: ShardFilter,
-        crop_rng: np.random.Generator,
-        report: ShardReport,
-    ) -> tuple[torch.Tensor, str] | None:
-        """One webdataset sample -> (uint8 crop, "shard#member"), or None if it is skipped."""
-        key = sample["__key__"]
-        ext = next((e for e in self.image_exts if e in sample), None)
-        if ext is None:
-            report.add("not_an_image", detail=f"{key}: no .{'/.'.join(self.image_exts)} member")
-            return None
-        if not shard_filter.keep(key, ext):
-            return None
+    def _count(self, decoded: int, delivered: int) -> None:
+        """Stream events (once per batch: shared-tensor updates cost ~50 us each)."""
+        self.counter.add_event("decoded", decoded)
+        self.counter.add_event("delivered", delivered)
+
+    def decode(
+        self, sample: EncodedSample, reader: Reader, key: StreamKey, position: int
+    ) -> torch.Tensor | None:
+        """Decode + RandomResizedCrop -> uint8 (3, S, S), the crop drawn from the sample's place
+        in the stream; None (counted, logged once per shard and reason) when unusable."""
+        rng = seeded(*reader_entropy(self.seed, key, reader, TAG_CROP), position)
         try:
             image = decode_crop(
-                sample[ext], self.input_size, crop_rng, self.crop_scale, self.reduced_decode
+                sample.data, self.input_size, rng, self.crop_scale, self.reduced_decode
             )
         except DecodeError as err:
-            report.add(err.reason, detail=f"{key}.{ext}: {err.detail[:80]}")
+            member = sample.key.rsplit("#", 1)[-1]
+            self.counter.log_problem(sample.shard, err.reason, f"{member}: {err.detail[:80]}")
             return None
-        return image, f"{shard}#{key}.{ext}"
+        return image
 
-    def _normalise(self, src: Iterable[tuple[torch.Tensor, str]]) -> Iterator[Any]:
-        """uint8 -> ImageNet-normalised float32 in one fused multiply-add."""
-        for image, key in src:
-            out = torch.addcmul(self._bias, image, self._scale).contiguous()
-            yield (out, key) if self.return_keys else out
+    def _batch(self, images: list[torch.Tensor]) -> torch.Tensor:
+        """Normalised float32 (B, 3, S, S). Inside a DataLoader worker it is built directly in
+        shared memory (as torch's default_collate does), so handing it to the training process
+        copies nothing."""
+        shape = (len(images), *images[0].shape)
+        out = torch.empty(0, dtype=torch.float32)
+        if get_worker_info() is not None:
+            storage = out.untyped_storage()._new_shared(math.prod(shape) * out.element_size())
+            out = out.set_(storage)
+        out = out.resize_(shape)
+        for row, image in zip(out, images, strict=True):
+            row.copy_(image)  # uint8 -> float32 straight into the batch
+        return out.mul_(self._scale).add_(self._bias)
+
+    def _normalise(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 -> ImageNet-normalised float32 (in place after the conversion: 3x faster than
+        addcmul on uint8)."""
+        return images.float().mul_(self._scale).add_(self._bias)
+
+    def _log_sharing(self, reader: Reader) -> None:
+        """Log once (across epochs and workers) that web readers split shards by sample."""
+        n = len(self.shards)
+        sharing = self.source.kind == "web" and n < reader.total
+        if sharing and reader.index == 0 and not int(self._shared[1]):
+            self._shared[1] = 1
+            log.info(
+                "%d shards for %d readers: each pass, the readers sharing a shard keep every "
+                "%d-th or %d-th sample of it", n, reader.total, reader.total // n,
+                -(-reader.total // n),
+            )  # fmt: skip
 
 
 def build_pretrain_dataset(
@@ -283,26 +268,34 @@ def build_pretrain_dataset(
     rank: int | None = None,
     world_size: int | None = None,
     shuffle_buffer: int = 10000,
+    shuffle_buffer_mb: float = 1024,
+    shard_interleave: int = 8,
+    shard_list: str | Path | None = None,
     passes: int | None = None,
     reduced_decode: bool = True,
     return_keys: bool = False,
 ) -> PretrainDataset:
-    """The pre-training stream over the shards under `root` (docs/data.md, SPEC section 5).
+    """The pre-training stream over the shards under `root` (or listed in `shard_list`).
 
-    Fails at once with FileNotFoundError when `root` holds no shard of `kind`, and with
-    ValueError for filters without `json_root` or invalid settings.
+    Fails at once with FileNotFoundError when there is no shard of `kind` (or a listed shard is
+    missing), and with ValueError for filters without `json_root` or invalid settings.
     """
     check_kind(kind)
     filters = FilterConfig(hist_thresh, imgres_thresh, bool(soft_sampling), missing_json)
-    _check_settings(kind, filters, json_root, input_size, crop_scale, seed, shuffle_buffer, passes)
+    _check_settings(kind, filters, json_root, input_size, crop_scale, seed, passes)
+    _check_buffer(shuffle_buffer, shuffle_buffer_mb, shard_interleave)
     rank, world_size = default_rank_world(rank, world_size)
-    shards = find_shards(root, kind)
-    json_path = Path(json_root).expanduser() if json_root is not None else None
-    return PretrainDataset(
-        Path(root), shards, kind, int(input_size), (float(crop_scale[0]), float(crop_scale[1])),
-        filters, json_path, int(seed), rank, world_size, int(shuffle_buffer), passes,
-        reduced_decode, return_keys,
+    shards = discover_shards(root, kind, shard_list)
+    source = StreamSource(
+        shards, kind, KINDS[kind][2], filters,
+        Path(json_root).expanduser() if json_root is not None else None, int(seed),
+        int(shuffle_buffer), int(float(shuffle_buffer_mb) * 2**20), int(shard_interleave),
+        None if passes is None else int(passes),
     )  # fmt: skip
+    scale = (float(crop_scale[0]), float(crop_scale[1]))
+    return PretrainDataset(
+        Path(root), source, int(input_size), scale, rank, world_size, reduced_decode, return_keys
+    )
 
 
 def _check_settings(
@@ -312,7 +305,6 @@ def _check_settings(
     input_size: int,
     crop_scale: tuple[float, float],
     seed: int,
-    shuffle_buffer: int,
     passes: int | None,
 ) -> None:
     """ValueError for settings the stream cannot honour."""
@@ -324,7 +316,17 @@ def _check_settings(
         raise ValueError(f"input_size must be positive, got {input_size}")
     if not 0.0 < float(crop_scale[0]) <= float(crop_scale[1]) <= 1.0:
         raise ValueError(f"crop_scale must satisfy 0 < min <= max <= 1, got {crop_scale}")
-    if int(seed) < 0 or int(shuffle_buffer) < 0:
-        raise ValueError(f"seed and shuffle_buffer must be >= 0, got {seed}, {shuffle_buffer}")
+    if int(seed) < 0:
+        raise ValueError(f"seed must be >= 0, got {seed}")
     if passes is not None and int(passes) < 1:
         raise ValueError(f"passes must be >= 1 or None, got {passes}")
+
+
+def _check_buffer(shuffle_buffer: int, shuffle_buffer_mb: float, shard_interleave: int) -> None:
+    """ValueError for a negative buffer, a buffer without bytes, or no open shard."""
+    if int(shuffle_buffer) < 0:
+        raise ValueError(f"shuffle_buffer must be >= 0, got {shuffle_buffer}")
+    if not float(shuffle_buffer_mb) > 0:
+        raise ValueError(f"shuffle_buffer_mb must be positive, got {shuffle_buffer_mb}")
+    if int(shard_interleave) < 1:
+        raise ValueError(f"shard_interleave must be >= 1, got {shard_interleave}")

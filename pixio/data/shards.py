@@ -1,17 +1,21 @@
-"""Shard discovery, the statistics-file layout, and reading one shard with webdataset."""
+"""Shard discovery (glob or shard-list file, once per job), the statistics-file layout, and
+reading one shard (webdataset's sample layout)."""
 
 from __future__ import annotations
 
 import json
 import os
+import re
+import tarfile
+import zlib
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-import webdataset as wds
 from webdataset.tariterators import tar_file_expander, url_opener
 
 from pixio.data.counters import ShardReport
+from pixio.runtime.distributed import is_dist
 
 # kind -> (shard pattern relative to the root, recursive?, image member extensions by preference)
 KINDS: dict[str, tuple[str, bool, tuple[str, ...]]] = {
@@ -19,6 +23,10 @@ KINDS: dict[str, tuple[str, bool, tuple[str, ...]]] = {
     "web": ("**/*.tar", True, ("jpeg", "jpg")),
 }
 TAR_BLOCK = 512
+# webdataset's sample convention: key = path up to the first dot of the base name, then the
+# extension; members named like `__x__` carry metadata, not samples.
+MEMBER_NAME = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")
+META_MEMBER = re.compile(r"__[^/]*__($|/)")
 
 
 def check_kind(kind: str) -> None:
@@ -27,9 +35,14 @@ def check_kind(kind: str) -> None:
         raise ValueError(f"unknown data kind {kind!r}; valid: {', '.join(KINDS)}")
 
 
-def find_shards(root: str | Path, kind: str) -> list[Path]:
-    """Sorted shard files of `kind` under `root`; FileNotFoundError naming the path and pattern."""
+def find_shards(root: str | Path, kind: str, shard_list: str | Path | None = None) -> list[Path]:
+    """The shards of `kind` under `root` (sorted), or those of `shard_list` (in file order).
+
+    FileNotFoundError naming the path and pattern (or the list and its first missing entry).
+    """
     check_kind(kind)
+    if shard_list is not None:
+        return read_shard_list(shard_list, root)
     pattern, recursive, _ = KINDS[kind]
     root = Path(root).expanduser()
     if not root.is_dir():
@@ -39,6 +52,50 @@ def find_shards(root: str | Path, kind: str) -> list[Path]:
     if not shards:
         raise FileNotFoundError(f"no shard matching {root / pattern} ({kind} layout)")
     return shards
+
+
+def read_shard_list(shard_list: str | Path, root: str | Path) -> list[Path]:
+    """Shard paths of a list file: one per line, blank lines and `#` comment lines ignored,
+    relative entries resolved against `root` (data.root). Every entry must be a file."""
+    path = Path(shard_list).expanduser()
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as err:
+        raise FileNotFoundError(f"shard list {path} cannot be read: {err}") from err
+    base = Path(root).expanduser()
+    entries = [line.strip() for line in lines]
+    shards = [(base / e).absolute() for e in entries if e and not e.startswith("#")]
+    if not shards:
+        raise FileNotFoundError(f"shard list {path} lists no shard")
+    missing = [s for s in shards if not s.is_file()]
+    if missing:
+        raise FileNotFoundError(
+            f"shard list {path}: {len(missing)} of {len(shards)} listed shards missing, "
+            f"first: {missing[0]}"
+        )
+    return shards
+
+
+def discover_shards(
+    root: str | Path, kind: str, shard_list: str | Path | None = None
+) -> list[Path]:
+    """`find_shards` once per job: with a process group rank 0 looks and broadcasts the list
+    (or its error), so 256 ranks do not each walk the file system; otherwise a local look."""
+    if not is_dist():
+        return find_shards(root, kind, shard_list)
+    import torch.distributed as dist
+
+    payload: list[Any] = [None]
+    if dist.get_rank() == 0:
+        try:
+            payload = [[str(p) for p in find_shards(root, kind, shard_list)]]
+        except (FileNotFoundError, ValueError) as err:
+            payload = [(type(err).__name__, str(err))]
+    dist.broadcast_object_list(payload, src=0)
+    if isinstance(payload[0], tuple):  # rank 0 failed: every rank raises the same error
+        name, message = payload[0]
+        raise (ValueError if name == "ValueError" else FileNotFoundError)(message)
+    return [Path(p) for p in payload[0]]
 
 
 def stats_path(shard: str | Path, json_root: str | Path) -> Path:
@@ -53,7 +110,7 @@ def load_stats(path: Path) -> tuple[dict[str, Any] | None, str | None]:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         return None, "missing_json"
-    except OSError:
+    except (OSError, UnicodeDecodeError):  # unreadable, or not UTF-8: unusable like bad JSON
         return None, "bad_json"
     try:
         stats = json.loads(text)
@@ -92,14 +149,51 @@ def tar_error_handler(report: ShardReport) -> Callable[[Exception], bool]:
 
 
 def read_shard(shard: str | Path, report: ShardReport) -> Iterator[dict[str, Any]]:
-    """webdataset samples of one shard (`__key__`, lower-case extensions -> bytes).
+    """Samples of one shard: `__key__`, `__url__` and lower-case extension -> bytes.
 
-    Damage is counted as `bad_tar` on `report` (at most once per read); samples before it are used.
+    webdataset's conventions (key = member path up to the first dot of its base name; members
+    of a sample are consecutive; `__x__` members skipped) with a seekable reader: each member is
+    one seek + one read, about 3x less CPU than webdataset's 10 KB streaming reads. Damage
+    (unreadable or truncated tar, a repeated member) is counted as `bad_tar` on `report` at
+    most once per read; the samples before it are used.
     """
-    handler = tar_error_handler(report)
-    yield from wds.tarfile_samples(iter([{"url": str(shard)}]), handler=handler)
+    sample: dict[str, Any] | None = None
+    for name, data in tar_members(shard, report):
+        match = MEMBER_NAME.match(name)
+        if match is None:
+            continue
+        key, ext = match.group(1), match.group(2).lower()
+        if sample is not None and key != sample["__key__"]:
+            yield sample
+            sample = None
+        if sample is None:
+            sample = {"__key__": key, "__url__": str(shard)}
+        if ext in sample:
+            _bad_tar(report, f"repeated member {name}")
+            continue
+        sample[ext] = data
+    if sample is not None:
+        yield sample
     if not report.has("bad_tar") and not tar_is_complete(shard):
         report.add("bad_tar", detail="truncated (no end-of-archive block)")
+
+
+def tar_members(shard: str | Path, report: ShardReport) -> Iterator[tuple[str, bytes]]:
+    """(name, bytes) of the regular, non-`__meta__` members of a tar, in order."""
+    try:
+        with tarfile.open(shard, mode="r:*") as tar:
+            for info in tar:
+                if info.isreg() and not META_MEMBER.match(info.name):
+                    member = tar.extractfile(info)
+                    assert member is not None  # a regular file always has a data stream
+                    yield info.name, member.read(info.size)
+    except (tarfile.TarError, OSError, EOFError, zlib.error) as err:
+        _bad_tar(report, f"{type(err).__name__}: {str(err)[:120]}")
+
+
+def _bad_tar(report: ShardReport, detail: str) -> None:
+    if not report.has("bad_tar"):
+        report.add("bad_tar", detail=detail)
 
 
 def read_members(shard: str | Path, report: ShardReport) -> Iterator[dict[str, Any]]:

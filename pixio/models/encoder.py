@@ -7,18 +7,32 @@ mlp.fc2}.*`, `norm.*`).
 
 from __future__ import annotations
 
-from functools import partial
+from typing import Any
 
 import torch
 import torch.utils.checkpoint
 from timm.layers import PatchEmbed, resample_abs_pos_embed
 from timm.models.vision_transformer import Block
 from torch import nn
+from torch.nn import functional as F
 
 from pixio.constants import DEFAULT_N_CLS_TOKENS
 from pixio.models.init import draw_init_seed, init_parameters
 
-LayerNorm = partial(nn.LayerNorm, eps=1e-6)
+
+class LayerNorm(nn.LayerNorm):
+    """LayerNorm (eps 1e-6) computed in the input's dtype, whatever its parameters' dtype.
+
+    Under FSDP a block's parameters are gathered in bf16 while the residual stream stays fp32
+    (pixio.runtime.parallel); this keeps the normalisation in fp32 there, as under DDP.
+    """
+
+    def __init__(self, dim: int, eps: float = 1e-6, **factory: Any) -> None:
+        super().__init__(dim, eps=eps, **factory)  # factory: device / dtype, as timm passes
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight, bias = self.weight.to(x.dtype), self.bias.to(x.dtype)
+        return F.layer_norm(x, self.normalized_shape, weight, bias, self.eps)
 
 
 def make_blocks(

@@ -47,7 +47,10 @@ class DataConfig:
     soft_sampling: bool = False  # keep an image with probability mae_loss
     missing_json: str = "unfiltered"  # shard without statistics: unfiltered | skip
     crop_scale: list[float] = field(default_factory=lambda: [0.2, 1.0])  # RandomResizedCrop scale
-    shuffle_buffer: int = 10000  # sample shuffle buffer
+    shuffle_buffer: int = 10000  # shuffle buffer of encoded samples, per worker (count bound)
+    shuffle_buffer_mb: float = 1024  # ... and its byte bound in MiB per worker (docs/data.md)
+    shard_interleave: int = 8  # shards each worker reads at once (round-robin)
+    shard_list: str | None = None  # text file of shard paths (relative: to root) instead of a glob
     num_workers: int = 6  # data-loader workers per process
     build_demo: bool = False  # build the built-in demo shards under `root` if missing
 
@@ -71,8 +74,9 @@ class TrainConfig:
     iters_per_epoch: int = 1605  # data iterations per epoch (streams have no natural epoch)
     accum_iter: int = 1  # gradient accumulation: iterations per optimiser step
     save_every_iters: int = 1000  # full checkpoint period (multiple of accum_iter)
-    keep_last: int = 2  # numbered checkpoints kept besides checkpoint-last.pth
+    keep_last: int = 2  # newest numbered checkpoints kept (checkpoint-last points at the newest)
     keep_every: int | None = None  # also keep numbered checkpoints at multiples of this
+    async_save: bool | None = None  # write checkpoints in the background; None = on with CUDA
     log_every: int = 20  # console/metrics/wandb period in iterations
     vis_every: int = 1000  # reconstruction picture period in iterations (0 = off)
     precision: str = "bf16"  # bf16 | fp16 | fp32 (autocast dtype; fp16 uses a grad scaler)
@@ -157,6 +161,9 @@ def _check_data(d: Any) -> None:
     _choice(d, "data", "missing_json", ("unfiltered", "skip"))
     _require(bool(d.root), "data.root", "is empty")
     _require(d.num_workers >= 0, "data.num_workers", f"must be >= 0, got {d.num_workers}")
+    _require(d.shuffle_buffer >= 0, "data.shuffle_buffer", f"must be >= 0, got {d.shuffle_buffer}")
+    _positive(d, "data", "shuffle_buffer_mb", "shard_interleave")
+    _require(d.shard_list is None or bool(d.shard_list), "data.shard_list", "is empty (use null)")
 
 
 def _check_train(t: Any, o: Any) -> None:

@@ -216,8 +216,9 @@ def run_job(output_dir: str | os.PathLike, device: str = "auto") -> Iterator[Dis
         line = error_line(err)
         if line is None:
             raise
-        _to_log_files(f"error: {line}")
-        print(f"error: {line}", file=sys.stderr, flush=True)
+        kind = "config error" if isinstance(err, ConfigError) else "error"  # as the CLI says it
+        _to_log_files(f"{kind}: {line}")
+        print(f"{kind}: {line}", file=sys.stderr, flush=True)
         raise SystemExit(2 if isinstance(err, ConfigError) else 1) from None
     finally:
         if lock is not None:

@@ -81,6 +81,7 @@ def write_run_config(
     """`config.yaml` for a new run; for a resume whose config changed,
     `config.resume-<iteration>.yaml` beside it. None when nothing needed writing."""
     out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
     path = out / CONFIG_NAME
     if path.exists():
         original = OmegaConf.to_container(OmegaConf.load(path), resolve=False)
@@ -94,17 +95,24 @@ def write_run_config(
 
 
 def check_resume(
-    output_dir: str | os.PathLike, config: Mapping[str, Any], frozen: Iterable[str], write: bool
+    output_dir: str | os.PathLike, config: Mapping[str, Any], frozen: Iterable[str]
 ) -> None:
     """Before building anything: compare `config` with the newest checkpoint's (ConfigError on a
-    shape change, changes logged), then record the config (`write` on one rank only)."""
-    from pixio.runtime import checkpointing
-
-    found = checkpointing.latest_meta(output_dir)
-    iteration = 0
+    shape change; other changes logged). Writes nothing: the trainer records the config once the
+    run has started or resumed (`write_run_config`)."""
+    found = _newest_meta(output_dir)
     if found is not None:
         path, meta = found
-        iteration = int(meta.get("iteration", 0))
         check_resume_config(meta.get("config") or {}, config, frozen, str(path))
-    if write:
-        write_run_config(output_dir, config, iteration)
+
+
+def _newest_meta(output_dir: str | os.PathLike) -> tuple[Path, dict[str, Any]] | None:
+    """(path, meta) of the newest checkpoint whose meta reads; None without checkpoints."""
+    from pixio.runtime.checkpointing import CheckpointError, numbered_checkpoints, read_meta
+
+    for _, path in reversed(numbered_checkpoints(output_dir)):
+        try:
+            return path, read_meta(path)
+        except CheckpointError as err:  # the loader will fall back past it and say so
+            log.warning("config check skips %s: %s", path, err)
+    return None

@@ -28,16 +28,16 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from pixio.runtime import checkpointing, optim
-from pixio.runtime.distributed import DistInfo, all_reduce_mean, barrier, is_dist, reduce_device
+from pixio.runtime.checkpointing import CheckpointManager
+from pixio.runtime.distributed import DistInfo, all_reduce_mean, is_dist, reduce_device
 from pixio.runtime.logging import MetricsWriter, Throughput, WandbLogger, format_progress
+from pixio.runtime.parallel import choose_parallel, fully_shard_model, materialize
 from pixio.runtime.preemption import PreemptionHandler
+from pixio.runtime.runconfig import write_run_config
 from pixio.runtime.task import Task
 from pixio.runtime.vis import save_png
 
 log = logging.getLogger("pixio.train")
-
-# Models at least this wide default to FSDP: a 1B/5B model with AdamW does not fit under DDP.
-FSDP_MIN_WIDTH = 1536
 
 
 class NonFiniteLossError(RuntimeError):
@@ -57,17 +57,13 @@ def autocast_dtype(precision: str) -> torch.dtype | None:
     return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[precision]
 
 
-def choose_parallel(parallel: str, model: nn.Module, world_size: int) -> str:
-    """Resolve `auto`: single process -> none; wide models -> fsdp; else ddp."""
-    if world_size == 1:  # nothing to replicate or shard
-        return "none"
-    if parallel != "auto":
-        return parallel
-    return "fsdp" if getattr(model, "embed_dim", 0) >= FSDP_MIN_WIDTH else "ddp"
-
-
 class Trainer:
-    """Runs `task` on `data` under the `train`/`optim` config; see module docstring."""
+    """Runs `task` on `data` under the `train`/`optim` config; see module docstring.
+
+    `data` is either a loader with `iterate(start_iteration)` (and optionally `state_dict` /
+    `load_state_dict`, stored per rank in checkpoints so a resume continues its stream exactly),
+    or any re-iterable of batches (one pass per epoch, fast-forwarded on resume).
+    """
 
     def __init__(
         self, cfg: Any, task: Task, data: Iterable, info: DistInfo, config_dict: dict
@@ -85,7 +81,16 @@ class Trainer:
         self.total_iters = self.t.epochs * self.t.iters_per_epoch
         self.global_batch = self.t.batch_size * self.t.accum_iter * info.world_size
         self.base_lr = optim.resolve_lr(self.o.lr, self.o.blr, self.global_batch)
-        self.model = self._wrap(task.model.to(self.device))
+        # Asynchronous saves pay off where staging (a device-to-host copy) is much faster than
+        # the write: on GPUs. On the CPU the state already is in host memory.
+        async_save = self.t.async_save
+        if async_save is None:
+            async_save = self.device.type == "cuda"
+        self.checkpoints = CheckpointManager(
+            self.output_dir, self.t.keep_last, self.t.keep_every, async_save
+        )
+        # A run that will load a checkpoint skips the (CPU-bound, at 5B) weight initialisation.
+        self.model = self._wrap(task.model, initialize=self.checkpoints.latest() is None)
         self.optimizer = optim.build_optimizer(
             task.model, self.base_lr, self.o.weight_decay, tuple(self.o.betas), self.o.fused
         )
@@ -97,112 +102,110 @@ class Trainer:
         self.throughput = Throughput()
 
     # ---- set-up ---------------------------------------------------------------------------
-    def _wrap(self, model: nn.Module) -> nn.Module:
-        """Activation checkpointing, then FSDP or DDP, then torch.compile, as configured."""
+    def _wrap(self, model: nn.Module, initialize: bool) -> nn.Module:
+        """Activation checkpointing, then FSDP (shard, then materialise the local shard) or
+        materialise then DDP, then torch.compile, as configured (pixio.runtime.parallel)."""
         if self.t.activation_checkpointing and hasattr(model, "set_grad_checkpointing"):
             model.set_grad_checkpointing(True)
-        self.parallel = choose_parallel(self.t.parallel, model, self.info.world_size)
+        width = getattr(model, "embed_dim", 0)
+        self.parallel = choose_parallel(self.t.parallel, width, self.info.world_size)
         if self.parallel == "fsdp":
-            model = self._fully_shard(model)
-        elif self.parallel == "ddp":
+            model = fully_shard_model(model, self.task.shard_units(), self.amp_dtype)
+        model = materialize(model, self.device, initialize)
+        if self.parallel == "ddp":
             ids = [self.device.index] if self.device.type == "cuda" else None
             model = nn.parallel.DistributedDataParallel(model, device_ids=ids)
         if self.t.compile:
             model = torch.compile(model)
         return model
 
-    def _fully_shard(self, model: nn.Module) -> nn.Module:
-        """FSDP2: one unit per block plus the root, parameters in the autocast dtype."""
-        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-
-        policy = MixedPrecisionPolicy(param_dtype=self.amp_dtype, reduce_dtype=torch.float32)
-        for unit in self.task.shard_units():
-            fully_shard(unit, mp_policy=policy)
-        fully_shard(model, mp_policy=policy)
-        self.amp_dtype = None  # FSDP casts parameters itself; autocast on top is redundant
-        return model
-
     # ---- checkpoints ----------------------------------------------------------------------
-    def _state_options(self, loading: bool = False) -> StateDictOptions:
-        distributed = is_dist()
-        return StateDictOptions(
-            full_state_dict=True,
-            cpu_offload=distributed,
-            broadcast_from_rank0=loading and distributed,
-        )
-
     def full_model_state(self) -> dict[str, torch.Tensor]:
-        """Unsharded model state with reference key names (rank 0 holds it when distributed)."""
-        return get_model_state_dict(self.task.model, options=self._state_options())
+        """Unsharded model state with reference key names (collective; rank 0 holds it, on the
+        CPU, when distributed). For exports and tests: checkpoints never gather it."""
+        options = StateDictOptions(full_state_dict=True, cpu_offload=is_dist())
+        return get_model_state_dict(self.task.model, options=options)
 
-    def save(self) -> Path | None:
-        """Write a full checkpoint (every rank takes part in gathering; rank 0 writes)."""
-        state = {
-            "model": self.full_model_state(),
-            "optimizer": get_optimizer_state_dict(
-                self.task.model, self.optimizer, options=self._state_options()
-            ),
-            "scaler": self.scaler.state_dict(),
+    def _app_state(self) -> dict[str, Any]:
+        """What DCP saves and loads in place: this rank's model and optimiser shards."""
+        return {
+            "model": get_model_state_dict(self.task.model),
+            "optimizer": get_optimizer_state_dict(self.task.model, self.optimizer),
+        }
+
+    def _meta(self) -> dict[str, Any]:
+        """The small, plain part of a checkpoint (rank 0 writes it; weights_only-safe)."""
+        return {
             "iteration": self.progress.iteration,
             "epoch": self.progress.iteration // self.t.iters_per_epoch,
             "samples_seen": self.progress.samples_seen,
-            "rng": self._gather_rng(),
+            "scaler": self.scaler.state_dict(),
+            "rng": _gather(checkpointing.capture_rng_state()),
+            "data": _gather(self._data_state()),
             "world_size": self.info.world_size,
             "config": self.config_dict,
         }
-        path = None
+
+    def _data_state(self) -> dict[str, Any] | None:
+        state_dict = getattr(self.data, "state_dict", None)
+        return state_dict() if callable(state_dict) else None
+
+    def save(self) -> Path:
+        """Write a sharded checkpoint (collective: every rank writes its own files)."""
+        path = self.checkpoints.save(self.progress.iteration, self._app_state(), self._meta())
         self._saved_at = self.progress.iteration
-        if self.info.rank == 0:
-            path = checkpointing.save_checkpoint(
-                state, self.output_dir, self.progress.iteration, self.t.keep_last, self.t.keep_every
-            )
-            log.info("saved checkpoint %s", path)
-        barrier()
+        log.info("saved checkpoint %s", path)
         return path
 
     def resume(self) -> bool:
-        """Load the latest checkpoint in output_dir, if any. Returns True when resumed."""
-        path = checkpointing.find_latest(self.output_dir)
-        if path is None:
+        """Load the newest good checkpoint in output_dir, if any. Returns True when resumed."""
+        if self.checkpoints.latest() is None:
+            # Not even a template: building the optimiser's state dict runs a zero-lr step to
+            # create AdamW's state, which would shift its bias correction by one step.
             return False
-        ckpt = checkpointing.load_checkpoint(path) if self.info.rank == 0 or not is_dist() else {}
-        ckpt = self._broadcast_meta(ckpt)
-        opts = self._state_options(loading=True)
-        set_model_state_dict(self.task.model, ckpt.get("model", {}), options=opts)
-        set_optimizer_state_dict(
-            self.task.model, self.optimizer, ckpt.get("optimizer", {}), options=opts
-        )
-        self.scaler.load_state_dict(ckpt["scaler"]) if ckpt.get("scaler") else None
-        self.progress = Progress(ckpt["iteration"], ckpt.get("samples_seen", 0))
-        if ckpt.get("world_size") == self.info.world_size and ckpt.get("rng"):
-            # Same layout: every rank continues its own masking / drop-path random stream.
-            checkpointing.restore_rng_state(ckpt["rng"][self.info.rank])
+        state = self._app_state()
+        found = self.checkpoints.load_latest(state)
+        if found is None:
+            return False
+        path, meta = found
+        set_model_state_dict(self.task.model, state["model"])
+        set_optimizer_state_dict(self.task.model, self.optimizer, state["optimizer"])
+        if meta.get("scaler"):
+            self.scaler.load_state_dict(meta["scaler"])
+        self.progress = Progress(meta["iteration"], meta.get("samples_seen", 0))
+        self._restore_streams(meta)
         self._saved_at = self.progress.iteration
         self.metrics.rewind(self.progress.iteration)  # drop records logged after this checkpoint
         log.info("resumed from %s at iteration %d", path, self.progress.iteration)
         return True
 
-    def _gather_rng(self) -> list[dict[str, Any]]:
-        """Every rank's generator states, in rank order (rank 0 writes them all)."""
-        state = checkpointing.capture_rng_state()
-        if not is_dist():
-            return [state]
-        states: list[Any] = [None] * dist.get_world_size()
-        dist.all_gather_object(states, state)
-        return states
-
-    def _broadcast_meta(self, ckpt: dict) -> dict:
-        """Give every rank the small entries of rank 0's checkpoint (tensors stay on rank 0)."""
-        if not is_dist():
-            return ckpt
-        meta = [{k: v for k, v in ckpt.items() if k not in ("model", "optimizer")}]
-        dist.broadcast_object_list(meta, src=0)
-        return {**meta[0], "model": ckpt.get("model", {}), "optimizer": ckpt.get("optimizer", {})}
+    def _restore_streams(self, meta: dict[str, Any]) -> None:
+        """Same world size: every rank continues its own RNG and data streams. Otherwise the
+        streams start afresh (the loader logs that); weights and optimiser are resharded."""
+        if meta.get("world_size") != self.info.world_size:
+            log.warning(
+                "checkpoint written by %s processes, resuming with %d: fresh random and data "
+                "streams (training continues, but not bit-identically)",
+                meta.get("world_size"), self.info.world_size,
+            )  # fmt: skip
+            return
+        if meta.get("rng"):
+            checkpointing.restore_rng_state(meta["rng"][self.info.rank])
+        data_states = meta.get("data") or []
+        load = getattr(self.data, "load_state_dict", None)
+        if callable(load) and len(data_states) > self.info.rank and data_states[self.info.rank]:
+            load(data_states[self.info.rank])
 
     # ---- the loop -------------------------------------------------------------------------
     def batches(self, start: int) -> Iterator[tuple[int, Any]]:
-        """(iteration, batch) from `start`; each epoch re-seeds the stream, a mid-epoch resume
-        fast-forwards within the epoch so the data matches an uninterrupted run."""
+        """(iteration, batch) from `start` until the schedule ends."""
+        if hasattr(self.data, "iterate"):  # a stream that resumes itself (EpochLoader)
+            return zip(range(start, self.total_iters), self.data.iterate(start), strict=False)
+        return self._epoch_batches(start)
+
+    def _epoch_batches(self, start: int) -> Iterator[tuple[int, Any]]:
+        """A plain re-iterable: one pass per epoch; a mid-epoch resume fast-forwards (the
+        skipped batches are produced and dropped, so keep such data cheap)."""
         ipe = self.t.iters_per_epoch
         for epoch in range(start // ipe, self.t.epochs):
             if hasattr(self.data, "set_epoch"):
@@ -217,6 +220,8 @@ class Trainer:
     def fit(self) -> None:
         """Train until the schedule (or train.max_iters) ends; save and export at the end."""
         self.resume()
+        if self.info.rank == 0:  # config.yaml once; a resume with other settings adds its own
+            write_run_config(self.output_dir, self.config_dict, self.progress.iteration)
         self.preemption.install()
         stop = self.t.max_iters if self.t.max_iters is not None else self.total_iters
         stop = min(stop, self.total_iters)
@@ -255,10 +260,10 @@ class Trainer:
         if boundary and (done % self.t.save_every_iters == 0) and done < stop:
             self.save()
         if boundary and self.preemption.requested():
-            log.warning("pre-emption signal received: saving at iteration %d", done)
+            log.warning("stop signal received: saving at iteration %d", done)
             if self._saved_at != done:
                 self.save()
-            self.close()  # flush metrics / wandb; the process group stays up for the requeue
+            self.close()  # finish the save, flush metrics / wandb; the process group stays up
             self.preemption.requeue_and_exit(done)
         return done >= stop
 
@@ -297,14 +302,12 @@ class Trainer:
         return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
 
     def _no_sync(self, skip_sync: bool) -> contextlib.AbstractContextManager:
-        """Skip the gradient all-reduce on accumulation micro-steps."""
-        if not skip_sync:
-            return contextlib.nullcontext()
-        if self.parallel == "ddp":
+        """Skip DDP's gradient all-reduce on accumulation micro-steps."""
+        # FSDP keeps syncing: each micro-step reduce-scatters into the sharded gradients, so
+        # accumulation never holds an unsharded fp32 gradient (22 GB per GPU at 5B); the price
+        # is one reduce-scatter per micro-step instead of one per optimiser step.
+        if skip_sync and self.parallel == "ddp":
             return self.model.no_sync()
-        if self.parallel == "fsdp":
-            self.task.model.set_requires_gradient_sync(False)
-            return _restore_sync(self.task.model)
         return contextlib.nullcontext()
 
     def _autocast(self) -> contextlib.AbstractContextManager:
@@ -367,16 +370,19 @@ class Trainer:
         self.close()
 
     def close(self) -> None:
+        """Finish a pending asynchronous save, flush and close the loggers."""
+        self.checkpoints.close()
         self.metrics.close()
         self.wandb.finish()
 
 
-@contextlib.contextmanager
-def _restore_sync(model: nn.Module) -> Iterator[None]:
-    try:
-        yield
-    finally:
-        model.set_requires_gradient_sync(True)
+def _gather(obj: Any) -> list[Any]:
+    """Every rank's `obj`, in rank order (small, picklable objects only)."""
+    if not is_dist():
+        return [obj]
+    out: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
 
 
 def max_memory_gb(device: torch.device) -> float:

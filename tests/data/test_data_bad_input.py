@@ -3,6 +3,7 @@ per problem shard, with 0 and 2 DataLoader workers."""
 
 from __future__ import annotations
 
+import itertools
 import logging
 import tarfile
 from pathlib import Path
@@ -56,15 +57,18 @@ def test_bad_images_are_counted_and_the_rest_used(tmp_path: Path, workers: int) 
     assert nonzero(ds.skip_counts()) == {"corrupt_image": 2, "not_an_image": 2}
 
 
-def test_one_log_line_per_problem_shard(tmp_path: Path, caplog) -> None:
+def test_one_log_line_per_shard_and_reason(tmp_path: Path, caplog) -> None:
     samples, _ = mixed_samples()
     mixed = write_tar(tmp_path / "a" / "mixed.tar", samples)
     web_shards(tmp_path, 2, 2, part="b")
+    ds = build_pretrain_dataset(tmp_path, **{**WEB, "passes": 3})
     with caplog.at_level(logging.WARNING, logger="pixio.data"):
-        stream_keys(build_pretrain_dataset(tmp_path, **WEB))
+        stream_keys(ds)
     lines = [r.getMessage() for r in caplog.records if r.name == "pixio.data"]
-    assert len(lines) == 1
-    assert lines[0].startswith(f"shard {mixed}: 2 corrupt_image, 2 not_an_image")
+    assert all(line.startswith(f"shard {mixed}: ") for line in lines)
+    reasons = sorted(r for line in lines for r in ("corrupt_image", "not_an_image") if r in line)
+    assert reasons == ["corrupt_image", "not_an_image"] and len(lines) == 2  # not once per pass
+    assert nonzero(ds.skip_counts()) == {"corrupt_image": 3 * 2, "not_an_image": 3 * 2}
 
 
 def test_decompression_bombs_are_corrupt_images(tmp_path: Path, monkeypatch) -> None:
@@ -122,3 +126,20 @@ def test_counts_accumulate_over_passes_and_epochs(tmp_path: Path) -> None:
     ds.set_epoch(1)
     stream_keys(ds, workers=2)
     assert nonzero(ds.skip_counts()) == {"corrupt_image": 8, "not_an_image": 8}
+
+
+def test_a_bad_shard_revisited_by_resampling_logs_each_reason_once(tmp_path: Path, caplog) -> None:
+    good = image_bytes(seed=1)
+    bad = write_tar(
+        tmp_path / "imagenet-train-bad.tar",
+        [{"__key__": "0", "jpg": good[:100]}, {"__key__": "1", "cls": b"3"}, {"__key__": "2", "jpg": good}],
+    )  # fmt: skip
+    write_tar(tmp_path / "imagenet-train-good.tar", [{"__key__": "g", "jpg": good}])
+    ds = build_pretrain_dataset(tmp_path, kind="imagenet", input_size=16, shuffle_buffer=0)
+    with caplog.at_level(logging.WARNING, logger="pixio.data"):
+        images = list(itertools.islice(ds, 20))  # endless: the bad shard is read 10 times
+    lines = [r.getMessage() for r in caplog.records if r.name == "pixio.data"]
+    assert len(images) == 20 and len(lines) == 2
+    assert all(line.startswith(f"shard {bad}: ") for line in lines)
+    counts = nonzero(ds.skip_counts())  # every visit still counted
+    assert set(counts) == {"corrupt_image", "not_an_image"} and min(counts.values()) >= 5

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import math
 from pathlib import Path
 
@@ -101,6 +102,27 @@ def test_curation_resumes_and_overwrites(tmp_path: Path) -> None:
     assert summary["shards_curated"] == 1 and summary["images"] == 7
     main([*args, "--overwrite"])
     assert json.loads((out / "curation_summary.json").read_text())["shards_curated"] == 2
+
+
+@pytest.mark.parametrize(
+    "content",
+    [b"{truncated", b'{"a0.jpeg": {"height": 1, "w\xffidth": 1}}', b'{"a0.jpeg": {"height": 40}}'],
+    ids=["bad_json", "not_utf8", "missing_fields"],
+)
+def test_a_corrupt_existing_output_is_recurated_and_named(tmp_path: Path, caplog, content) -> None:
+    root, out = tmp_path / "web", tmp_path / "json"
+    make_web_root(root)
+    args = ["--shards", str(root), "--out", str(out)]
+    main(args)
+    good = (out / "a" / "s0.json").read_text()
+    (out / "a" / "s0.json").write_bytes(content)
+    with caplog.at_level(logging.WARNING, logger="pixio.data"):
+        main(args)
+    summary = json.loads((out / "curation_summary.json").read_text())
+    assert summary["shards_curated"] == 1 and summary["images"] == 7
+    assert (out / "a" / "s0.json").read_text() == good
+    lines = [r.getMessage() for r in caplog.records if "re-curating" in r.getMessage()]
+    assert len(lines) == 1 and str(out / "a" / "s0.json") in lines[0]
 
 
 def test_two_shards_writing_the_same_json_is_an_error(tmp_path: Path) -> None:

@@ -137,3 +137,10 @@ def test_statistics_are_not_read_without_a_filter(tmp_path: Path) -> None:
     members = web_shards(root, 2, 3)
     keys, counts = run(root, tmp_path / "no_json_here")
     assert sorted(keys) == all_keys(members) and not nonzero(counts)
+
+
+def test_statistics_that_are_not_utf8_are_bad_json(tmp_path: Path) -> None:
+    root, json_root, members = plant(tmp_path, lambda i: entry(hist=1.0))
+    stats_path(next(iter(members)), json_root).write_bytes(b'{"\xff\xfe": 1}')
+    keys, counts = run(root, json_root, hist_thresh=4.5)
+    assert len(keys) == 6 and nonzero(counts) == {"bad_json": 1, "hist_filter": 6}

@@ -19,7 +19,7 @@ from test_data_helpers import (
 )
 from torch.utils.data import DataLoader
 
-import pixio.data.pipeline as pipeline
+import pixio.data.stream as stream
 from pixio.constants import IMAGENET_MEAN, IMAGENET_STD
 from pixio.data import build_pretrain_dataset
 
@@ -99,7 +99,7 @@ def test_imagenet_reads_train_tars_with_resampling(tmp_path: Path) -> None:
     assert len(keys) == 60
 
 
-def test_imagenet_readers_resample_their_own_shards(tmp_path: Path) -> None:
+def test_imagenet_readers_share_each_pass_and_draw_from_all_shards(tmp_path: Path) -> None:
     for s in range(4):
         write_tar(tmp_path / f"train-{s}.tar", [{"__key__": f"{s}", "jpg": image_bytes()}])
     seen = []
@@ -107,9 +107,14 @@ def test_imagenet_readers_resample_their_own_shards(tmp_path: Path) -> None:
         ds = build_pretrain_dataset(
             tmp_path, rank=rank, world_size=2, **{**WEB, "kind": "imagenet"}
         )
-        seen.append({k.split("#")[0][-11:] for _, k in itertools.islice(ds, 20)})
-    assert seen[0] == {"train-0.tar", "train-2.tar"}
-    assert seen[1] == {"train-1.tar", "train-3.tar"}
+        seen.append([k.split("#")[0][-11:] for _, k in itertools.islice(ds, 20)])
+    # Each pass of the shared shard sequence is split between the two readers...
+    for p in range(10):
+        assert sorted(seen[0][2 * p : 2 * p + 2] + seen[1][2 * p : 2 * p + 2]) == [
+            f"train-{s}.tar" for s in range(4)
+        ]
+    # ...and, unlike fixed slices shards[index::total], every reader meets every shard.
+    assert set(seen[0]) == set(seen[1]) == {f"train-{s}.tar" for s in range(4)}
 
 
 @pytest.mark.parametrize("n_shards", [6, 3], ids=["more_shards", "fewer_shards"])
@@ -187,8 +192,10 @@ def test_a_stream_with_nothing_usable_fails_instead_of_hanging(shards3, monkeypa
     root, members = shards3
     for shard, names in members.items():
         write_stats(root.parent / "json", shard, {n: {"histogram_score": 1.0} for n in names})
-    monkeypatch.setattr(pipeline, "MAX_EMPTY_PASSES", 3)
-    ds = build_pretrain_dataset(root, json_root=root.parent / "json", hist_thresh=2.0, **WEB)
+    monkeypatch.setattr(stream, "MAX_EMPTY_PASSES", 3)
+    ds = build_pretrain_dataset(
+        root, json_root=root.parent / "json", hist_thresh=2.0, shard_interleave=1, **WEB
+    )
     with pytest.raises(RuntimeError, match="no usable sample"):
         next(iter(ds))
     assert ds.skip_counts()["hist_filter"] == 3 * 12

@@ -1,4 +1,5 @@
-"""Checkpoint formats: reference .pth, training checkpoints, safetensors, HF folders, refusal."""
+"""Checkpoint formats: reference .pth, training checkpoints (file and DCP directory),
+safetensors, HF folders, refusal of pickled code, convert's path checks."""
 
 import os
 import pickle
@@ -8,9 +9,15 @@ import sys
 import pytest
 import torch
 from tests_helpers import TINY, assert_same_weights
+from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
 
 import pixio
 from pixio.checkpoint import UnsafeCheckpointError
+from pixio.convert import convert
+from pixio.runtime.checkpointing import CheckpointManager
+from pixio.safe_load import SafeDCPReader, read_dcp_metadata
+
+pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
 
 
 def test_reference_pth_roundtrip(tiny_encoder, tmp_path):
@@ -87,9 +94,14 @@ def test_pickled_code_is_refused_not_executed(tmp_path, writer):
     else:
         with open(path, "wb") as f:
             pickle.dump({"model": _RunsCode(marker)}, f, protocol=2)
-    with pytest.raises(UnsafeCheckpointError, match="refusing to load .*evil.pth"):
+    with pytest.raises(UnsafeCheckpointError, match="refusing to load .*evil.pth") as info:
         pixio.load_encoder("pixio_vitt16", path, **TINY)
     assert not marker.exists()
+    message = str(info.value)
+    assert "GLOBAL posix.system" in message  # the cause
+    for advice in ("weights_only=False", "safe_globals", "trust"):  # never how to bypass it
+        assert advice not in message
+    assert info.value.__cause__ is None and info.value.__suppress_context__  # nor in the chain
 
 
 def test_convert_cli_to_safetensors_pth_and_hf(tiny_encoder, tmp_path):
@@ -114,3 +126,81 @@ def test_convert_cli_wrong_size_names_keys(tiny_encoder, tmp_path):
            "--override=num_heads=4"]  # fmt: skip
     res = subprocess.run(cmd, capture_output=True, text=True)
     assert res.returncode != 0 and "unexpected keys ['blocks.2." in res.stderr
+
+
+# ---- training checkpoint directories (torch.distributed.checkpoint) --------------------------
+def _dcp_training_checkpoint(mae, out):
+    """What the trainer saves: model + stepped AdamW state, written by CheckpointManager."""
+    opt = torch.optim.AdamW(mae.parameters())
+    for p in mae.parameters():
+        p.grad = torch.ones_like(p)
+    opt.step()
+    state = {"model": get_model_state_dict(mae), "optimizer": get_optimizer_state_dict(mae, opt)}
+    return CheckpointManager(out).save(5, state, {"iteration": 5})
+
+
+def _assert_encoder_of(encoder, mae):
+    for k, v in encoder.state_dict().items():
+        assert torch.equal(v, mae.state_dict()[k]), k
+
+
+def test_dcp_checkpoint_dir_loads_encoder_without_reading_optimizer(
+    tiny_mae, tmp_path, monkeypatch
+):
+    _dcp_training_checkpoint(tiny_mae, tmp_path / "run")
+    last = tmp_path / "run" / "checkpoint-last"
+    md = read_dcp_metadata(last)
+    # Garble every optimiser byte in the data file: loading must not need them.
+    data = last / "__0_0.distcp"
+    raw = bytearray(data.read_bytes())
+    for index, info in md.storage_data.items():
+        if index.fqn.startswith("optimizer."):
+            raw[info.offset : info.offset + info.length] = b"\xff" * info.length
+    data.write_bytes(bytes(raw))
+    read = []
+    real_read = SafeDCPReader.read_data
+
+    def spy(self, plan, planner):
+        read.extend(item.storage_index.fqn for item in plan.items)
+        return real_read(self, plan, planner)
+
+    monkeypatch.setattr(SafeDCPReader, "read_data", spy)
+    encoder = pixio.load_encoder("pixio_vitt16", last, **TINY)
+    _assert_encoder_of(encoder, tiny_mae)
+    assert read and all(fqn.startswith("model.") for fqn in read)
+
+
+def test_convert_cli_from_checkpoint_dir(tiny_mae, tmp_path):
+    final = _dcp_training_checkpoint(tiny_mae, tmp_path / "run")
+    overrides = [f"--override={k}={v}" for k, v in TINY.items()]
+    dst = tmp_path / "encoder.safetensors"
+    cmd = [sys.executable, "-m", "pixio.convert", "--model", "pixio_vitt16", "--input", str(final),
+           "--output", str(dst), *overrides]  # fmt: skip
+    subprocess.run(cmd, capture_output=True, text=True, check=True)
+    _assert_encoder_of(pixio.load_encoder("pixio_vitt16", dst, **TINY), tiny_mae)
+
+
+@pytest.mark.parametrize("case", ["same file", "same file via symlink", "same dir", "inside dir"])
+def test_convert_refuses_to_overwrite_its_input(tiny_mae, tiny_encoder, tmp_path, case):
+    run = tmp_path / "run"
+    final = _dcp_training_checkpoint(tiny_mae, run)
+    pth = tmp_path / "enc.pth"
+    torch.save(tiny_encoder.state_dict(), pth)
+    (tmp_path / "link.pth").symlink_to(pth)
+    src, dst = {
+        "same file": (pth, pth),
+        "same file via symlink": (tmp_path / "link.pth", pth),
+        "same dir": (run / "checkpoint-last", final),
+        "inside dir": (run / "checkpoint-last", final / "encoder.safetensors"),
+    }[case]
+    before = {p: p.read_bytes() for p in [pth, *final.iterdir()]}
+    expected = "is the input" if case.startswith("same") else "inside the input checkpoint"
+    with pytest.raises(ValueError, match=expected):
+        convert("pixio_vitt16", src, dst, **TINY)
+    if case == "inside dir":  # the CLI: one line, exit status 2
+        cmd = [sys.executable, "-m", "pixio.convert", "--model", "pixio_vitt16", "--input",
+               str(src), "--output", str(dst)]  # fmt: skip
+        res = subprocess.run(cmd, capture_output=True, text=True)
+        assert res.returncode == 2 and f"--output {dst} lies inside" in res.stderr
+        assert "Traceback" not in res.stderr
+    assert {p: p.read_bytes() for p in [pth, *final.iterdir()]} == before

@@ -103,7 +103,7 @@ def test_cli_stops_with_one_line_before_building_anything(tmp_path):
     result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120)
     assert result.returncode == 2
     assert result.stderr.strip().splitlines()[-1].startswith("config error: model.img_size: 200")
-    assert not (out / "checkpoint-last.pth").exists()
+    assert not (out / "checkpoint-last").exists()
 
 
 def test_local_machine_config_is_picked_up_and_demo_keeps_its_root(tmp_path):

@@ -95,14 +95,14 @@ def test_sigterm_stop_then_rerun_equals_uninterrupted_run(web_shards, tmp_path):
     stopped = _run(["-c", INTERRUPT, "5", *_overrides(web_shards, part)])
     assert stopped.returncode == 143, stopped.stderr[-3000:]
     assert "pre-empted (SIGTERM) at step 6" in stopped.stdout
-    ckpt = checkpointing.load_checkpoint(part / "checkpoint-last.pth")
+    ckpt = checkpointing.load_checkpoint(part / "checkpoint-last")
     assert ckpt["iteration"] == 6 and not (part / "encoder.safetensors").exists()
 
     resumed = _run(["-m", "pretraining.train", *_overrides(web_shards, part)])
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resumed from" in resumed.stderr + resumed.stdout
-    a = checkpointing.load_checkpoint(tmp_path / "full" / "checkpoint-last.pth")
-    b = checkpointing.load_checkpoint(part / "checkpoint-last.pth")
+    a = checkpointing.load_checkpoint(tmp_path / "full" / "checkpoint-last")
+    b = checkpointing.load_checkpoint(part / "checkpoint-last")
     assert a["iteration"] == b["iteration"] == 8
     for key, value in a["model"].items():
         assert torch.equal(value, b["model"][key]), key
@@ -125,6 +125,6 @@ def test_demo_experiment_end_to_end(tmp_path):
     assert all({"step", "epoch", "loss", "lr", "images_per_s"} <= r.keys() for r in records)
     assert all(np.isfinite(r["loss"]) for r in records)
     assert (out / "vis" / "step3.png").exists() and (out / "vis" / "step6.png").exists()
-    assert checkpointing.load_checkpoint(out / "checkpoint-last.pth")["iteration"] == 6
+    assert checkpointing.load_checkpoint(out / "checkpoint-last")["iteration"] == 6
     encoder = pixio.load_encoder("pixio_vitt16", out / "encoder.safetensors", depth=6, img_size=128)
     assert encoder(torch.zeros(1, 3, 128, 128))[-1]["patch_tokens_norm"].shape == (1, 64, 192)

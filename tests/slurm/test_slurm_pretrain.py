@@ -75,7 +75,7 @@ def test_demo_runs_as_a_two_task_slurm_job(tmp_path, job_env) -> None:
     for task in (0, 1):  # both ranks ran main() to the end
         with open(folder / f"{job_id}_{task}_result.pkl", "rb") as f:
             assert pickle.load(f)[0] == "success", all_logs(folder)
-    assert (out / "checkpoint-last.pth").exists()
+    assert (out / "checkpoint-last").exists()
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert metrics
     assert all({"step", "loss", "lr"} <= m.keys() for m in metrics)
@@ -95,8 +95,9 @@ def test_requeued_pretraining_resumes_and_finishes_with_the_right_count(tmp_path
     assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", logs
     stopped = re.search(r"pre-empted \(SIGTERM\) at step (\d+): checkpoint saved", logs)
     assert stopped and 3 <= int(stopped.group(1)) < iters, logs
-    resumed = f"resumed from {out / 'checkpoint-last.pth'} at iteration {stopped.group(1)}"
+    step = int(stopped.group(1))
+    resumed = f"resumed from {out / f'checkpoint-{step:08d}'} at iteration {step}"
     assert resumed in (out / "train.log").read_text(), logs
-    assert checkpointing.load_checkpoint(out / "checkpoint-last.pth")["iteration"] == iters
+    assert checkpointing.load_checkpoint(out / "checkpoint-last")["iteration"] == iters
     assert _metric_steps(out) == list(range(1, iters + 1)), logs  # each step once, none lost
     assert (out / "encoder.safetensors").exists()
