@@ -37,7 +37,7 @@ log = logging.getLogger("pixio.data")
 MAX_EMPTY_PASSES = 20
 # Samples read before the first one leaves the buffer; afterwards the buffer grows by one
 # sample per sample delivered until it is full (webdataset's growth rule).
-SHUFFLE_INITIAL = 256
+SHUFFLE_INITIAL = 128
 
 
 @dataclass(slots=True)

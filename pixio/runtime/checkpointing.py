@@ -110,6 +110,15 @@ def numbered_checkpoints(output_dir: str | os.PathLike) -> list[tuple[int, Path]
     return sorted((step, p) for step, p in found if p.is_dir())
 
 
+def has_checkpoints(output_dir: str | os.PathLike) -> bool:
+    """Whether `output_dir` holds any checkpoint, damaged or of the old single-file format
+    (a run there must resume from one or stop, never start over)."""
+    out = Path(output_dir)
+    return bool(numbered_checkpoints(out)) or (
+        out.is_dir() and any(_LEGACY.match(p.name) for p in out.iterdir())
+    )
+
+
 def find_latest(output_dir: str | os.PathLike) -> Path | None:
     """Newest numbered checkpoint that looks complete (manifest, file sizes); reads no data."""
     for _, path in reversed(numbered_checkpoints(output_dir)):

@@ -61,6 +61,7 @@ class PreemptionHandler:
         self._kind = _NONE
         self._received: signal.Signals | None = None
         self._agreed = _NONE
+        self._interrupts = 0  # Ctrl-C presses seen
 
     # -- installation ------------------------------------------------------------------------
     def install(self) -> PreemptionHandler:
@@ -88,8 +89,10 @@ class PreemptionHandler:
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:
         # Only record: the loop acts on it at the next step boundary.
         sig = signal.Signals(signum)
-        if sig == signal.SIGINT and self._received == signal.SIGINT:
-            raise KeyboardInterrupt  # a second Ctrl-C: the user wants out now
+        if sig == signal.SIGINT:
+            self._interrupts += 1
+            if self._interrupts > 1:
+                raise KeyboardInterrupt  # a second Ctrl-C: the user wants out now
         if _KIND_OF_SIGNAL.get(sig, _STOP) > self._kind:
             self._kind = _KIND_OF_SIGNAL.get(sig, _STOP)
             self._received = sig

@@ -89,8 +89,11 @@ class Trainer:
         self.checkpoints = CheckpointManager(
             self.output_dir, self.t.keep_last, self.t.keep_every, async_save
         )
+        # Any checkpoint on disk, complete-looking or not: a run with checkpoints resumes from
+        # one or stops (CheckpointError), never silently starts over. Rank 0's view for all.
+        self.has_checkpoints = _on_every_rank(checkpointing.has_checkpoints(self.output_dir))
         # A run that will load a checkpoint skips the (CPU-bound, at 5B) weight initialisation.
-        self.model = self._wrap(task.model, initialize=self.checkpoints.latest() is None)
+        self.model = self._wrap(task.model, initialize=not self.has_checkpoints)
         self.optimizer = optim.build_optimizer(
             task.model, self.base_lr, self.o.weight_decay, tuple(self.o.betas), self.o.fused
         )
@@ -159,7 +162,7 @@ class Trainer:
 
     def resume(self) -> bool:
         """Load the newest good checkpoint in output_dir, if any. Returns True when resumed."""
-        if self.checkpoints.latest() is None:
+        if not self.has_checkpoints:
             # Not even a template: building the optimiser's state dict runs a zero-lr step to
             # create AdamW's state, which would shift its bias correction by one step.
             return False
@@ -229,10 +232,13 @@ class Trainer:
             "training %s: %d iterations, global batch %d, lr %.3g, parallel=%s, device=%s",
             type(self.task.model).__name__, stop, self.global_batch, self.base_lr, self.parallel, self.device,
         )  # fmt: skip
-        if self.progress.iteration < stop:
-            self._loop(stop)
-        if self.progress.iteration >= stop:
-            self._finish()
+        try:
+            if self.progress.iteration < stop:
+                self._loop(stop)
+            if self.progress.iteration >= stop:
+                self._finish()
+        finally:
+            self.preemption.uninstall()  # Ctrl-C behaves normally again after the run
 
     def _loop(self, stop: int) -> None:
         tick = time.perf_counter()
@@ -374,6 +380,15 @@ class Trainer:
         self.checkpoints.close()
         self.metrics.close()
         self.wandb.finish()
+
+
+def _on_every_rank(value: Any) -> Any:
+    """Rank 0's `value` on every rank (small, picklable objects only)."""
+    if not is_dist():
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def _gather(obj: Any) -> list[Any]:

@@ -30,11 +30,12 @@ from pixio.runtime.trainer import Trainer
 from pretraining.train import cli
 
 k = int(sys.argv.pop(1))
+sig = getattr(signal, sys.argv.pop(1))
 original = Trainer.train_iteration
 
 def train_iteration(self, it, batch):
     if it == k:
-        os.kill(os.getpid(), signal.SIGTERM)
+        os.kill(os.getpid(), sig)
     return original(self, it, batch)
 
 Trainer.train_iteration = train_iteration
@@ -92,7 +93,7 @@ def test_sigterm_stop_then_rerun_equals_uninterrupted_run(web_shards, tmp_path):
     assert full.returncode == 0, full.stderr[-3000:]
 
     part = tmp_path / "part"
-    stopped = _run(["-c", INTERRUPT, "5", *_overrides(web_shards, part)])
+    stopped = _run(["-c", INTERRUPT, "5", "SIGTERM", *_overrides(web_shards, part)])
     assert stopped.returncode == 143, stopped.stderr[-3000:]
     assert "pre-empted (SIGTERM) at step 6" in stopped.stdout
     ckpt = checkpointing.load_checkpoint(part / "checkpoint-last")
@@ -108,6 +109,16 @@ def test_sigterm_stop_then_rerun_equals_uninterrupted_run(web_shards, tmp_path):
         assert torch.equal(value, b["model"][key]), key
     steps = [json.loads(line)["step"] for line in (part / "metrics.jsonl").read_text().splitlines()]
     assert steps == list(range(1, 9))  # each step logged once across the two runs
+
+
+def test_ctrl_c_saves_at_the_next_step_and_exits_cleanly(web_shards, tmp_path):
+    out = tmp_path / "interrupted"
+    stopped = _run(["-c", INTERRUPT, "2", "SIGINT", *_overrides(web_shards, out)])
+    assert stopped.returncode == 143, stopped.stderr[-3000:]
+    assert "Traceback" not in stopped.stderr and "KeyboardInterrupt" not in stopped.stderr
+    assert "received SIGINT: will save and stop at the next step" in stopped.stderr
+    assert "pre-empted (SIGINT) at step 3: checkpoint saved, stopping" in stopped.stdout
+    assert checkpointing.read_meta(out / "checkpoint-last")["iteration"] == 3
 
 
 def test_demo_experiment_end_to_end(tmp_path):

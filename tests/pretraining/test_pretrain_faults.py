@@ -99,14 +99,25 @@ def test_second_run_in_the_same_output_dir_is_refused(shards, tmp_path, capsys):
     assert not (out / "metrics.jsonl").exists() and not (out / "checkpoint-last").exists()
 
 
-def test_checkpoints_that_all_fail_stop_the_run_and_change_nothing(shards, tmp_path, capsys):
+def _flip_a_byte(f):
+    data = bytearray(f.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # damage inside, size unchanged
+    f.write_bytes(bytes(data))
+
+
+def _truncate(f):
+    f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+
+
+@pytest.mark.parametrize("damage", [_flip_a_byte, _truncate])
+def test_checkpoints_that_all_fail_stop_the_run_and_change_nothing(
+    shards, tmp_path, capsys, damage
+):
     out = tmp_path / "run"
     main(_cfg(shards, out, "train.save_every_iters=1", "train.keep_last=2"))
     for ckpt in out.glob("checkpoint-0*"):
         for f in ckpt.glob("*.distcp"):
-            data = bytearray(f.read_bytes())
-            data[len(data) // 2] ^= 0xFF  # damage inside, size unchanged
-            f.write_bytes(bytes(data))
+            damage(f)
     before = _listing(out)
     with pytest.raises(SystemExit) as stop:
         main(_cfg(shards, out, "train.epochs=2"))

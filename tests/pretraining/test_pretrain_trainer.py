@@ -134,7 +134,9 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _ddp_worker(rank: int, world: int, port: int, overrides: list[str], result_path: str) -> None:
+def _ddp_worker(
+    rank: int, world: int, port: int, overrides: list[str], result_path: str, accum: int = 1
+) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                       WORLD_SIZE=str(world), LOCAL_RANK=str(rank))  # fmt: skip
     from tests_helpers import compose_pretrain
@@ -144,7 +146,7 @@ def _ddp_worker(rank: int, world: int, port: int, overrides: list[str], result_p
     info = init_distributed()
     torch.set_num_threads(1)
     cfg = compose_pretrain(overrides)
-    trainer = make_trainer(cfg, split(fixed_batches(4, 8), world, rank), info)
+    trainer = make_trainer(cfg, micro_batches(split(fixed_batches(4, 8), world, rank), accum), info)
     assert trainer.parallel == cfg.train.parallel
     trainer.fit()
     state = trainer.full_model_state()
@@ -172,6 +174,27 @@ def test_two_process_gloo_matches_single_process(tmp_path, parallel):
     ddp_state = torch.load(ddp_out, weights_only=True)
     for k, v in single.full_model_state().items():
         torch.testing.assert_close(ddp_state[k], v, rtol=1e-4, atol=1e-5, msg=k)
+
+
+def test_fsdp_accumulation_keeps_sharded_gradients_and_matches_one_big_batch(tmp_path):
+    """2 ranks x 2 micro-batches of 2 under FSDP (gradient sync on every micro-step, so no
+    unsharded gradient is kept) equal one process on batches of 8."""
+    from tests_helpers import CPU_OVERRIDES, compose_pretrain
+
+    base = [*CPU_OVERRIDES, "data.root=unused", "train.epochs=1"]
+    out = tmp_path / "fsdp_acc.pth"
+    overrides = [*base, "train.parallel=fsdp", "train.batch_size=2", "train.accum_iter=2",
+                 "train.iters_per_epoch=8", "train.save_every_iters=8", f"output_dir={tmp_path / 'acc'}"]  # fmt: skip
+    mp.spawn(_ddp_worker, args=(2, _free_port(), overrides, str(out), 2), nprocs=2, join=True)
+    torch.set_num_threads(1)
+    single = make_trainer(
+        compose_pretrain([*base, "train.batch_size=8", f"output_dir={tmp_path / 'one'}"]),
+        fixed_batches(4, 8),
+    )
+    single.fit()
+    sharded = torch.load(out, weights_only=True)
+    for k, v in single.full_model_state().items():
+        torch.testing.assert_close(sharded[k], v, rtol=1e-4, atol=1e-5, msg=k)
 
 
 def test_logged_loss_is_the_mean_over_the_logging_window(cpu_config):
