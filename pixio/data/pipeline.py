@@ -236,10 +236,11 @@ class PretrainDataset(IterableDataset):
             row.copy_(image)  # uint8 -> float32 straight into the batch
         return out.mul_(self._scale).add_(self._bias)
 
-    def _normalise(self, images: torch.Tensor) -> torch.Tensor:
-        """uint8 -> ImageNet-normalised float32 (in place after the conversion: 3x faster than
-        addcmul on uint8)."""
-        return images.float().mul_(self._scale).add_(self._bias)
+    def _normalise(self, image: torch.Tensor) -> torch.Tensor:
+        """One uint8 crop -> contiguous ImageNet-normalised float32 (convert, then in place:
+        3x faster than addcmul on uint8)."""
+        out = torch.empty(image.shape, dtype=torch.float32).copy_(image)
+        return out.mul_(self._scale).add_(self._bias)
 
     def _log_sharing(self, reader: Reader) -> None:
         """Log once (across epochs and workers) that web readers split shards by sample."""

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 # Independent random streams per purpose, all derived from (seed, epoch, salt, ...).
-TAG_ORDER, TAG_CROP, TAG_SOFT, TAG_SHUFFLE = range(4)
+TAG_ORDER, TAG_CROP, TAG_SOFT, TAG_SHUFFLE, TAG_ROTATE = range(5)
 
 
 @dataclass(frozen=True)
@@ -51,12 +51,18 @@ class StreamKey:
 
 @dataclass(frozen=True)
 class ShardRead:
-    """One planned read of `shard` in pass `pass_index`, keeping samples `offset::stride`."""
+    """One planned read of `shard` in pass `pass_index`, keeping samples `offset::stride`,
+    starting at the fraction `start` of the shard's samples and wrapping round.
+
+    A reader rarely reads a shard to its end before its epoch's stream is dropped (8 shards
+    interleaved, ~1-2 shards' worth per reader and epoch at scale): a random start per read makes
+    every sample of a shard equally likely to be read, instead of always the shard's head."""
 
     shard: Path
     pass_index: int
     stride: int = 1
     offset: int = 0
+    start: float = 0.0
 
 
 def seeded(*entropy: int) -> np.random.Generator:
@@ -72,6 +78,11 @@ def reader_entropy(seed: int, key: StreamKey, reader: Reader, tag: int) -> tuple
 def pass_order(seed: int, key: StreamKey, pass_index: int, n_shards: int) -> np.ndarray:
     """The shard permutation of one pass, shared by all readers of the job."""
     return seeded(seed, key.epoch, key.salt, pass_index, TAG_ORDER).permutation(n_shards)
+
+
+def read_start(seed: int, key: StreamKey, *where: int) -> float:
+    """Where in its shard a planned read starts (a fraction in [0, 1)), from the read's place."""
+    return float(seeded(seed, key.epoch, key.salt, *where, TAG_ROTATE).random())
 
 
 def sequence_plan(
@@ -90,7 +101,7 @@ def sequence_plan(
             return
         if pass_index != order_pass:
             order, order_pass = pass_order(seed, key, pass_index, n), pass_index
-        yield ShardRead(shards[int(order[g % n])], pass_index)
+        yield ShardRead(shards[int(order[g % n])], pass_index, start=read_start(seed, key, g))
 
 
 def split_plan(
@@ -103,7 +114,8 @@ def split_plan(
     sharing = len(range(slot, reader.total, n))
     for p in itertools.count() if passes is None else range(passes):
         shard = shards[int(pass_order(seed, key, p, n)[slot])]
-        yield ShardRead(shard, p, sharing, offset)
+        # The readers sharing the slot start at the same place, so their strides stay disjoint.
+        yield ShardRead(shard, p, sharing, offset, read_start(seed, key, p, slot, n))
 
 
 def shard_plan(

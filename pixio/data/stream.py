@@ -196,7 +196,7 @@ class EncodedStream:
         )
         if shard_filter is None:
             return
-        for i, sample in enumerate(read_shard(read.shard, report)):
+        for i, sample in enumerate(read_shard(read.shard, report, read.start)):
             if i % read.stride == read.offset:
                 item = self._encoded(sample, read.shard, shard_filter, report)
                 if item is not None:

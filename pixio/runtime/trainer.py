@@ -187,13 +187,13 @@ class Trainer:
         streams start afresh (the loader logs that); weights and optimiser are resharded."""
         if meta.get("world_size") != self.info.world_size:
             log.warning(
-                "checkpoint written by %s processes, resuming with %d: fresh random and data "
-                "streams (training continues, but not bit-identically)",
+                "checkpoint written by %s processes, resuming with %d: fresh random streams "
+                "(training continues, but not bit-identically)",
                 meta.get("world_size"), self.info.world_size,
             )  # fmt: skip
-            return
-        if meta.get("rng"):
+        elif meta.get("rng"):
             checkpointing.restore_rng_state(meta["rng"][self.info.rank])
+        # The loader compares the saved layout with its own and says what changed, if anything.
         data_states = meta.get("data") or []
         load = getattr(self.data, "load_state_dict", None)
         if callable(load) and len(data_states) > self.info.rank and data_states[self.info.rank]:

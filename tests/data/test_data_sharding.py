@@ -46,9 +46,9 @@ def count_opens(monkeypatch) -> list[str]:
     opened: list[str] = []
     real = stream_module.read_shard
 
-    def read_shard(shard, report):
+    def read_shard(shard, report, *args):
         opened.append(str(shard))
-        return real(shard, report)
+        return real(shard, report, *args)
 
     monkeypatch.setattr(stream_module, "read_shard", read_shard)
     return opened
@@ -233,3 +233,39 @@ def test_shard_reader_matches_webdataset_samples(tmp_path: Path) -> None:
     theirs = list(wds.tarfile_samples(iter([{"url": str(shard)}])))
     assert ours == theirs and [s["__key__"] for s in ours] == ["dir/a", "b", "c"]
     assert ours[2]["part.jpeg"] == b"3" and ours[1]["jpeg"] == b"2"  # lower-cased extension
+
+
+def test_samples_inside_a_shard_are_equally_likely_when_epochs_end_mid_shard(
+    tmp_path: Path,
+) -> None:
+    """Readers deliver about one shard's worth per epoch from 8 interleaved shards, so each read
+    stops early: a read must start at a random place, or only the shards' heads are ever used."""
+    n_shards, per_shard, readers, epochs = 16, 100, 4, 6
+    imagenet_shards(tmp_path, n_shards, per_shard)
+    ds = build_pretrain_dataset(tmp_path, rank=0, world_size=1, input_size=16, shuffle_buffer=50)
+    seen: Counter[int] = Counter()  # by position inside the shard
+    distinct: set[str] = set()
+    owed = n_shards * per_shard // readers  # one epoch of the data set
+    for epoch in range(epochs):
+        for worker in range(readers):
+            stream = ds.encoded_stream(Reader(0, worker, readers, 1), StreamKey(epoch), owed)
+            for sample in itertools.islice(stream, owed):
+                index = int(sample.key.rsplit("#", 1)[1][2:5])
+                seen[index] += 1
+                distinct.add(sample.key)
+    assert sum(seen.values()) == epochs * n_shards * per_shard
+    # Heads only (the old behaviour) would see indices < 25; every decile of the shard is used.
+    deciles = [sum(seen[i] for i in range(d * 10, d * 10 + 10)) for d in range(10)]
+    expected = sum(deciles) / 10
+    assert all(abs(d - expected) < 0.35 * expected for d in deciles), deciles
+    assert len(distinct) > 0.9 * n_shards * per_shard  # 6 epochs cover nearly every sample
+
+
+def test_a_rotated_read_yields_every_sample_once(tmp_path: Path) -> None:
+    imagenet_shards(tmp_path, 1, 10)
+    shard = tmp_path / "train-00.tar"
+    from pixio.data.counters import ShardReport
+
+    report = ShardReport(str(shard), None)
+    keys = [s["__key__"] for s in shards_module.read_shard(shard, report, 0.35)]
+    assert keys == [f"00{i:03d}" for i in (*range(3, 10), *range(3))]
