@@ -156,8 +156,7 @@ class Trainer:
     def save(self) -> Path:
         """Write a sharded checkpoint (collective: every rank writes its own files)."""
         path = self.checkpoints.save(self.progress.iteration, self._app_state(), self._meta())
-        self._saved_at = self.progress.iteration
-        log.info("saved checkpoint %s", path)
+        self._saved_at = self.progress.iteration  # the manager logs the save
         return path
 
     def resume(self) -> bool:
