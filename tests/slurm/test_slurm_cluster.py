@@ -80,12 +80,11 @@ def test_two_task_cpu_job_forms_a_gloo_group(tmp_path, job_env, capsys) -> None:
 
 
 def test_time_limit_signal_saves_requeues_and_resumes(tmp_path, job_env) -> None:
-    # A 1-minute job asking for SIGUSR2 30 s ahead (30 s for start-up on a loaded machine: a signal
-    # before the handlers are installed kills the job). The first run is slow (1 s per step) so it
+    # A 1-minute job asking for SIGUSR2 50 s ahead. The first run is slow (1 s per step) so it
     # is surely still training when SLURM signals; later runs are fast and finish.
     steps = 60
     cfg = slurm_cfg(
-        tmp_path, timeout_min=1, signal_delay_s=30, steps=steps, step_s=0.02, first_run_step_s=1.0
+        tmp_path, timeout_min=1, signal_delay_s=50, steps=steps, step_s=0.02, first_run_step_s=1.0
     )
     job = launch(fake_train.main, cfg)
     folder = tmp_path / "run" / "slurm" / job.job_id
