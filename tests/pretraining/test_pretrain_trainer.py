@@ -155,46 +155,42 @@ def _ddp_worker(
     cleanup()
 
 
+def _two_processes_match_one(tmp_path, base: list[str], workers: list[str], accum: int = 1) -> None:
+    """2 gloo processes with `workers` overrides end with the weights of one process on
+    batches of 8 (the same images, split over ranks and micro-batches)."""
+    from tests_helpers import compose_pretrain
+
+    out = tmp_path / "two.pth"
+    overrides = [*base, *workers, f"output_dir={tmp_path / 'two'}"]
+    mp.spawn(_ddp_worker, args=(2, _free_port(), overrides, str(out), accum), nprocs=2, join=True)
+    torch.set_num_threads(1)
+    single = make_trainer(
+        compose_pretrain([*base, "train.batch_size=8", f"output_dir={tmp_path / 'one'}"]),
+        fixed_batches(4, 8),
+    )
+    single.fit()
+    two = torch.load(out, weights_only=True)
+    for k, v in single.full_model_state().items():
+        torch.testing.assert_close(two[k], v, rtol=1e-4, atol=1e-5, msg=k)
+
+
 @pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
 def test_two_process_gloo_matches_single_process(tmp_path, parallel):
     from tests_helpers import CPU_OVERRIDES
 
     base = [*CPU_OVERRIDES, "data.root=unused", "train.epochs=1", f"train.parallel={parallel}"]
-    ddp_out = tmp_path / "ddp.pth"
-    overrides = [*base, "train.batch_size=4", f"output_dir={tmp_path / 'ddp'}"]
-    mp.spawn(_ddp_worker, args=(2, _free_port(), overrides, str(ddp_out)), nprocs=2, join=True)
-    from tests_helpers import compose_pretrain
-
-    torch.set_num_threads(1)
-    single = make_trainer(
-        compose_pretrain([*base, "train.batch_size=8", f"output_dir={tmp_path / 'one'}"]),
-        fixed_batches(4, 8),
-    )
-    single.fit()
-    ddp_state = torch.load(ddp_out, weights_only=True)
-    for k, v in single.full_model_state().items():
-        torch.testing.assert_close(ddp_state[k], v, rtol=1e-4, atol=1e-5, msg=k)
+    _two_processes_match_one(tmp_path, base, ["train.batch_size=4"])
 
 
 def test_fsdp_accumulation_keeps_sharded_gradients_and_matches_one_big_batch(tmp_path):
     """2 ranks x 2 micro-batches of 2 under FSDP (gradient sync on every micro-step, so no
     unsharded gradient is kept) equal one process on batches of 8."""
-    from tests_helpers import CPU_OVERRIDES, compose_pretrain
+    from tests_helpers import CPU_OVERRIDES
 
     base = [*CPU_OVERRIDES, "data.root=unused", "train.epochs=1"]
-    out = tmp_path / "fsdp_acc.pth"
-    overrides = [*base, "train.parallel=fsdp", "train.batch_size=2", "train.accum_iter=2",
-                 "train.iters_per_epoch=8", "train.save_every_iters=8", f"output_dir={tmp_path / 'acc'}"]  # fmt: skip
-    mp.spawn(_ddp_worker, args=(2, _free_port(), overrides, str(out), 2), nprocs=2, join=True)
-    torch.set_num_threads(1)
-    single = make_trainer(
-        compose_pretrain([*base, "train.batch_size=8", f"output_dir={tmp_path / 'one'}"]),
-        fixed_batches(4, 8),
-    )
-    single.fit()
-    sharded = torch.load(out, weights_only=True)
-    for k, v in single.full_model_state().items():
-        torch.testing.assert_close(sharded[k], v, rtol=1e-4, atol=1e-5, msg=k)
+    workers = ["train.parallel=fsdp", "train.batch_size=2", "train.accum_iter=2",
+               "train.iters_per_epoch=8", "train.save_every_iters=8"]  # fmt: skip
+    _two_processes_match_one(tmp_path, base, workers, accum=2)
 
 
 def test_logged_loss_is_the_mean_over_the_logging_window(cpu_config):

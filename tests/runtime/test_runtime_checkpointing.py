@@ -29,8 +29,6 @@ from pixio.runtime import checkpointing as ckpt
 from pixio.runtime import optim
 
 ROOT = Path(__file__).resolve().parents[2]
-# dcp.save/load say so on every single-process call; that is what these tests do.
-pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
 
 
 def trained(seed: int) -> tuple[nn.Module, torch.optim.Optimizer]:

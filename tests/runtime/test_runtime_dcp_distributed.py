@@ -27,7 +27,6 @@ from torch.distributed.checkpoint.state_dict import (
 from pixio.runtime import checkpointing as ckpt
 
 ROOT = Path(__file__).resolve().parents[2]
-pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
 FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
 WORKER = (
     "import sys; sys.path.insert(0, sys.argv[1]); "
@@ -104,15 +103,21 @@ def _save_run(out: str, result: str) -> None:
         torch.save(refs, result)
 
 
-def _load_run(out: str, result: str) -> None:
-    model, opt = _sharded(123)
+def load_into(out, model: nn.Module, opt) -> tuple[Path, dict]:
+    """What the trainer does on resume: DCP-load the newest checkpoint into model and optimiser."""
     states = {
         "model": get_model_state_dict(model),
         "optimizer": get_optimizer_state_dict(model, opt),
     }
-    path, meta = ckpt.CheckpointManager(out).load_latest(states)
+    found = ckpt.CheckpointManager(out).load_latest(states)
     set_model_state_dict(model, states["model"])
     set_optimizer_state_dict(model, opt, states["optimizer"])
+    return found
+
+
+def _load_run(out: str, result: str) -> None:
+    model, opt = _sharded(123)
+    path, meta = load_into(out, model, opt)
     full = full_state(model, opt)
     report = {"path": str(path), "iteration": meta["iteration"]}
     Path(f"{result}.rank{dist.get_rank()}.json").write_text(json.dumps(report))
@@ -176,13 +181,7 @@ def test_two_ranks_save_sharded_one_process_loads(tmp_path: Path) -> None:
     assert sorted(p.name for p in out.iterdir()) == [*map(ckpt.numbered_name, (1, 2)), "checkpoint-last"]  # fmt: skip
     model, opt = build(123)
     step(model, opt, 0)  # optimiser state to load into
-    states = {
-        "model": get_model_state_dict(model),
-        "optimizer": get_optimizer_state_dict(model, opt),
-    }
-    path, meta = ckpt.CheckpointManager(out).load_latest(states)
-    set_model_state_dict(model, states["model"])
-    set_optimizer_state_dict(model, opt, states["optimizer"])
+    path, meta = load_into(out, model, opt)
     assert path.name == ckpt.numbered_name(2) and meta["iteration"] == 2 and len(meta["rng"]) == 2
     assert_full_equal(full_state(model, opt), refs[2])  # the async save, resharded 2 -> 1
     first = ckpt.load_checkpoint(out / ckpt.numbered_name(1), ("model", "optimizer"))
