@@ -1,11 +1,17 @@
 """Encoder checkpoint formats: read any supported file safely, load into an encoder, save.
 
 Supported inputs of `load_encoder`: a reference encoder `.pth` (plain state dict); a training
-checkpoint with a `'model'` entry (pre-training: decoder dropped; distillation student:
-`last_proj` dropped), either a single `.pth` file or a training checkpoint directory
-(`torch.distributed.checkpoint`, e.g. `output_dir/checkpoint-last`), from which only the model
-tensors are read (never the optimiser state); a `.safetensors` file; a Hugging Face Pixio folder.
-Nothing is unpickled except through `weights_only=True` or the restricted DCP metadata reader.
+checkpoint directory (`torch.distributed.checkpoint`, e.g. `output_dir/checkpoint-last`), from
+which only the tensors of one trained module are read (never the optimiser state, never the other
+modules); a single-file training checkpoint `.pth` with a `'model'` entry; a `.safetensors` file;
+a Hugging Face Pixio folder. Wrapper parts are dropped: an MAE's decoder, a distillation
+student's `last_proj`. Nothing is unpickled except through `weights_only=True` or the restricted
+DCP metadata reader.
+
+Trained modules: the trainer saves `{"model": {name: state}, "optimizer": {name: state}}`, one
+name per trained module ("mae" in pre-training, e.g. "student_vith16" in distillation). `module`
+picks one by name; None picks the only one and is an error when there are several. In a `.pth`
+file a module level is a dict of dicts, at the top or under its `'model'` entry.
 """
 
 from __future__ import annotations
@@ -72,39 +78,81 @@ def is_dcp_checkpoint(path: str | Path) -> bool:
     return Path(path).is_dir() and (Path(path) / METADATA_NAME).is_file()
 
 
-def _dcp_model_state(path: Path) -> dict[str, Any]:
-    """The model entry of a DCP training checkpoint, reading only its tensors: the first of
-    STATE_ENTRIES present (else every tensor), keys without that prefix."""
+def _pick_module(names: list[str], module: str | None, source: str | Path) -> str:
+    """The trained module to read: `module`, or the only one when None (ValueError otherwise)."""
+    listed = ", ".join(repr(n) for n in names)
+    if module is None:
+        if len(names) == 1:
+            return names[0]
+        raise ValueError(
+            f"{source} holds {len(names)} trained modules ({listed}): pass module=... to pick one"
+        )
+    if module not in names:
+        raise ValueError(f"{source} has no trained module {module!r}; it holds {listed}")
+    return module
+
+
+def _dcp_model_state(path: Path, module: str | None) -> dict[str, Any]:
+    """Tensors of one trained module of a DCP training checkpoint (entry "model", then the module
+    name), keys relative to the module. Only those tensors are read."""
     md = read_dcp_metadata(path)
-    tensors = {
+    paths = {k: p for k, p in dcp_key_paths(md).items() if p[0] == "model"}
+    if not paths:
+        raise ValueError(f"{path}: this checkpoint directory has no 'model' entry")
+    # Parameters right under "model" (no module level): earlier development versions wrote that
+    # flat layout. Reading it as modules would name every parameter a module, so refuse it.
+    if any(len(p) < 3 for p in paths.values()):
+        raise ValueError(
+            f"{path}: its 'model' entry holds parameters, not named modules: a checkpoint of an "
+            "earlier development version, which this version does not read"
+        )
+    name = _pick_module(sorted({str(p[1]) for p in paths.values()}), module, path)
+    chosen = {
         k: p
-        for k, p in dcp_key_paths(md).items()
-        if isinstance(md.state_dict_metadata[k], TensorStorageMetadata)
+        for k, p in paths.items()
+        if p[1] == name and isinstance(md.state_dict_metadata[k], TensorStorageMetadata)
     }
-    entry = next((e for e in STATE_ENTRIES if any(p[0] == e for p in tensors.values())), None)
-    chosen = {k: p for k, p in tensors.items() if entry is None or (p[0] == entry and len(p) > 1)}
-    skip = 0 if entry is None else 1  # drop the entry name from the nested path
     flat = load_dcp_entries(path, chosen, md)
-    return {".".join(map(str, chosen[k][skip:])): v for k, v in flat.items()}
+    return {".".join(map(str, chosen[k][2:])): v for k, v in flat.items()}
 
 
-def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
-    """Any supported checkpoint -> flat state dict with reference key names (weights_only)."""
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"checkpoint not found: {path}")
-    if is_dcp_checkpoint(path):
-        obj: Any = {"model": _dcp_model_state(path)}
-    elif path.is_dir():
-        obj = _hf_folder_state(path)
-    elif path.suffix == ".safetensors":
-        obj = load_file(str(path))
-    else:
-        obj = safe_torch_load(path)
+def _is_module_level(obj: Any) -> bool:
+    """A dict of state dicts (trained modules by name) rather than a state dict."""
+    return isinstance(obj, dict) and bool(obj) and all(isinstance(v, dict) for v in obj.values())
+
+
+def _pth_state(obj: Any, module: str | None, source: Path) -> Any:
+    """The state dict in a loaded `.pth` object: `module` at the top level or under the first
+    STATE_ENTRIES entry; else that entry, and its only module if it holds named modules."""
+    if module is not None and isinstance(obj, dict) and isinstance(obj.get(module), dict):
+        return obj[module]
     for entry in STATE_ENTRIES:
         if isinstance(obj, dict) and isinstance(obj.get(entry), dict):
             obj = obj[entry]
             break
+    if _is_module_level(obj):
+        return obj[_pick_module(sorted(obj), module, source)]
+    if module is not None:
+        raise ValueError(f"{source} holds one state dict, no trained module {module!r}")
+    return obj
+
+
+def read_state_dict(path: str | Path, module: str | None = None) -> dict[str, torch.Tensor]:
+    """Any supported checkpoint -> flat state dict with reference key names (weights_only).
+
+    `module` names the trained module of a training checkpoint to read (None: the only one);
+    formats that hold a single state dict (`.safetensors`, HF folder) refuse a name."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    if is_dcp_checkpoint(path):
+        obj: Any = _dcp_model_state(path, module)
+    elif path.is_dir() or path.suffix == ".safetensors":
+        if module is not None:
+            raise ValueError(f"{path} holds one state dict, no trained module {module!r}")
+        obj = _hf_folder_state(path) if path.is_dir() else load_file(str(path))
+    else:
+        obj = _pth_state(safe_torch_load(path), module, path)
     if not isinstance(obj, dict):
         raise ValueError(f"{path}: expected a state dict, found {type(obj).__name__}")
     sd = _strip_wrappers(obj)
@@ -131,10 +179,14 @@ def load_encoder_state(encoder: PixioEncoder, sd: dict[str, torch.Tensor], sourc
     encoder.load_state_dict(sd, strict=True)
 
 
-def load_encoder(name: str, path: str | Path, **overrides: Any) -> PixioEncoder:
-    """Build encoder `name` and load weights from any supported checkpoint format."""
+def load_encoder(
+    name: str, path: str | Path, module: str | None = None, **overrides: Any
+) -> PixioEncoder:
+    """Build encoder `name` and load weights from any supported checkpoint format; `module`
+    picks the trained module of a training checkpoint (None: the only one)."""
     encoder = build_encoder(name, **overrides)
-    load_encoder_state(encoder, encoder_state(read_state_dict(path)), str(path))
+    source = str(path) if module is None else f"{path} (module {module!r})"
+    load_encoder_state(encoder, encoder_state(read_state_dict(path, module)), source)
     return encoder
 
 

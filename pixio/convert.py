@@ -1,14 +1,18 @@
-"""Convert encoder checkpoints between formats.
+r"""Convert encoder checkpoints between formats.
 
     python -m pixio.convert --model pixio_vith16 --input ckpt.pth --output encoder.safetensors
     python -m pixio.convert --model pixio_vith16 --input run/checkpoint-last --output enc.pth
     python -m pixio.convert --model pixio_vith16 --input ckpt.pth --output hf_folder/
+    python -m pixio.convert --model pixio_vith16 --input distill/checkpoint-last \
+        --module student_vith16 --output vith16.safetensors
 
 The input may be any format `pixio.load_encoder` reads, including a training checkpoint directory
-(only its model tensors are read). The output format follows the extension: `.safetensors`,
-`.pth`, or (no extension) a Hugging Face `transformers` Pixio folder. The output may not be the
-input itself nor lie inside an input directory (symlinks resolved): that would overwrite or
-corrupt the checkpoint being read.
+(only the tensors of one trained module are read: `--module`, by default the only one). The
+output format follows the extension: `.safetensors`, `.pth`, or (no extension) a Hugging Face
+`transformers` Pixio folder. The output may not be the input itself nor lie inside an input
+directory (symlinks resolved): that would overwrite or corrupt the checkpoint being read. A
+refused input or output (several modules and no `--module`, an unsafe file, ...) is reported in
+one line, exit status 2.
 """
 
 from __future__ import annotations
@@ -46,10 +50,13 @@ def check_paths(src: str | Path, dst: str | Path) -> None:
         )
 
 
-def convert(model: str, src: str | Path, dst: str | Path, **overrides: Any) -> Path:
-    """Load `src` into encoder `model` and write it to `dst` (format from the extension)."""
+def convert(
+    model: str, src: str | Path, dst: str | Path, module: str | None = None, **overrides: Any
+) -> Path:
+    """Load `src` (trained module `module` of a training checkpoint; None: the only one) into
+    encoder `model` and write it to `dst` (format from the extension)."""
     check_paths(src, dst)
-    encoder = load_encoder(model, src, **overrides)
+    encoder = load_encoder(model, src, module, **overrides)
     dst = Path(dst)
     if dst.suffix in (".safetensors", ".pth", ".pt"):
         return save_encoder(encoder, dst)
@@ -68,15 +75,19 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--output", required=True, help=".safetensors, .pth, or a folder (HF)")
     parser.add_argument(
+        "--module",
+        help="which trained module of a training checkpoint directory, e.g. student_vith16 "
+        "(default: the only one)",
+    )
+    parser.add_argument(
         "--override", action="append", default=[], type=parse_override, metavar="KEY=VALUE",
         help="build_encoder override, e.g. --override img_size=512 (repeatable)",
     )  # fmt: skip
     args = parser.parse_args(argv)
-    try:
-        check_paths(args.input, args.output)
-    except ValueError as err:
+    try:  # convert checks the paths before reading anything
+        out = convert(args.model, args.input, args.output, args.module, **dict(args.override))
+    except ValueError as err:  # refused paths, module choice, unsafe file: no traceback
         parser.error(str(err))  # one line, exit status 2
-    out = convert(args.model, args.input, args.output, **dict(args.override))
     print(f"wrote {out}")
 
 

@@ -19,23 +19,17 @@ import torch
 from omegaconf import DictConfig
 
 from pixio.models.registry import build_mae
-from pixio.runtime.config import ConfigError, register_configs, to_container, validate_pretrain
+from pixio.runtime.config import ConfigError, to_container
 from pixio.runtime.job import run_job
 from pixio.runtime.launcher import launch
-from pixio.runtime.loader import EpochLoader
 from pixio.runtime.runconfig import check_resume
 from pixio.runtime.trainer import Trainer
+from pretraining.config import SHAPE_KEYS, register_configs, validate_pretrain
+from pretraining.data import build_data
 from pretraining.task import MAETask
 
 log = logging.getLogger("pixio.pretrain")
 register_configs()
-
-# Keys that fix parameter shapes: a resume cannot change them.
-SHAPE_KEYS = tuple(
-    f"model.{k}"
-    for k in ("name", "img_size", "n_cls_tokens", "embed_dim", "depth", "num_heads",
-              "decoder_embed_dim", "decoder_depth", "decoder_num_heads")
-)  # fmt: skip
 
 
 def build_model(cfg: DictConfig) -> torch.nn.Module:
@@ -50,41 +44,17 @@ def build_model(cfg: DictConfig) -> torch.nn.Module:
     )  # fmt: skip
 
 
-def build_data(cfg: DictConfig, rank: int, world_size: int) -> EpochLoader:
-    """The webdataset stream of `data.*`, batched per process for the whole run."""
-    from pixio.data import build_pretrain_dataset
-
-    d = cfg.data
-    root, json_root = d.root, d.json_root
-    if d.build_demo:
-        from pixio.data.demo import ensure_demo_data
-
-        paths = ensure_demo_data(d.root)
-        root, json_root = paths["shards"], paths["json_root"]
-    dataset = build_pretrain_dataset(
-        root, kind=d.kind, input_size=cfg.model.img_size, crop_scale=tuple(d.crop_scale),
-        json_root=json_root, hist_thresh=d.hist_thresh, imgres_thresh=d.imgres_thresh,
-        soft_sampling=d.soft_sampling, seed=cfg.train.seed, missing_json=d.missing_json,
-        rank=rank, world_size=world_size, shuffle_buffer=d.shuffle_buffer,
-        shuffle_buffer_mb=d.shuffle_buffer_mb, shard_interleave=d.shard_interleave,
-        shard_list=d.shard_list,
-    )  # fmt: skip
-    pin = torch.cuda.is_available() and cfg.train.device != "cpu"
-    t = cfg.train
-    return EpochLoader(dataset, t.batch_size, d.num_workers, t.seed, t.iters_per_epoch, pin)
-
-
 def main(cfg: DictConfig) -> None:
     """Pre-train one Pixio MAE: set up, build, run, close."""
     validate_pretrain(cfg)
     with run_job(cfg.output_dir, cfg.train.device) as info:
         config = to_container(cfg)
         check_resume(cfg.output_dir, config, SHAPE_KEYS)
+        data = build_data(cfg, info.rank, info.world_size)  # data mistakes stop before the model
         torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
         with torch.device("meta"):  # materialised (FSDP: shard by shard) by the trainer
-            task = MAETask(build_model(cfg), cfg.model.mask_ratio)
+            task = MAETask(build_model(cfg), cfg.model.mask_ratio, cfg.optim)
         torch.manual_seed(cfg.train.seed + 1 + info.rank)  # different masks / drop path per rank
-        data = build_data(cfg, info.rank, info.world_size)
         Trainer(cfg, task, data, info, config).fit()
         if info.rank == 0:
             log.info(

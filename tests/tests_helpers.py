@@ -49,7 +49,7 @@ def compose_pretrain(overrides: list[str]):
     """Compose the real pre-training config (configs/pretrain.yaml) with overrides."""
     from hydra import compose, initialize_config_dir
 
-    from pixio.runtime.config import register_configs
+    from pretraining.config import register_configs
 
     register_configs()
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base=None):

@@ -38,6 +38,8 @@ JPEG_QUALITY = 88
 SHORT_SIDE = (144, 288)
 CROP_SCALE = (0.25, 1.0)
 PHOTO_WEIGHT = 1.5  # photos are drawn more often than the low-entropy graphics
+# What a build writes under its root (see `ensure_demo_data`); `.complete` comes last.
+DEMO_ENTRIES = frozenset({"shards", "json", ".build", ".lock", ".complete"})
 
 
 def _skimage(name: str) -> Callable[[], np.ndarray]:
@@ -181,6 +183,16 @@ def read_marker(path: Path) -> dict[str, Any] | None:
         return json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
+
+
+def is_demo_root(root: str | Path) -> bool:
+    """Whether the existing folder `root` holds a demo set: a complete build, or only what an
+    unfinished one writes (its `.lock` first). Anything else there is someone else's data."""
+    root = Path(root)
+    if (root / ".complete").is_file():
+        return True
+    names = {p.name for p in root.iterdir()}
+    return ".lock" in names and names <= DEMO_ENTRIES
 
 
 def ensure_demo_data(

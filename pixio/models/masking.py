@@ -45,6 +45,11 @@ def num_groups(h: int, w: int, grid: int) -> int:
     return (h // grid) * (w // grid)
 
 
+def num_kept(n_groups: int, mask_ratio: float) -> int:
+    """Groups left visible per sample (the same count for every sample of a batch)."""
+    return int(n_groups * (1 - mask_ratio))
+
+
 def group_masking(
     batch: int,
     grid_hw: tuple[int, int],
@@ -62,7 +67,7 @@ def group_masking(
         noise = torch.rand(batch, n_groups, device=device)
     elif tuple(noise.shape) != (batch, n_groups):
         raise ValueError(f"noise must have shape {(batch, n_groups)}, got {tuple(noise.shape)}")
-    len_keep = int(n_groups * (1 - mask_ratio))
+    len_keep = num_kept(n_groups, mask_ratio)
     group_order = torch.argsort(noise.to(groups.device), dim=1)  # ascending: lowest noise kept
     ids_shuffle = groups[group_order].reshape(batch, -1)  # (B, L) kept patches first
     ids_restore = torch.argsort(ids_shuffle, dim=1)

@@ -1,7 +1,9 @@
-"""Typed configuration schema shared by the Pixio jobs (backs the Hydra groups in `configs/`).
+"""Configuration every Pixio job shares (train loop, optimiser, logger, launcher) and the checks
+jobs compose into their own validation.
 
-Every field has one line of doc. `validate_pretrain` checks values before any model or GPU is
-touched and raises `ConfigError` with one line naming the key.
+Every field has one line of doc. A job's schema (e.g. `pretraining/config.py`) adds its own
+groups around these; its validation calls `validate_common` and the helpers below, which raise
+`ConfigError("<key>: <why>")` before any model or GPU is touched.
 """
 
 from __future__ import annotations
@@ -9,11 +11,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf
 
-from pixio.models.registry import list_models
 from pixio.runtime.launcher import LauncherConfig, launcher_config
+from pixio.runtime.optim import SCHEDULES
+from pixio.runtime.parallel import PARALLEL_CHOICES
 
 
 class ConfigError(ValueError):
@@ -21,48 +23,16 @@ class ConfigError(ValueError):
 
 
 @dataclass
-class ModelConfig:
-    name: str = MISSING  # registry name, e.g. pixio_vith16 (see pixio.list_models())
-    img_size: int = 256  # training crop size; a multiple of patch_size * mask_grid
-    drop_path: float = 0.0  # stochastic depth, linear over depth up to this rate
-    n_cls_tokens: int = 8  # number of class tokens
-    embed_dim: int | None = None  # override the registry width (small demo/test models)
-    depth: int | None = None  # override the registry depth
-    num_heads: int | None = None  # override the registry head count
-    decoder_embed_dim: int = 512  # decoder width
-    decoder_depth: int = 32  # decoder blocks
-    decoder_num_heads: int = 16  # decoder attention heads
-    mask_grid: int = 4  # side of the square patch groups that are masked together
-    mask_ratio: float = 0.75  # share of patch groups masked
-    norm_pix_loss: bool = True  # normalise each target patch by its mean and variance
-
-
-@dataclass
-class DataConfig:
-    root: str = MISSING  # shard root (kind=imagenet: *train*.tar; kind=web: **/*.tar)
-    kind: str = "imagenet"  # imagenet | web
-    json_root: str | None = None  # per-shard curation statistics (kind=web)
-    hist_thresh: float | None = None  # keep images with histogram_score > this
-    imgres_thresh: int | None = None  # keep images whose both sides are >= this
-    soft_sampling: bool = False  # keep an image with probability mae_loss
-    missing_json: str = "unfiltered"  # shard without statistics: unfiltered | skip
-    crop_scale: list[float] = field(default_factory=lambda: [0.2, 1.0])  # RandomResizedCrop scale
-    shuffle_buffer: int = 10000  # shuffle buffer of encoded samples, per worker (count bound)
-    shuffle_buffer_mb: float = 1024  # ... and its byte bound in MiB per worker (docs/data.md)
-    shard_interleave: int = 8  # shards each worker reads at once (round-robin)
-    shard_list: str | None = None  # text file of shard paths (relative: to root) instead of a glob
-    num_workers: int = 6  # data-loader workers per process
-    build_demo: bool = False  # build the built-in demo shards under `root` if missing
-
-
-@dataclass
 class OptimConfig:
     lr: float | None = None  # absolute lr; None -> blr * global_batch / 256
     blr: float = 1.5e-4  # base lr per 256 images
-    min_lr: float = 0.0  # floor of the cosine schedule
+    min_lr: float = 0.0  # floor the schedule decays to
     weight_decay: float = 0.05  # AdamW weight decay (not on biases / norms / 1-d params)
     betas: list[float] = field(default_factory=lambda: [0.9, 0.95])  # AdamW betas
     warmup_epochs: float = 40.0  # linear warmup length in epochs
+    warmup_fraction: float | None = None  # warmup share of all iterations; replaces warmup_epochs
+    schedule: str = "cosine"  # cosine (warmup + half-cycle) | poly (warmup + decay) | constant
+    poly_power: float = 0.9  # exponent of the poly schedule
     clip_grad: float | None = None  # max grad norm; None = no clipping (norm still logged)
     fused: bool | None = None  # fused AdamW; None = on for CUDA
 
@@ -71,16 +41,17 @@ class OptimConfig:
 class TrainConfig:
     batch_size: int = 64  # images per process (per GPU) per iteration
     epochs: int = 400  # schedule length in epochs
-    iters_per_epoch: int = 1605  # data iterations per epoch (streams have no natural epoch)
+    iters_per_epoch: int | None = None  # iters per epoch; None = dataset length (a stream sets it)
     accum_iter: int = 1  # gradient accumulation: iterations per optimiser step
     save_every_iters: int = 1000  # full checkpoint period (multiple of accum_iter)
     keep_last: int = 2  # newest numbered checkpoints kept (checkpoint-last points at the newest)
     keep_every: int | None = None  # also keep numbered checkpoints at multiples of this
     async_save: bool | None = None  # write checkpoints in the background; None = on with CUDA
     log_every: int = 20  # console/metrics/wandb period in iterations
-    vis_every: int = 1000  # reconstruction picture period in iterations (0 = off)
+    vis_every: int = 1000  # picture period in iterations (the task's picture hook; 0 = off)
+    val_every: int = 1  # validation period in epochs, jobs that validate (0 = only at the end)
     precision: str = "bf16"  # bf16 | fp16 | fp32 (autocast dtype; fp16 uses a grad scaler)
-    parallel: str = "auto"  # auto | none | ddp | fsdp (auto: fsdp for 1B/5B, ddp otherwise)
+    parallel: str = "auto"  # auto | none | ddp | fsdp (auto: per module, fsdp from 1B params)
     compile: bool = False  # torch.compile the model
     activation_checkpointing: bool = False  # recompute block activations in backward
     device: str = "auto"  # auto | cpu | cuda
@@ -94,103 +65,99 @@ class LoggerConfig:
     project: str = "pixio"  # wandb project
     entity: str | None = None  # wandb entity (team or user)
     run_name: str | None = None  # wandb run name; None = output_dir's name
-    mode: str | None = None  # online | offline | disabled; None = offline without an API key
+    mode: str | None = (
+        None  # online | offline | disabled; None = wandb decides, offline w/o API key
+    )
     tags: list[str] = field(default_factory=list)  # wandb tags
 
 
-@dataclass
-class PretrainConfig:
-    model: ModelConfig = field(default_factory=ModelConfig)  # the MAE being pre-trained
-    data: DataConfig = field(default_factory=DataConfig)  # shards and filters
-    optim: OptimConfig = field(default_factory=OptimConfig)  # AdamW and lr schedule
-    train: TrainConfig = field(default_factory=TrainConfig)  # loop, precision, checkpoints
-    launcher: LauncherConfig = field(default_factory=LauncherConfig)  # local or SLURM
-    logger: LoggerConfig = field(default_factory=LoggerConfig)  # wandb
-    output_dir: str = MISSING  # checkpoints, metrics.jsonl, vis/, encoder.safetensors
+# ---- checks: each raises ConfigError("<key>: <why>") ---------------------------------------
+_UNSET = object()
 
 
-def register_configs() -> None:
-    """Register the schemas so Hydra type-checks every composed config."""
-    cs = ConfigStore.instance()
-    cs.store(name="pretrain_schema", node=PretrainConfig)
-
-
-def _require(ok: bool, key: str, message: str) -> None:
+def require(ok: bool, key: str, message: str) -> None:
+    """ConfigError("<key>: <message>") unless `ok`."""
     if not ok:
         raise ConfigError(f"{key}: {message}")
 
 
-def _is_missing(cfg: DictConfig | PretrainConfig, dotted: str) -> bool:
-    """True when `dotted` (e.g. "data.root") is still `???`."""
-    *parents, leaf = dotted.split(".")
-    for key in parents:
-        cfg = getattr(cfg, key)
-    if isinstance(cfg, DictConfig):
-        return OmegaConf.is_missing(cfg, leaf)
-    return getattr(cfg, leaf) == MISSING
+def require_set(cfg: Any, *keys: str) -> None:
+    """ConfigError naming the first dotted key (e.g. "data.root") that is absent or `???`."""
+    node = cfg if isinstance(cfg, DictConfig) else OmegaConf.structured(cfg)
+    for key in keys:
+        unset = OmegaConf.select(node, key, default=_UNSET, throw_on_missing=False) is _UNSET
+        require(not unset, key, "is required (set it on the command line)")
 
 
-def _choice(node: Any, group: str, key: str, options: tuple[str, ...]) -> None:
+def check_choice(node: Any, group: str, key: str, options: tuple[Any, ...]) -> None:
+    """`<group>.<key>` must be one of `options`."""
     value = getattr(node, key)
-    _require(
-        value in options, f"{group}.{key}", f"must be one of {', '.join(options)}; got {value!r}"
-    )
+    shown = ", ".join(str(o) for o in options)
+    require(value in options, f"{group}.{key}", f"must be one of {shown}; got {value!r}")
 
 
-def _positive(node: Any, group: str, *keys: str) -> None:
+def check_positive(node: Any, group: str, *keys: str, optional: bool = False) -> None:
+    """Each `<group>.<key>` must be > 0 (or None when `optional`)."""
     for key in keys:
         value = getattr(node, key)
-        _require(value > 0, f"{group}.{key}", f"must be positive, got {value}")
+        if optional and value is None:
+            continue
+        require(value is not None and value > 0, f"{group}.{key}", f"must be positive, got {value}")
 
 
-def _check_model(m: Any) -> None:
-    models = list_models()
-    _require(
-        m.name in models, "model.name", f"unknown model {m.name!r}; valid: {', '.join(models)}"
-    )
-    _require(m.mask_grid >= 1, "model.mask_grid", f"must be >= 1, got {m.mask_grid}")
-    size, unit = m.img_size, 16 * m.mask_grid
-    _require(size > 0 and size % 16 == 0, "model.img_size", f"{size} is not divisible by the patch size 16")  # fmt: skip
-    _require(size % unit == 0, "model.img_size", f"{size} is not divisible by 16 * mask_grid = {unit}")  # fmt: skip
-    _require(0 <= m.mask_ratio < 1, "model.mask_ratio", f"must be in [0, 1), got {m.mask_ratio}")
-    _require(0 <= m.drop_path < 1, "model.drop_path", f"must be in [0, 1), got {m.drop_path}")
-
-
-def _check_data(d: Any) -> None:
-    _choice(d, "data", "kind", ("imagenet", "web"))
-    _choice(d, "data", "missing_json", ("unfiltered", "skip"))
-    _require(bool(d.root), "data.root", "is empty")
-    _require(d.num_workers >= 0, "data.num_workers", f"must be >= 0, got {d.num_workers}")
-    _require(d.shuffle_buffer >= 0, "data.shuffle_buffer", f"must be >= 0, got {d.shuffle_buffer}")
-    _positive(d, "data", "shuffle_buffer_mb", "shard_interleave")
-    _require(d.shard_list is None or bool(d.shard_list), "data.shard_list", "is empty (use null)")
-
-
-def _check_train(t: Any, o: Any) -> None:
-    _positive(t, "train", "batch_size", "epochs", "iters_per_epoch", "accum_iter")
-    _positive(t, "train", "save_every_iters", "log_every", "keep_last")
+def check_train(t: Any) -> None:
+    """The `train` group: loop lengths, periods, precision, parallelism, device."""
+    check_positive(t, "train", "batch_size", "epochs", "accum_iter", "save_every_iters")
+    check_positive(t, "train", "log_every", "keep_last")
+    check_positive(t, "train", "iters_per_epoch", "max_iters", "keep_every", optional=True)
+    for key in ("vis_every", "val_every", "seed"):
+        require(getattr(t, key) >= 0, f"train.{key}", f"must be >= 0, got {getattr(t, key)}")
     every, accum = t.save_every_iters, t.accum_iter
-    _require(every % accum == 0, "train.save_every_iters", f"{every} is not a multiple of train.accum_iter = {accum}")  # fmt: skip
-    _choice(t, "train", "precision", ("bf16", "fp16", "fp32"))
-    _choice(t, "train", "parallel", ("auto", "none", "ddp", "fsdp"))
-    _choice(t, "train", "device", ("auto", "cpu", "cuda"))
-    _require(o.lr is None or o.lr > 0, "optim.lr", f"must be positive, got {o.lr}")
-    _positive(o, "optim", "blr")
-    _require(0 <= o.warmup_epochs <= t.epochs, "optim.warmup_epochs", f"must be in [0, train.epochs], got {o.warmup_epochs}")  # fmt: skip
+    require(every % accum == 0, "train.save_every_iters", f"{every} is not a multiple of train.accum_iter = {accum}")  # fmt: skip
+    check_choice(t, "train", "precision", ("bf16", "fp16", "fp32"))
+    check_choice(t, "train", "parallel", PARALLEL_CHOICES)
+    check_choice(t, "train", "device", ("auto", "cpu", "cuda"))
 
 
-def validate_pretrain(cfg: DictConfig | PretrainConfig) -> None:
-    """Check values before anything is built; ConfigError names the first bad key."""
-    missing = [k for k in ("model.name", "data.root", "output_dir") if _is_missing(cfg, k)]
-    _require(not missing, missing[0] if missing else "", "is required (set it on the command line)")
-    _check_model(cfg.model)
-    _check_data(cfg.data)
-    _check_train(cfg.train, cfg.optim)
+def check_optim(o: Any, t: Any) -> None:
+    """The `optim` group: lr, AdamW terms, and the schedule (against `train.epochs`)."""
+    require(o.lr is None or o.lr > 0, "optim.lr", f"must be positive, got {o.lr}")
+    check_positive(o, "optim", "blr")
+    check_positive(o, "optim", "clip_grad", optional=True)
+    for key in ("min_lr", "weight_decay"):
+        require(getattr(o, key) >= 0, f"optim.{key}", f"must be >= 0, got {getattr(o, key)}")
+    betas = list(o.betas)
+    require(len(betas) == 2 and all(0 <= b < 1 for b in betas), "optim.betas", f"must be two values in [0, 1), got {betas}")  # fmt: skip
+    check_choice(o, "optim", "schedule", SCHEDULES)
+    check_positive(o, "optim", "poly_power")
+    if o.warmup_fraction is not None:  # it replaces warmup_epochs, which is then not checked
+        require(0 <= o.warmup_fraction < 1, "optim.warmup_fraction", f"must be in [0, 1), got {o.warmup_fraction}")  # fmt: skip
+    else:
+        require(0 <= o.warmup_epochs <= t.epochs, "optim.warmup_epochs", f"must be in [0, train.epochs], got {o.warmup_epochs}")  # fmt: skip
+
+
+def check_logger(lg: Any) -> None:
+    """The `logger` group: tracker name and wandb mode."""
+    check_choice(lg, "logger", "name", ("wandb", "none"))
+    check_choice(lg, "logger", "mode", (None, "online", "offline", "disabled"))
+
+
+def check_launcher(node: Any) -> LauncherConfig:
+    """The `launcher` group, as `launcher_config` reads it (its ValueError as ConfigError)."""
     try:
-        launcher_config(cfg.launcher)
-    except ValueError as err:
+        return launcher_config(node)
+    except ValueError as err:  # launcher_config's messages already start with the key
         raise ConfigError(str(err)) from None
-    _choice(cfg.logger, "logger", "name", ("wandb", "none"))
+
+
+def validate_common(cfg: Any) -> None:
+    """The groups every job shares: output_dir, train, optim, launcher, logger."""
+    require_set(cfg, "output_dir")
+    require(bool(cfg.output_dir), "output_dir", "is empty")
+    check_train(cfg.train)
+    check_optim(cfg.optim, cfg.train)
+    check_launcher(cfg.launcher)
+    check_logger(cfg.logger)
 
 
 def to_container(cfg: DictConfig) -> dict[str, Any]:

@@ -1,8 +1,20 @@
 """Process-group set-up for single-process, torchrun and SLURM (srun / submitit) runs.
 
-Rank and world size come from, in order: the torchrun variables (``RANK``, ``WORLD_SIZE``,
-``LOCAL_RANK``, ``MASTER_ADDR``, ``MASTER_PORT``; the submitit launcher sets them too), the SLURM
-variables of an ``srun`` step, or nothing (one process, no process group).
+Rank and world size come from, in order:
+
+- the torchrun variables (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR``,
+  ``MASTER_PORT``);
+- the SLURM variables of an ``srun`` step (a submitit task, or a plain ``srun python -m ...``),
+  read by submitit's ``TorchDistributedEnvironment``: rank ``SLURM_PROCID``, world size
+  ``SLURM_NTASKS``, local rank ``SLURM_LOCALID``, master address the first host of
+  ``SLURM_JOB_NODELIST`` and a port in [20000, 60000] seeded by the job id (the same for every
+  task of a job); an exported ``MASTER_ADDR`` / ``MASTER_PORT`` is kept. Only a step counts
+  (``SLURM_STEP_ID`` set): the batch script has ``SLURM_PROCID`` / ``SLURM_NTASKS`` too;
+- nothing: one process, no process group.
+
+``CUDA_VISIBLE_DEVICES`` is left alone (submitit's ``export()`` would narrow it to the local
+rank); the device is ``local_rank % device_count``, right whether or not the cluster binds one
+GPU per task.
 """
 
 from __future__ import annotations
@@ -10,20 +22,14 @@ from __future__ import annotations
 import datetime
 import logging
 import os
-import re
-import subprocess
-from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+from submitit.helpers import TorchDistributedEnvironment
+from submitit.slurm.slurm import SlurmJobEnvironment
 
 log = logging.getLogger(__name__)
-
-# MASTER_PORT under SLURM = base + job id % span: distinct for jobs sharing a node, and below
-# Linux's ephemeral range (32768+) so it does not collide with outgoing connections.
-_SLURM_PORT_BASE = 20000
-_SLURM_PORT_SPAN = 10000
 
 
 @dataclass(frozen=True)
@@ -56,37 +62,30 @@ class DistInfo:
         return self.world_size > 1
 
 
-def first_slurm_host(nodelist: str) -> str:
-    """First host name of a SLURM node list such as ``gpu[003-005,9],cpu1``."""
-    try:
-        out = subprocess.run(
-            ["scontrol", "show", "hostnames", nodelist],
-            capture_output=True,
-            text=True,
-            check=True,
-            timeout=30,
-        ).stdout.split()
-        if out:
-            return out[0]
-    except (OSError, subprocess.SubprocessError):
-        pass
-    # No scontrol (e.g. in a container without SLURM clients): expand the first entry ourselves.
-    match = re.match(r"([^,\[]+)(?:\[([^\]]+)\])?", nodelist)
-    if match is None:
-        raise ValueError(f"cannot parse SLURM node list {nodelist!r}")
-    prefix, ranges = match.groups()
-    return prefix + (re.split(r"[-,]", ranges)[0] if ranges else "")
+class _SlurmStepEnvironment(TorchDistributedEnvironment):
+    """submitit's ``TorchDistributedEnvironment`` for any srun step, submitit's or a plain
+    ``srun python -m ...``.
+
+    The parent asks ``submitit.JobEnvironment()``, which picks the cluster from
+    ``SUBMITIT_EXECUTOR`` and raises where only submitit's own jobs have set it; the SLURM
+    variables of a step are the same whoever started it, so name submitit's SLURM environment
+    directly (its node-list parsing, its job-id-derived port) and keep the parent's fields.
+    """
+
+    def __init__(self) -> None:
+        # The parent's body, except for the line that picks the job environment.
+        self._job_env = SlurmJobEnvironment()
+        self.master_addr = self._job_env.hostnames[0]
+        self.master_port = self._get_master_port()  # MASTER_PORT if exported, else from job id
+        self.rank = self._job_env.global_rank
+        self.world_size = self._job_env.num_tasks
+        self.local_rank = self._job_env.local_rank
+        self.local_world_size = self._job_env.num_tasks // self._job_env.num_nodes
 
 
-def slurm_master_port(job_id: str) -> int:
-    """Rendez-vous port derived from the SLURM job id (all tasks compute the same one)."""
-    digits = re.sub(r"\D", "", job_id) or "0"
-    return _SLURM_PORT_BASE + int(digits) % _SLURM_PORT_SPAN
-
-
-def read_dist_env(environ: Mapping[str, str] | None = None) -> DistEnv:
+def read_dist_env() -> DistEnv:
     """Rank, world size and rendez-vous address from torchrun or SLURM variables."""
-    env = os.environ if environ is None else environ
+    env = os.environ
     if "RANK" in env and "WORLD_SIZE" in env:
         return DistEnv(
             rank=int(env["RANK"]),
@@ -98,20 +97,15 @@ def read_dist_env(environ: Mapping[str, str] | None = None) -> DistEnv:
         )
     # Only inside an srun step: the batch script itself also has SLURM_PROCID=0 and
     # SLURM_NTASKS=N, and a lone `python` there must not wait for N - 1 peers.
-    if "SLURM_STEP_ID" in env and "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
-        world_size = int(env["SLURM_NTASKS"])
-        addr = env.get("MASTER_ADDR")
-        port = env.get("MASTER_PORT")
-        if world_size > 1 and addr is None:
-            addr = first_slurm_host(env.get("SLURM_JOB_NODELIST") or env["SLURM_NODELIST"])
-        if world_size > 1 and port is None:
-            port = str(slurm_master_port(env.get("SLURM_JOB_ID", "0")))
+    if "SLURM_STEP_ID" in env and "SLURM_JOB_ID" in env:
+        step = _SlurmStepEnvironment()
         return DistEnv(
-            rank=int(env["SLURM_PROCID"]),
-            world_size=world_size,
-            local_rank=int(env.get("SLURM_LOCALID", 0)),
-            master_addr=addr,
-            master_port=int(port) if port is not None else None,
+            rank=step.rank,
+            world_size=step.world_size,
+            local_rank=step.local_rank,
+            # An exported MASTER_ADDR wins (submitit would take the first host regardless).
+            master_addr=env.get("MASTER_ADDR") or step.master_addr,
+            master_port=step.master_port,
             source="slurm",
         )
     return DistEnv(0, 1, 0, None, None, "single")

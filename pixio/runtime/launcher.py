@@ -19,14 +19,14 @@ import os
 import re
 import subprocess
 import sys
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import submitit
 from omegaconf import DictConfig, OmegaConf
 
-from pixio.runtime.distributed import read_dist_env, slurm_master_port
+from pixio.runtime.distributed import read_dist_env
 
 
 @dataclasses.dataclass
@@ -82,9 +82,9 @@ def launcher_config(node: Any) -> LauncherConfig:
     return cfg
 
 
-def under_process_launcher(environ: Mapping[str, str] | None = None) -> bool:
+def under_process_launcher() -> bool:
     """True inside torchrun or a multi-task srun step (ranks already exist)."""
-    env = read_dist_env(environ)
+    env = read_dist_env()
     return env.source == "torchrun" or env.world_size > 1
 
 
@@ -156,8 +156,12 @@ def run_torchrun(cfg: DictConfig, nproc: int, overrides: Sequence[str]) -> None:
 
 
 # -- SLURM: submitit ---------------------------------------------------------------------------
+INHERITED_RENDEZVOUS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+
+
 class SubmititMain(submitit.helpers.Checkpointable):
-    """The callable a SLURM task runs: rank set-up from submitit, then ``main(cfg)``.
+    """The callable a SLURM task runs: ``main(cfg)``, which takes its rank from the srun step's
+    variables like any SLURM task (``pixio.runtime.distributed.read_dist_env``).
 
     ``checkpoint()`` (called by submitit on rank 0 when the job requeues itself) resubmits a fresh
     copy: the training state lives in ``output_dir``'s checkpoint, which the trainer resumes from.
@@ -168,23 +172,15 @@ class SubmititMain(submitit.helpers.Checkpointable):
         self.cfg = cfg
 
     def __call__(self) -> Any:
-        export_submitit_dist_env()
+        # sbatch hands the job the submitting shell's environment: rendez-vous variables left
+        # there (a torchrun session, an exported MASTER_ADDR=localhost) would override the
+        # step's own and hang a multi-node job, so inside a submitit task the step decides.
+        for key in INHERITED_RENDEZVOUS:
+            os.environ.pop(key, None)
         return self.main(self.cfg)
 
     def checkpoint(self, *args: Any, **kwargs: Any) -> submitit.helpers.DelayedSubmission:
         return submitit.helpers.DelayedSubmission(type(self)(self.main, self.cfg))
-
-
-def export_submitit_dist_env() -> None:
-    """Set the torchrun-style variables that ``init_distributed`` reads, from submitit's view."""
-    job = submitit.JobEnvironment()
-    os.environ.update(
-        RANK=str(job.global_rank),
-        WORLD_SIZE=str(job.num_tasks),
-        LOCAL_RANK=str(job.local_rank),
-        MASTER_ADDR=job.hostnames[0],
-        MASTER_PORT=str(slurm_master_port(job.job_id)),
-    )
 
 
 def slurm_parameters(lc: LauncherConfig) -> dict[str, Any]:

@@ -3,6 +3,19 @@ and wandb.
 
 `MetricsWriter` and `WandbLogger` do nothing unless `enabled` (pass `rank == 0`), so callers
 need no rank checks.
+
+wandb mode: `logger.mode` goes to `wandb.init` as is; None lets wandb decide (WANDB_MODE, its
+settings files such as `wandb offline`, its login state). What None does without credentials
+(measured with wandb 0.31): `wandb.init` raises "No API key configured" in 0.1 s when stdin or
+stderr is not a terminal (sbatch), but shows its login menu and waits for an answer for ever
+when both are (`srun --pty`, torchrun from a shell); `wandb.init(settings=...)` has no field
+that stops this (its `login_timeout` / `silent` do not reach the login). So with mode None, when
+wandb's own mode is online, the logger first asks `wandb.login(prompt=False, verify=False)`
+(wandb's own credential lookup: never prompts, does not check the key with the server). Without
+credentials, or when `wandb.init` fails anyway (a key but no network: wandb retries for its
+`init_timeout`, about 100 s, then raises), it logs one warning and starts the same run id in
+`offline` mode, so the metrics stay under `<dir>/wandb` for `wandb sync`. Any other failure
+logs a warning and turns wandb off: logging never stops training.
 """
 
 from __future__ import annotations
@@ -10,7 +23,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import netrc
 import os
 import secrets
 import time
@@ -18,7 +30,6 @@ from collections import deque
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
 import numpy as np
 
@@ -238,29 +249,6 @@ def _field(cfg: Any, key: str, default: Any = None) -> Any:
     return getattr(cfg, key, default)
 
 
-def wandb_logged_in() -> bool:
-    """True when wandb has credentials: WANDB_API_KEY, or a netrc entry for its host."""
-    if os.environ.get("WANDB_API_KEY"):
-        return True
-    host = urlsplit(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")).hostname
-    path = os.environ.get("NETRC") or os.path.expanduser("~/.netrc")
-    try:
-        entry = netrc.netrc(path).authenticators(host or "")
-    except (OSError, netrc.NetrcParseError):
-        return False
-    return bool(entry and entry[2])
-
-
-def resolve_wandb_mode(mode: str | None) -> str:
-    """Config mode when set; else the WANDB_MODE env var; else online only with credentials,
-    offline otherwise (a run without an API key never tries the network)."""
-    if mode:
-        return mode
-    if os.environ.get("WANDB_MODE"):
-        return os.environ["WANDB_MODE"]
-    return "online" if wandb_logged_in() else "offline"
-
-
 def read_or_create_run_id(output_dir: str | os.PathLike) -> str:
     """The wandb run id stored in `output_dir/wandb_run_id.txt`, created on first use, so a
     restart with the same output_dir continues the same wandb run."""
@@ -276,12 +264,23 @@ def read_or_create_run_id(output_dir: str | os.PathLike) -> str:
     return run_id
 
 
+class _NoCredentials(RuntimeError):
+    """wandb would need to prompt for an API key."""
+
+
+def _wandb_online(wandb: Any) -> bool:
+    """Whether `wandb.init(mode=None)` would go online, i.e. log in: wandb's own mode (from
+    WANDB_MODE and its settings files) is not offline or disabled."""
+    return wandb.setup().settings.mode not in ("offline", "dryrun", "disabled")
+
+
 class WandbLogger:
     """wandb run for one output_dir; every method is a no-op when disabled.
 
     Config fields read (all optional): `name` (backend: "wandb" | "none"), `enabled`, `project`,
     `entity`, `run_name` (default: output_dir's name), `mode` (online | offline | disabled |
-    None, see `resolve_wandb_mode`), `tags`, `dir` (default: output_dir; wandb writes `dir/wandb`).
+    None = wandb decides, see the module docstring), `tags`, `dir` (default: output_dir; wandb
+    writes `dir/wandb`). `mode` is the mode asked for; the run's own is `run.settings.mode`.
     """
 
     def __init__(
@@ -293,7 +292,7 @@ class WandbLogger:
     ) -> None:
         self.output_dir = Path(output_dir)
         self.run = None
-        self.mode = resolve_wandb_mode(_field(cfg, "mode"))
+        self.mode: str | None = _field(cfg, "mode")
         wanted = _field(cfg, "enabled", True) and _field(cfg, "name", "wandb") != "none"
         if enabled and wanted and self.mode != "disabled":
             try:
@@ -306,7 +305,7 @@ class WandbLogger:
 
         run_dir = Path(_field(cfg, "dir") or self.output_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
-        return wandb.init(
+        kwargs = dict(
             project=_field(cfg, "project"),
             entity=_field(cfg, "entity"),
             name=_field(cfg, "run_name") or self.output_dir.resolve().name,
@@ -315,8 +314,26 @@ class WandbLogger:
             dir=str(run_dir),
             id=read_or_create_run_id(self.output_dir),
             resume="allow",
-            mode=self.mode,
         )
+        if self.mode is not None:
+            return wandb.init(mode=self.mode, **kwargs)
+        try:
+            # wandb.init would show its login menu on a terminal and wait for an answer.
+            if _wandb_online(wandb) and not wandb.login(prompt=False, verify=False):
+                raise _NoCredentials("no API key (WANDB_API_KEY or `wandb login`)")
+            return wandb.init(mode=None, **kwargs)
+        except Exception as e:
+            # A half-started online run keeps its id registered in wandb's service ("run ID is
+            # in use"); a fresh service lets the offline run take the same id.
+            if not isinstance(e, _NoCredentials):
+                wandb.teardown()
+            why = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            log.warning(
+                "wandb offline: %s; metrics are kept in %s for `wandb sync`",
+                why,
+                run_dir / "wandb",
+            )
+        return wandb.init(mode="offline", **kwargs)
 
     @property
     def enabled(self) -> bool:

@@ -1,8 +1,9 @@
-"""AdamW with the reference decay/no-decay split, and the per-iteration lr schedule."""
+"""AdamW with the reference decay/no-decay split, and the per-iteration lr schedules."""
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -78,3 +79,47 @@ def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
 def resolve_lr(lr: float | None, blr: float, global_batch: int) -> float:
     """Absolute lr: `lr` when given, else the linear scaling rule blr * global_batch / 256."""
     return lr if lr is not None else blr * global_batch / 256
+
+
+SCHEDULES = ("cosine", "poly", "constant")
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """Per-iteration lr as a function of the fractional epoch (= iteration / iters_per_epoch):
+    linear warmup from 0 over `warmup_epochs`, then `kind`:
+    cosine: half-cycle cosine from base_lr to min_lr at `epochs` (pre-training, distillation);
+    poly: min_lr + (base_lr - min_lr) * (1 - progress) ** power over the post-warmup part
+    (depth: 10 % warmup; segmentation: no warmup); constant: base_lr."""
+
+    kind: str
+    base_lr: float
+    epochs: float
+    warmup_epochs: float = 0.0
+    min_lr: float = 0.0
+    power: float = 0.9
+
+    def __post_init__(self) -> None:
+        if self.kind not in SCHEDULES:
+            raise ValueError(f"schedule must be one of {', '.join(SCHEDULES)}, got {self.kind!r}")
+
+    def __call__(self, epoch: float) -> float:
+        if self.kind == "cosine":  # the reference's formula, kept verbatim (lr_at)
+            return lr_at(epoch, self.base_lr, self.min_lr, self.warmup_epochs, self.epochs)
+        if epoch < self.warmup_epochs:
+            return self.base_lr * epoch / self.warmup_epochs
+        if self.kind == "constant":
+            return self.base_lr
+        progress = min(1.0, (epoch - self.warmup_epochs) / (self.epochs - self.warmup_epochs))
+        return self.min_lr + (self.base_lr - self.min_lr) * (1.0 - progress) ** self.power
+
+
+def schedule_from_config(o: Any, base_lr: float, epochs: float) -> Schedule:
+    """The `Schedule` of an `optim` config node (`schedule`, `warmup_epochs` or
+    `warmup_fraction`, `min_lr`, `poly_power`) for a run of `epochs` epochs."""
+    fraction = getattr(o, "warmup_fraction", None)
+    warmup = fraction * epochs if fraction is not None else o.warmup_epochs
+    return Schedule(
+        kind=getattr(o, "schedule", "cosine"), base_lr=base_lr, epochs=epochs,
+        warmup_epochs=warmup, min_lr=o.min_lr, power=getattr(o, "poly_power", 0.9),
+    )  # fmt: skip

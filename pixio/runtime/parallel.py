@@ -17,45 +17,80 @@ single-process build with the same seed has.
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from pixio.models.init import init_parameters
 
+if TYPE_CHECKING:
+    from torch.distributed.device_mesh import DeviceMesh
+
 log = logging.getLogger("pixio.parallel")
 
-# Models at least this wide default to FSDP: a 1B/5B model with AdamW does not fit under DDP.
-FSDP_MIN_WIDTH = 1536
+# Trainable modules of at least this many parameters default to FSDP: fp32 weights, gradients and
+# AdamW's two moments take 16 bytes per parameter (16 GB at 1B, 87 GB at 5B), which DDP would
+# replicate on every GPU. ViT-H's MAE (0.73B) stays under DDP, the 1B and 5B ones are sharded.
+FSDP_MIN_PARAMS = 1_000_000_000
+# Frozen modules hold only weights: replicated while they take at most this much per GPU (a 1B
+# encoder is 2.7 GB in bf16), sharded above it (the 5B teacher: 10.9 GB in bf16).
+FROZEN_REPLICATE_MAX_BYTES = 4 * 2**30
 PARALLEL_CHOICES = ("auto", "none", "ddp", "fsdp")
 
 
-def choose_parallel(parallel: str, width: int, world_size: int) -> str:
-    """Resolve `auto`: single process -> none; models at least FSDP_MIN_WIDTH wide -> fsdp;
-    otherwise ddp. An explicit choice is kept when there is more than one process."""
+def num_params(module: nn.Module) -> int:
+    """Parameter count (works on the meta device)."""
+    return sum(p.numel() for p in module.parameters())
+
+
+def choose_parallel(
+    parallel: str, numel: int, world_size: int, trainable: bool = True, param_bytes: int = 4
+) -> str:
+    """Resolve `auto` for one module of `numel` parameters: single process -> none; trainable:
+    fsdp from FSDP_MIN_PARAMS, ddp below; frozen: fsdp when its weights (`param_bytes` each)
+    exceed FROZEN_REPLICATE_MAX_BYTES, else none (replicated). An explicit choice is kept when
+    there is more than one process (a frozen module is never wrapped in DDP: no gradients)."""
     if parallel not in PARALLEL_CHOICES:
         raise ValueError(f"parallel must be one of {', '.join(PARALLEL_CHOICES)}, got {parallel!r}")
     if world_size == 1:  # nothing to replicate or shard
         return "none"
+    if not trainable:
+        if parallel == "auto":
+            return "fsdp" if numel * param_bytes > FROZEN_REPLICATE_MAX_BYTES else "none"
+        return "none" if parallel == "ddp" else parallel
     if parallel != "auto":
         return parallel
-    return "fsdp" if width >= FSDP_MIN_WIDTH else "ddp"
+    return "fsdp" if numel >= FSDP_MIN_PARAMS else "ddp"
 
 
 def fully_shard_model(
-    model: nn.Module, units: list[nn.Module], param_dtype: torch.dtype | None
+    model: nn.Module,
+    units: Sequence[nn.Module],
+    param_dtype: torch.dtype | None,
+    mesh: DeviceMesh | None = None,
+    forward_methods: Sequence[str] = (),
 ) -> nn.Module:
     """FSDP2: one unit per block (`units`, parameters gathered in `param_dtype`), then the root
-    (parameters kept fp32); gradients reduced in fp32; inputs never cast (see module doc)."""
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    (parameters kept in their dtype); gradients reduced in fp32; inputs never cast (see module
+    doc). `mesh`: shard over a subgroup (default: all ranks). `forward_methods`: methods other
+    than forward() that callers use, so they gather the root's parameters too."""
+    from torch.distributed.fsdp import (
+        MixedPrecisionPolicy,
+        fully_shard,
+        register_fsdp_forward_method,
+    )
 
     blocks = MixedPrecisionPolicy(
         param_dtype=param_dtype, reduce_dtype=torch.float32, cast_forward_inputs=False
     )
     root = MixedPrecisionPolicy(reduce_dtype=torch.float32, cast_forward_inputs=False)
     for unit in units:
-        fully_shard(unit, mp_policy=blocks)
-    fully_shard(model, mp_policy=root, shard_placement_fn=_shard_wide_dim)
+        fully_shard(unit, mesh=mesh, mp_policy=blocks)
+    fully_shard(model, mesh=mesh, mp_policy=root, shard_placement_fn=_shard_wide_dim)
+    for name in forward_methods:
+        register_fsdp_forward_method(model, name)
     return model
 
 

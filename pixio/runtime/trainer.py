@@ -1,8 +1,11 @@
-"""The one training loop shared by pre-training and distillation.
+"""The one training loop shared by every job (pre-training, evaluation heads, distillation).
 
-A job builds a `Task` (its model wrapper) and a data stream and hands them to `Trainer.fit()`.
-The trainer owns precision, parallelism (DDP / FSDP), the optimiser and lr schedule, gradient
-accumulation, logging, pictures, checkpoints and resume, and pre-emption.
+A job builds a `Task` (pixio.runtime.task: its modules, optimisers and loss) and its data, and
+hands them to `Trainer.fit()`. The trainer owns everything else: placing each module (DDP or FSDP
+for trainable ones, chosen per module; frozen ones replicated or sharded, bf16 on GPUs),
+precision, the optimisers with their schedules, scalers and clipping, gradient accumulation,
+validation with best/final tracking, logging and pictures, sharded checkpoints and exact resume,
+pre-emption, and the exported artifacts at the end.
 """
 
 from __future__ import annotations
@@ -12,7 +15,7 @@ import logging
 import math
 import time
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -29,12 +32,14 @@ from torch.distributed.checkpoint.state_dict import (
 
 from pixio.runtime import checkpointing, optim
 from pixio.runtime.checkpointing import CheckpointManager
+from pixio.runtime.config import ConfigError
 from pixio.runtime.distributed import DistInfo, all_reduce_mean, is_dist, reduce_device
 from pixio.runtime.logging import MetricsWriter, Throughput, WandbLogger, format_progress
-from pixio.runtime.parallel import choose_parallel, fully_shard_model, materialize
+from pixio.runtime.parallel import choose_parallel, fully_shard_model, materialize, num_params
 from pixio.runtime.preemption import PreemptionHandler
 from pixio.runtime.runconfig import write_run_config
-from pixio.runtime.task import Task
+from pixio.runtime.task import ModuleSpec, OptimizerSpec, StepOutput, Task
+from pixio.runtime.validation import ValidationRecord, add_real, sum_over_ranks
 from pixio.runtime.vis import save_png
 
 log = logging.getLogger("pixio.train")
@@ -52,97 +57,208 @@ class Progress:
     samples_seen: int = 0
 
 
+@dataclass
+class Stepper:
+    """One optimiser with what belongs to it: schedule, gradient scaler, clipping, and the
+    module whose parameter names key its checkpointed state."""
+
+    optimizer: torch.optim.AdamW
+    schedule: optim.Schedule
+    scaler: torch.amp.GradScaler
+    clip_grad: float | None
+    root: nn.Module  # the one module it steps, or a ModuleDict of several (state-dict names)
+    groups: list[list[nn.Parameter]]  # its parameters, per module (norms are summed over them)
+    grad_norm: float = float("nan")  # pre-clip norm of the last step
+
+
+@dataclass
+class Window:
+    """Sums of the step scalars since the last log line (logged as their means)."""
+
+    sums: dict[str, float] = field(default_factory=dict)
+    count: int = 0
+
+    def add(self, values: dict[str, float]) -> None:
+        for key, value in values.items():
+            self.sums[key] = self.sums.get(key, 0.0) + value
+        self.count += 1
+
+    def means(self) -> dict[str, float]:
+        return {k: v / self.count for k, v in self.sums.items()} if self.count else {}
+
+
 def autocast_dtype(precision: str) -> torch.dtype | None:
     """bf16 / fp16 autocast dtype; None for fp32."""
     return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[precision]
 
 
 class Trainer:
-    """Runs `task` on `data` under the `train`/`optim` config; see module docstring.
+    """Runs `task` on `data` under the `train` config (optimisers: the task's `optim` nodes).
 
-    `data` is either a loader with `iterate(start_iteration)` (and optionally `state_dict` /
-    `load_state_dict`, stored per rank in checkpoints so a resume continues its stream exactly),
-    or any re-iterable of batches (one pass per epoch, fast-forwarded on resume).
+    `data` is a loader with `iterate(start_iteration)` (EpochLoader, MapLoader; optionally
+    `state_dict` / `load_state_dict`, kept per rank in checkpoints so a resume continues its
+    stream exactly), or any re-iterable of batches (one pass per epoch, fast-forwarded on
+    resume). The epoch length is `train.iters_per_epoch`, or the data's `len()` when that is
+    null. `val_data` (an EvalLoader: (batch, real) pairs) enables validation every
+    `train.val_every` epochs and at the end, for a task with `validation` set.
     """
 
     def __init__(
-        self, cfg: Any, task: Task, data: Iterable, info: DistInfo, config_dict: dict
+        self,
+        cfg: Any,
+        task: Task,
+        data: Iterable,
+        info: DistInfo,
+        config_dict: dict,
+        val_data: Iterable | None = None,
     ) -> None:
         self.cfg, self.task, self.data, self.info = cfg, task, data, info
+        self.val_data = val_data
         self.config_dict = config_dict
-        self.t, self.o = cfg.train, cfg.optim
+        self.t = cfg.train
         self.output_dir = Path(cfg.output_dir)
         self.device = info.device  # chosen by init_distributed(device=train.device)
         self.amp_dtype = autocast_dtype(self.t.precision)
         self.progress = Progress()
         self._saved_at = -1  # iteration of the last checkpoint written or loaded
-        self.grad_norm = float("nan")  # of the last optimiser step
-        self._window: list[float] = []  # losses since the last log line (logged as their mean)
-        self.total_iters = self.t.epochs * self.t.iters_per_epoch
+        self._window = Window()
+        self.iters_per_epoch = _iters_per_epoch(self.t.iters_per_epoch, data)
+        self.total_iters = self.t.epochs * self.iters_per_epoch
         self.global_batch = self.t.batch_size * self.t.accum_iter * info.world_size
-        self.base_lr = optim.resolve_lr(self.o.lr, self.o.blr, self.global_batch)
-        # Asynchronous saves pay off where staging (a device-to-host copy) is much faster than
-        # the write: on GPUs. On the CPU the state already is in host memory.
-        async_save = self.t.async_save
-        if async_save is None:
-            async_save = self.device.type == "cuda"
-        self.checkpoints = CheckpointManager(
-            self.output_dir, self.t.keep_last, self.t.keep_every, async_save
-        )
+        self.validation = ValidationRecord(task.validation) if task.validation else None
+        self.checkpoints = self._checkpoint_manager()
         # Any checkpoint on disk, complete-looking or not: a run with checkpoints resumes from
         # one or stops (CheckpointError), never silently starts over. Rank 0's view for all.
         self.has_checkpoints = _on_every_rank(checkpointing.has_checkpoints(self.output_dir))
+        self.specs = task.modules()
+        self.trainable = {n: s.module for n, s in self.specs.items() if s.trainable}
+        self.parallel: dict[str, str] = {}
+        self._ddp: dict[str, nn.parallel.DistributedDataParallel] = {}
         # A run that will load a checkpoint skips the (CPU-bound, at 5B) weight initialisation.
-        self.model = self._wrap(task.model, initialize=not self.has_checkpoints)
-        self.optimizer = optim.build_optimizer(
-            task.model, self.base_lr, self.o.weight_decay, tuple(self.o.betas), self.o.fused
+        self.modules = {n: self._place(n, s) for n, s in self.specs.items()}
+        self.optimizers = self._build_optimizers(task.optimizers())
+        # Logged as plain `lr` / `grad_norm` when the whole job has one optimiser, else per name.
+        self._one_optimizer = (
+            len({n for names in _gather(sorted(self.optimizers)) for n in names}) == 1
         )
-        # A gradient scaler only for fp16: bf16 and fp32 have fp32's exponent range.
-        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.t.precision == "fp16")
         self.metrics = MetricsWriter(self.output_dir, enabled=info.rank == 0)
         self.wandb = WandbLogger(cfg.logger, self.output_dir, config_dict, enabled=info.rank == 0)
         self.preemption = PreemptionHandler()
         self.throughput = Throughput()
 
     # ---- set-up ---------------------------------------------------------------------------
-    def _wrap(self, model: nn.Module, initialize: bool) -> nn.Module:
-        """Activation checkpointing, then FSDP (shard, then materialise the local shard) or
-        materialise then DDP, then torch.compile, as configured (pixio.runtime.parallel)."""
-        if self.t.activation_checkpointing and hasattr(model, "set_grad_checkpointing"):
-            model.set_grad_checkpointing(True)
-        width = getattr(model, "embed_dim", 0)
-        self.parallel = choose_parallel(self.t.parallel, width, self.info.world_size)
-        if self.parallel == "fsdp":
-            model = fully_shard_model(model, self.task.shard_units(), self.amp_dtype)
-        model = materialize(model, self.device, initialize)
-        if self.parallel == "ddp":
+    def _checkpoint_manager(self) -> CheckpointManager:
+        # Asynchronous saves pay off where staging (a device-to-host copy) is much faster than
+        # the write: on GPUs. On the CPU the state already is in host memory.
+        async_save = self.t.async_save
+        if async_save is None:
+            async_save = self.device.type == "cuda"
+        return CheckpointManager(self.output_dir, self.t.keep_last, self.t.keep_every, async_save)
+
+    def _place(self, name: str, spec: ModuleSpec) -> nn.Module:
+        """Put one module on its device(s); returns what `task.step` receives under `name`."""
+        module = spec.module
+        group_size = dist.get_world_size(spec.group) if is_dist() else 1
+        if spec.trainable:
+            if self.t.activation_checkpointing and hasattr(module, "set_grad_checkpointing"):
+                module.set_grad_checkpointing(True)
+            wanted = spec.parallel if spec.parallel != "auto" else self.t.parallel
+            choice = choose_parallel(wanted, num_params(module), group_size)
+            param_dtype = self.amp_dtype  # FSDP gathers block weights in the autocast dtype
+        else:
+            module.requires_grad_(False).eval()
+            frozen_dtype = self._frozen_dtype()
+            if frozen_dtype is not None:  # bf16 weights: half the memory and no casts
+                module.to(frozen_dtype)
+            width = 2 if frozen_dtype is not None else 4
+            choice = choose_parallel(spec.parallel, num_params(module), group_size, False, width)
+            param_dtype = None
+        self.parallel[name] = choice
+        if choice == "fsdp":
+            mesh = None if spec.group is None else _mesh_of(spec.group, self.device)
+            fully_shard_model(module, spec.shard_units, param_dtype, mesh, spec.forward_methods)
+        elif spec.forward_methods and choice == "ddp":
+            raise ValueError(
+                f"module {name!r}: forward_methods need parallel=fsdp or none, not ddp"
+            )
+        # Trainable: a checkpoint will overwrite the weights. Frozen: `load` will.
+        initialize = not self.has_checkpoints if spec.trainable else spec.load is None
+        module = materialize(module, self.device, initialize)
+        if spec.load is not None and not (spec.trainable and self.has_checkpoints):
+            spec.load(module)
+        if choice == "ddp":
             ids = [self.device.index] if self.device.type == "cuda" else None
-            model = nn.parallel.DistributedDataParallel(model, device_ids=ids)
-        if self.t.compile:
-            model = torch.compile(model)
-        return model
+            module = self._ddp.setdefault(
+                name, nn.parallel.DistributedDataParallel(module, ids, process_group=spec.group)
+            )
+        return torch.compile(module) if self.t.compile else module
+
+    def _frozen_dtype(self) -> torch.dtype | None:
+        """Frozen modules run in bf16 on GPUs under bf16 precision; elsewhere they keep fp32."""
+        return torch.bfloat16 if self.device.type == "cuda" and self.t.precision == "bf16" else None
+
+    def _build_optimizers(self, specs: dict[str, OptimizerSpec]) -> dict[str, Stepper]:
+        """One `Stepper` per optimiser spec; every trainable module in exactly one of them."""
+        owner: dict[str, str] = {}
+        for name, spec in specs.items():
+            for module in spec.modules:
+                if module not in self.trainable:
+                    raise ValueError(f"optimiser {name!r}: {module!r} is not a trainable module")
+                if module in owner:
+                    raise ValueError(
+                        f"module {module!r} is in optimisers {owner[module]!r} and {name!r}"
+                    )
+                owner[module] = name
+        if orphans := sorted(set(self.trainable) - set(owner)):
+            raise ValueError(f"trainable modules in no optimiser: {', '.join(orphans)}")
+        return {name: self._stepper(spec) for name, spec in specs.items()}
+
+    def _stepper(self, spec: OptimizerSpec) -> Stepper:
+        o = spec.optim
+        parts = [self.trainable[m] for m in spec.modules]
+        root = (
+            parts[0]
+            if len(parts) == 1
+            else nn.ModuleDict(dict(zip(spec.modules, parts, strict=True)))
+        )
+        base_lr = optim.resolve_lr(o.lr, o.blr, self.global_batch)
+        optimizer = optim.build_optimizer(root, base_lr, o.weight_decay, tuple(o.betas), o.fused)
+        # A gradient scaler only for fp16: bf16 and fp32 have fp32's exponent range.
+        scaler = torch.amp.GradScaler(self.device.type, enabled=self.t.precision == "fp16")
+        groups = [[p for p in part.parameters() if p.requires_grad] for part in parts]
+        schedule = optim.schedule_from_config(o, base_lr, self.t.epochs)
+        return Stepper(optimizer, schedule, scaler, o.clip_grad, root, groups)
 
     # ---- checkpoints ----------------------------------------------------------------------
-    def full_model_state(self) -> dict[str, torch.Tensor]:
-        """Unsharded model state with reference key names (collective; rank 0 holds it, on the
-        CPU, when distributed). For exports and tests: checkpoints never gather it."""
-        options = StateDictOptions(full_state_dict=True, cpu_offload=is_dist())
-        return get_model_state_dict(self.task.model, options=options)
+    def full_state(self, name: str | None = None) -> dict[str, torch.Tensor]:
+        """Unsharded state of trainable module `name` (the only one when None). Collective.
+        Distributed, a module of all ranks is gathered to rank 0's CPU (other ranks get an
+        empty dict); a module of a subgroup is gathered on every rank of that group. For
+        exports and tests: checkpoints never gather it."""
+        if name is None:
+            (name,) = self.trainable  # exactly one trainable module
+        offload = is_dist() and self.specs[name].group is None
+        options = StateDictOptions(full_state_dict=True, cpu_offload=offload)
+        return get_model_state_dict(self.trainable[name], options=options)
 
     def _app_state(self) -> dict[str, Any]:
-        """What DCP saves and loads in place: this rank's model and optimiser shards."""
+        """What DCP saves and loads in place: this rank's shards of every trainable module and
+        optimiser, by name. Frozen modules are not saved: the job rebuilds them."""
         return {
-            "model": get_model_state_dict(self.task.model),
-            "optimizer": get_optimizer_state_dict(self.task.model, self.optimizer),
+            "model": {n: get_model_state_dict(m) for n, m in self.trainable.items()},
+            "optimizer": {
+                n: get_optimizer_state_dict(s.root, s.optimizer) for n, s in self.optimizers.items()
+            },
         }
 
     def _meta(self) -> dict[str, Any]:
         """The small, plain part of a checkpoint (rank 0 writes it; weights_only-safe)."""
         return {
             "iteration": self.progress.iteration,
-            "epoch": self.progress.iteration // self.t.iters_per_epoch,
+            "epoch": self.progress.iteration // self.iters_per_epoch,
             "samples_seen": self.progress.samples_seen,
-            "scaler": self.scaler.state_dict(),
+            "scalers": {n: s.scaler.state_dict() for n, s in self.optimizers.items()},
+            "validation": self.validation.state_dict() if self.validation else None,
             "rng": _gather(checkpointing.capture_rng_state()),
             "data": _gather(self._data_state()),
             "world_size": self.info.world_size,
@@ -170,10 +286,14 @@ class Trainer:
         if found is None:
             return False
         path, meta = found
-        set_model_state_dict(self.task.model, state["model"])
-        set_optimizer_state_dict(self.task.model, self.optimizer, state["optimizer"])
-        if meta.get("scaler"):
-            self.scaler.load_state_dict(meta["scaler"])
+        for name, module in self.trainable.items():
+            set_model_state_dict(module, state["model"][name])
+        for name, stepper in self.optimizers.items():
+            set_optimizer_state_dict(stepper.root, stepper.optimizer, state["optimizer"][name])
+            if saved := (meta.get("scalers") or {}).get(name):
+                stepper.scaler.load_state_dict(saved)
+        if self.validation and meta.get("validation"):
+            self.validation.load_state_dict(meta["validation"])
         self.progress = Progress(meta["iteration"], meta.get("samples_seen", 0))
         self._restore_streams(meta)
         self._saved_at = self.progress.iteration
@@ -201,23 +321,30 @@ class Trainer:
     # ---- the loop -------------------------------------------------------------------------
     def batches(self, start: int) -> Iterator[tuple[int, Any]]:
         """(iteration, batch) from `start` until the schedule ends."""
-        if hasattr(self.data, "iterate"):  # a stream that resumes itself (EpochLoader)
+        if hasattr(self.data, "iterate"):  # a loader that resumes itself (EpochLoader, MapLoader)
             return zip(range(start, self.total_iters), self.data.iterate(start), strict=False)
         return self._epoch_batches(start)
 
     def _epoch_batches(self, start: int) -> Iterator[tuple[int, Any]]:
         """A plain re-iterable: one pass per epoch; a mid-epoch resume fast-forwards (the
         skipped batches are produced and dropped, so keep such data cheap)."""
-        ipe = self.t.iters_per_epoch
+        ipe = self.iters_per_epoch
         for epoch in range(start // ipe, self.t.epochs):
             if hasattr(self.data, "set_epoch"):
                 self.data.set_epoch(epoch)
-            stream = iter(self.data)
-            first = epoch * ipe
-            for _ in range(first, max(first, start)):
-                next(stream)
-            for it in range(max(first, start), first + ipe):
-                yield it, next(stream)
+            first, done = epoch * ipe, 0
+            for n, batch in enumerate(self.data):
+                it = first + n
+                done = n + 1
+                if it >= start:
+                    yield it, batch
+                if done == ipe:
+                    break
+            if done < ipe:
+                raise RuntimeError(
+                    f"the data ran out after {done} batches in epoch {epoch}; an epoch is "
+                    f"{ipe} iterations (train.iters_per_epoch)"
+                )
 
     def fit(self) -> None:
         """Train until the schedule (or train.max_iters) ends; save and export at the end."""
@@ -227,9 +354,12 @@ class Trainer:
         self.preemption.install()
         stop = self.t.max_iters if self.t.max_iters is not None else self.total_iters
         stop = min(stop, self.total_iters)
+        placement = ", ".join(f"{n}={p}" for n, p in self.parallel.items())
         log.info(
-            "training %s: %d iterations, global batch %d, lr %.3g, parallel=%s, device=%s",
-            type(self.task.model).__name__, stop, self.global_batch, self.base_lr, self.parallel, self.device,
+            "training %s: %d iterations (%d per epoch), global batch %d, lr %s, parallel: %s, device=%s",
+            type(self.task).__name__, stop, self.iters_per_epoch, self.global_batch,
+            ", ".join(f"{n} {s.schedule.base_lr:.3g}" for n, s in self.optimizers.items()),
+            placement, self.device,
         )  # fmt: skip
         try:
             if self.progress.iteration < stop:
@@ -244,24 +374,25 @@ class Trainer:
         for it, batch in self.batches(self.progress.iteration):
             data_time = time.perf_counter() - tick
             batch = self.task.to_device(batch, self.device)
-            loss = self.train_iteration(it, batch)
-            images = self.task.batch_size(batch) * self.info.world_size
+            values = self.train_iteration(it, batch)
+            samples = self.task.batch_size(batch) * self.info.world_size
             self.progress.iteration = it + 1
-            self.progress.samples_seen += images
-            self.throughput.update(images, time.perf_counter() - tick, data_time)
-            if self._after_iteration(it + 1, loss, batch, stop):
+            self.progress.samples_seen += samples
+            self.throughput.update(samples, time.perf_counter() - tick, data_time)
+            if self._after_iteration(it + 1, values, batch, stop):
                 return
             tick = time.perf_counter()
 
-    def _after_iteration(self, done: int, loss: float, batch: Any, stop: int) -> bool:
-        """Logging, pictures, checkpoints, pre-emption. Returns True to leave the loop."""
+    def _after_iteration(self, done: int, values: dict[str, float], batch: Any, stop: int) -> bool:
+        """Logging, pictures, validation, checkpoints, pre-emption. Returns True to leave."""
         boundary = done % self.t.accum_iter == 0
-        self._window.append(loss)
+        self._window.add(values)
         if done % self.t.log_every == 0 or done == stop:
-            self._log(done, sum(self._window) / len(self._window), stop)
-            self._window.clear()
+            self._log(done, stop)
         if self.t.vis_every and done % self.t.vis_every == 0:
-            self._visualize(done, batch)
+            self._pictures(done, batch)
+        if self._validation_due(done):
+            self.validate()
         if boundary and (done % self.t.save_every_iters == 0) and done < stop:
             self.save()
         if boundary and self.preemption.requested():
@@ -272,63 +403,156 @@ class Trainer:
             self.preemption.requeue_and_exit(done)
         return done >= stop
 
-    def train_iteration(self, it: int, batch: Any) -> float:
-        """One micro-batch: forward, backward, and at accumulation boundaries the optimiser step."""
+    def train_iteration(self, it: int, batch: Any) -> dict[str, float]:
+        """One micro-batch: forward, backward, and at accumulation boundaries the optimiser
+        steps. Returns the step's scalars: `loss` (mean over ranks) and the task's metrics."""
         accum = self.t.accum_iter
         if it % accum == 0:
-            epoch_f = it / self.t.iters_per_epoch
-            lr = optim.lr_at(
-                epoch_f, self.base_lr, self.o.min_lr, self.o.warmup_epochs, self.t.epochs
-            )
-            optim.set_lr(self.optimizer, lr)
+            epoch = it / self.iters_per_epoch
+            for stepper in self.optimizers.values():
+                optim.set_lr(stepper.optimizer, stepper.schedule(epoch))
         boundary = (it + 1) % accum == 0
         with self._no_sync(not boundary):  # must cover backward, where the all-reduce happens
             with self._autocast():
-                loss = self.task.step(self.model, batch)["loss"]
-            self.scaler.scale(loss / accum).backward()
-        loss_value = float(all_reduce_mean(loss))  # same on every rank: all stop together on NaN
-        if not math.isfinite(loss_value):
+                out = self.task.step(self.modules, batch)
+            self._backward(out, accum)
+        values = self._scalars(out)
+        if not math.isfinite(values["loss"]):
             raise NonFiniteLossError(
-                f"loss is {loss_value} at iteration {it}: stopping. The last good checkpoint in "
-                f"{self.output_dir} is untouched; lower the lr or check the data."
+                f"loss is {values['loss']} at iteration {it}: stopping. The last good checkpoint "
+                f"in {self.output_dir} is untouched; lower the lr or check the data."
             )
         if boundary:
-            self.grad_norm = self._optimizer_step()
-        return loss_value
+            for stepper in self.optimizers.values():
+                stepper.grad_norm = self._optimizer_step(stepper)
+        return values
 
-    def _optimizer_step(self) -> float:
+    def _backward(self, out: StepOutput, accum: int) -> None:
+        """Backward of the loss, each optimiser's loss scaled by its own scaler under fp16."""
+        if out.losses is None:
+            steppers = list(self.optimizers.values())
+            if len(steppers) > 1 and self.t.precision == "fp16":
+                raise ValueError(
+                    "fp16 with several optimisers needs StepOutput.losses (one per optimiser), "
+                    "so each gradient scaler scales its own loss"
+                )
+            total = steppers[0].scaler.scale(out.loss)
+        else:
+            total = sum(self.optimizers[n].scaler.scale(loss) for n, loss in out.losses.items())
+        (total / accum).backward()
+
+    def _scalars(self, out: StepOutput) -> dict[str, float]:
+        """`loss` averaged over ranks (all ranks stop together on a NaN) and this rank's task
+        metrics (merged over ranks at log time: ranks may train different modules)."""
+        names = ["loss", *sorted(out.metrics)]
+        stacked = torch.stack(
+            [out.loss.detach().float(), *(out.metrics[k].detach().float() for k in names[1:])]
+        )
+        values = stacked.tolist()  # one device sync for all of them
+        values[0] = float(all_reduce_mean(stacked[:1]))
+        return dict(zip(names, values, strict=True))
+
+    def _optimizer_step(self, stepper: Stepper) -> float:
         """Unscale, (optionally) clip, step, zero grads; returns the pre-clip gradient norm."""
-        self.scaler.unscale_(self.optimizer)
-        max_norm = self.o.clip_grad if self.o.clip_grad is not None else float("inf")
-        norm = torch.nn.utils.clip_grad_norm_(self.task.model.parameters(), max_norm)
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
-        self.optimizer.zero_grad(set_to_none=True)
-        return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+        stepper.scaler.unscale_(stepper.optimizer)
+        norm = _total_grad_norm(stepper.groups)
+        max_norm = stepper.clip_grad if stepper.clip_grad is not None else float("inf")
+        coef = max_norm / (norm + 1e-6)  # the formula of torch.nn.utils.clip_grad_norm_
+        if coef < 1.0:
+            for params in stepper.groups:
+                for p in params:
+                    if p.grad is not None:
+                        p.grad.mul_(coef)
+        stepper.scaler.step(stepper.optimizer)
+        stepper.scaler.update()
+        stepper.optimizer.zero_grad(set_to_none=True)
+        return norm
 
     def _no_sync(self, skip_sync: bool) -> contextlib.AbstractContextManager:
         """Skip DDP's gradient all-reduce on accumulation micro-steps."""
         # FSDP keeps syncing: each micro-step reduce-scatters into the sharded gradients, so
         # accumulation never holds an unsharded fp32 gradient (22 GB per GPU at 5B); the price
         # is one reduce-scatter per micro-step instead of one per optimiser step.
-        if skip_sync and self.parallel == "ddp":
-            return self.model.no_sync()
-        return contextlib.nullcontext()
+        stack = contextlib.ExitStack()
+        if skip_sync:
+            for ddp in self._ddp.values():
+                stack.enter_context(ddp.no_sync())
+        return stack
 
     def _autocast(self) -> contextlib.AbstractContextManager:
         if self.amp_dtype is None:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.amp_dtype)
 
+    @contextlib.contextmanager
+    def _evaluating(self) -> Iterator[None]:
+        """Trainable modules in eval mode, no gradients, autocast; training mode restored."""
+        wrapped = {n: self.modules[n] for n in self.trainable}  # wrappers pass the mode down
+        modes = {n: m.training for n, m in wrapped.items()}
+        for module in wrapped.values():
+            module.eval()
+        try:
+            with torch.no_grad(), self._autocast():
+                yield
+        finally:
+            for name, module in wrapped.items():
+                module.train(modes[name])
+
+    # ---- validation -----------------------------------------------------------------------
+    def _validation_due(self, done: int) -> bool:
+        if self.validation is None or self.val_data is None or not self.t.val_every:
+            return False
+        epoch, rest = divmod(done, self.iters_per_epoch)
+        return rest == 0 and epoch % self.t.val_every == 0
+
+    def validate(self) -> dict[str, float]:
+        """Run the task's validation over `val_data` (collective), log `val/*` and `best/*`,
+        and record the result (kept in checkpoints and val_results.json)."""
+        if self.validation is None or self.val_data is None:
+            raise RuntimeError("validate() needs a task with `validation` and val_data")
+        totals: dict[str, torch.Tensor] = {}
+        samples = torch.zeros((), dtype=torch.float64)
+        with self._evaluating():
+            for batch, real in self.val_data:
+                stats = self.task.validate(self.modules, self.task.to_device(batch, self.device))
+                add_real(totals, stats, real)
+                samples += real.sum()
+        totals["samples"] = samples
+        metrics = self.task.summarize(sum_over_ranks(totals))
+        done = self.progress.iteration
+        improved = self.validation.update(metrics, done / self.iters_per_epoch, done)
+        self._report_validation(metrics, improved)
+        return metrics
+
+    def _report_validation(self, metrics: dict[str, float], improved: bool) -> None:
+        record = self.validation
+        done = self.progress.iteration
+        best = record.best or {}
+        key = record.spec.metric
+        row = {f"val/{k}": v for k, v in metrics.items()}
+        row |= {f"best/{key}": best.get(key), "best/epoch": best.get("epoch")}
+        self.metrics.write({"step": done, "epoch": done / self.iters_per_epoch, **row})
+        self.wandb.log(row, step=done)
+        if self.info.rank == 0:
+            record.write(self.output_dir)
+            shown = ", ".join(f"{k} {v:.4g}" for k, v in metrics.items())
+            log.info(
+                "validation at epoch %.4g: %s%s (best %s %.4g at epoch %.4g)",
+                done / self.iters_per_epoch, shown, " [new best]" if improved else "",
+                key, best.get(key, float("nan")), best.get("epoch", float("nan")),
+            )  # fmt: skip
+
     # ---- reporting ------------------------------------------------------------------------
-    def _log(self, done: int, loss: float, stop: int) -> None:
+    def _log(self, done: int, stop: int) -> None:
         stats = self.throughput.summary()
-        record = {
-            "step": done,
-            "epoch": done / self.t.iters_per_epoch,
-            "loss": loss,
-            "lr": self.optimizer.param_groups[0]["lr"],
-            "grad_norm": self.grad_norm,
+        local = self._window.means()
+        self._window = Window()
+        for name, stepper in self.optimizers.items():
+            suffix = "" if self._one_optimizer else f"/{name}"
+            local[f"lr{suffix}"] = stepper.optimizer.param_groups[0]["lr"]
+            local[f"grad_norm{suffix}"] = stepper.grad_norm
+        record = {"step": done, "epoch": done / self.iters_per_epoch, **_merge_over_ranks(local)}
+        record |= {
             "images_per_s": stats["images_per_s"],
             "data_wait": stats["data_wait"],
             "max_mem_gb": max_memory_gb(self.device),
@@ -353,25 +577,30 @@ class Trainer:
             dist.all_reduce(totals)
         return {f"skipped/{r}": int(n) for r, n in zip(reasons, totals.tolist(), strict=True) if n}
 
-    def _visualize(self, done: int, batch: Any) -> None:
-        """Every rank runs the forward (FSDP needs all ranks); rank 0 writes the picture."""
-        was_training = self.model.training
-        self.model.eval()
-        with self._autocast():
-            picture = self.task.visualize(self.model, batch)
-        self.model.train(was_training)
-        if picture is not None and self.info.rank == 0:
-            path = save_png(picture, self.output_dir / "vis" / f"step{done}.png")
-            self.wandb.log_image("reconstruction", path, step=done)
+    def _pictures(self, done: int, batch: Any) -> None:
+        """Every rank runs the forward (FSDP needs all ranks); rank 0 writes the pictures,
+        `vis/<name>_step<N>.png`, and logs them to wandb under `<name>`."""
+        with self._evaluating():
+            pictures = self.task.pictures(self.modules, batch)
+        if self.info.rank != 0:
+            return
+        for name, picture in pictures.items():
+            path = save_png(picture, self.output_dir / "vis" / f"{name}_step{done}.png")
+            self.wandb.log_image(name, path, step=done)
 
     def _finish(self) -> None:
-        """Final checkpoint, exported artifacts, closing the loggers."""
-        if self._saved_at != self.progress.iteration:  # not when re-run after the end
+        """Final validation and checkpoint, exported artifacts, closing the loggers."""
+        done = self.progress.iteration
+        if self.validation and self.val_data is not None:
+            if self.validation.last is None or self.validation.last["iteration"] != done:
+                self.validate()
+        if self._saved_at != done:  # not when re-run after the end
             self.save()
-        state = self.full_model_state()
-        if self.info.rank == 0:
-            for path in self.task.export(state, self.output_dir):
-                log.info("wrote %s", path)
+        states = {name: self.full_state(name) for name in self.trainable}
+        # Each module is exported by the first rank of its group (rank 0 for most).
+        mine = {n: s for n, s in states.items() if _first_of(self.specs[n].group)}
+        for path in self.task.export(mine, self.output_dir) if mine else []:
+            log.info("wrote %s", path)
         self.close()
 
     def close(self) -> None:
@@ -379,6 +608,65 @@ class Trainer:
         self.checkpoints.close()
         self.metrics.close()
         self.wandb.finish()
+
+
+def _iters_per_epoch(configured: int | None, data: Iterable) -> int:
+    """`train.iters_per_epoch`, or the length of finite data when that is null. A configured
+    epoch may be shorter than the data (each epoch then uses its first batches), not longer."""
+    length = len(data) if hasattr(data, "__len__") else None  # type: ignore[arg-type]
+    if configured is None:
+        if length is None:
+            raise ConfigError("train.iters_per_epoch: required for a stream (it has no length)")
+        if length == 0:
+            raise ConfigError("train.iters_per_epoch: the training data has no batch")
+        return length
+    if length is not None and configured > length:
+        raise ConfigError(
+            f"train.iters_per_epoch: {configured}, but the data has only {length} batches per "
+            "epoch (leave it null to take the data's length)"
+        )
+    return configured
+
+
+def _merge_over_ranks(means: dict[str, float]) -> dict[str, float]:
+    """Per key, the mean over the ranks that report it (collective when distributed). Values
+    every rank agrees on (the loss, a shared lr) are kept exactly."""
+    if not is_dist():
+        return means
+    reported: dict[str, list[float]] = {}
+    for rank_means in _gather(means):
+        for key, value in rank_means.items():
+            reported.setdefault(key, []).append(value)
+    merged = {}
+    for key, values in reported.items():
+        same = all(v == values[0] for v in values)
+        merged[key] = values[0] if same else sum(values) / len(values)
+    return merged
+
+
+def _total_grad_norm(groups: list[list[nn.Parameter]]) -> float:
+    """L2 norm of all gradients (sharded ones included) over several modules."""
+    squares = 0.0
+    for params in groups:
+        grads = [p.grad for p in params if p.grad is not None]
+        if not grads:
+            continue
+        norm = torch.nn.utils.get_total_norm(grads)
+        squares += float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm) ** 2
+    return math.sqrt(squares)
+
+
+def _first_of(group: dist.ProcessGroup | None) -> bool:
+    """True on the first rank of `group` (None: all ranks)."""
+    if not is_dist():
+        return True
+    return dist.get_rank(group) == 0
+
+
+def _mesh_of(group: dist.ProcessGroup, device: torch.device) -> Any:
+    from torch.distributed.device_mesh import DeviceMesh
+
+    return DeviceMesh.from_group(group, device.type)
 
 
 def _on_every_rank(value: Any) -> Any:

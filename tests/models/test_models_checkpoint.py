@@ -1,8 +1,10 @@
-"""Checkpoint formats: reference .pth, training checkpoints (file and DCP directory),
-safetensors, HF folders, refusal of pickled code, convert's path checks."""
+"""Checkpoint formats: reference .pth, training checkpoints (file and DCP directory, one
+trained module of several), safetensors, HF folders, refusal of pickled code, convert's path
+and module checks."""
 
 import os
 import pickle
+import re
 import subprocess
 import sys
 
@@ -12,7 +14,7 @@ from tests_helpers import TINY, assert_same_weights
 from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
 
 import pixio
-from pixio.checkpoint import UnsafeCheckpointError
+from pixio.checkpoint import UnsafeCheckpointError, save_state_dict
 from pixio.convert import convert
 from pixio.runtime.checkpointing import CheckpointManager
 from pixio.safe_load import SafeDCPReader, read_dcp_metadata
@@ -129,34 +131,38 @@ def test_convert_cli_wrong_size_names_keys(tiny_encoder, tmp_path):
 
 
 # ---- training checkpoint directories (torch.distributed.checkpoint) --------------------------
-def _dcp_training_checkpoint(mae, out):
-    """What the trainer saves: model + stepped AdamW state, written by CheckpointManager."""
-    opt = torch.optim.AdamW(mae.parameters())
-    for p in mae.parameters():
-        p.grad = torch.ones_like(p)
-    opt.step()
-    state = {"model": get_model_state_dict(mae), "optimizer": get_optimizer_state_dict(mae, opt)}
+def _dcp_training_checkpoint(out, modules):
+    """What the trainer saves for trained modules {name: module}: per module its state and a
+    stepped AdamW state, written by CheckpointManager."""
+    state = {"model": {}, "optimizer": {}}
+    for name, module in modules.items():
+        opt = torch.optim.AdamW(module.parameters())
+        for p in module.parameters():
+            p.grad = torch.ones_like(p)
+        opt.step()
+        state["model"][name] = get_model_state_dict(module)
+        state["optimizer"][name] = get_optimizer_state_dict(module, opt)
     return CheckpointManager(out).save(5, state, {"iteration": 5})
 
 
-def _assert_encoder_of(encoder, mae):
+def _assert_encoder_of(encoder, trained):
     for k, v in encoder.state_dict().items():
-        assert torch.equal(v, mae.state_dict()[k]), k
+        assert torch.equal(v, trained.state_dict()[k]), k
 
 
-def test_dcp_checkpoint_dir_loads_encoder_without_reading_optimizer(
-    tiny_mae, tmp_path, monkeypatch
-):
-    _dcp_training_checkpoint(tiny_mae, tmp_path / "run")
-    last = tmp_path / "run" / "checkpoint-last"
-    md = read_dcp_metadata(last)
-    # Garble every optimiser byte in the data file: loading must not need them.
-    data = last / "__0_0.distcp"
+def _garble_all_but(ckpt, prefix):
+    """Overwrite the bytes of every tensor whose FQN lacks `prefix`: loading must not need them."""
+    md = read_dcp_metadata(ckpt)
+    data = ckpt / "__0_0.distcp"
     raw = bytearray(data.read_bytes())
     for index, info in md.storage_data.items():
-        if index.fqn.startswith("optimizer."):
+        if not index.fqn.startswith(prefix):
             raw[info.offset : info.offset + info.length] = b"\xff" * info.length
     data.write_bytes(bytes(raw))
+
+
+def _spy_reads(monkeypatch):
+    """The FQNs SafeDCPReader reads from now on."""
     read = []
     real_read = SafeDCPReader.read_data
 
@@ -165,13 +171,89 @@ def test_dcp_checkpoint_dir_loads_encoder_without_reading_optimizer(
         return real_read(self, plan, planner)
 
     monkeypatch.setattr(SafeDCPReader, "read_data", spy)
+    return read
+
+
+def _student(seed):
+    """A distillation student: an encoder plus its `last_proj`."""
+    torch.manual_seed(seed)
+    student = pixio.build_encoder("pixio_vitt16", **TINY)
+    student.last_proj = torch.nn.Sequential(torch.nn.Linear(64, 8))
+    return student
+
+
+def test_dcp_checkpoint_dir_loads_encoder_without_reading_optimizer(
+    tiny_mae, tmp_path, monkeypatch
+):
+    _dcp_training_checkpoint(tmp_path / "run", {"mae": tiny_mae})
+    last = tmp_path / "run" / "checkpoint-last"
+    _garble_all_but(last, "model.")
+    read = _spy_reads(monkeypatch)
     encoder = pixio.load_encoder("pixio_vitt16", last, **TINY)
     _assert_encoder_of(encoder, tiny_mae)
-    assert read and all(fqn.startswith("model.") for fqn in read)
+    assert read and all(fqn.startswith("model.mae.") for fqn in read)
+    # The decoder stays with read_state_dict (an MAE reads back whole); named or the only one.
+    full = pixio.read_state_dict(last, module="mae")
+    assert full.keys() == tiny_mae.state_dict().keys()
+    assert full.keys() == pixio.read_state_dict(last).keys()
+
+
+def test_dcp_two_modules_reads_only_the_chosen_one(tmp_path, monkeypatch):
+    a, b = _student(1), _student(2)
+    final = _dcp_training_checkpoint(tmp_path / "run", {"student_a": a, "student_b": b})
+    _garble_all_but(final, "model.student_b.")
+    read = _spy_reads(monkeypatch)
+    encoder = pixio.load_encoder("pixio_vitt16", final, module="student_b", **TINY)
+    _assert_encoder_of(encoder, b)
+    assert not torch.equal(encoder.patch_embed.proj.weight, a.patch_embed.proj.weight)
+    assert read and all(fqn.startswith("model.student_b.") for fqn in read)
+    assert any(fqn.startswith("model.student_b.last_proj.") for fqn in read)  # dropped after
+
+
+def test_dcp_module_choice_errors_list_the_modules(tmp_path, monkeypatch):
+    students = {"student_a": _student(1), "student_b": _student(2)}
+    final = _dcp_training_checkpoint(tmp_path / "run", students)
+    read = _spy_reads(monkeypatch)
+    several = rf"{re.escape(str(final))} holds 2 trained modules \('student_a', 'student_b'\)"
+    with pytest.raises(ValueError, match=several + ": pass module=... to pick one"):
+        pixio.load_encoder("pixio_vitt16", final, **TINY)
+    unknown = r"has no trained module 'student_c'; it holds 'student_a', 'student_b'"
+    with pytest.raises(ValueError, match=unknown):
+        pixio.read_state_dict(final, module="student_c")
+    assert read == []  # decided from the metadata alone
+
+
+def test_dcp_flat_layout_of_earlier_versions_is_refused(tiny_mae, tmp_path):
+    opt = torch.optim.AdamW(tiny_mae.parameters())
+    state = {"model": get_model_state_dict(tiny_mae),
+             "optimizer": get_optimizer_state_dict(tiny_mae, opt)}  # fmt: skip
+    final = CheckpointManager(tmp_path / "run").save(5, state, {"iteration": 5})
+    for module in (None, "mae"):
+        with pytest.raises(ValueError, match="holds parameters, not named modules.*earlier"):
+            pixio.load_encoder("pixio_vitt16", final, module=module, **TINY)
+
+
+def test_pth_module_selection(tmp_path):
+    a, b = _student(1), _student(2)
+    both = tmp_path / "both.pth"
+    torch.save({"student_a": a.state_dict(), "student_b": b.state_dict()}, both)
+    _assert_encoder_of(pixio.load_encoder("pixio_vitt16", both, module="student_b", **TINY), b)
+    with pytest.raises(ValueError, match="2 trained modules.*module="):
+        pixio.load_encoder("pixio_vitt16", both, **TINY)
+    nested = tmp_path / "nested.pth"  # the trainer layout saved as one file: the only module
+    torch.save({"model": {"student_a": a.state_dict()}, "iteration": 5}, nested)
+    _assert_encoder_of(pixio.load_encoder("pixio_vitt16", nested, **TINY), a)
+    _assert_encoder_of(pixio.load_encoder("pixio_vitt16", nested, module="student_a", **TINY), a)
+    with pytest.raises(ValueError, match="no trained module 'student_b'.*'student_a'"):
+        pixio.load_encoder("pixio_vitt16", nested, module="student_b", **TINY)
+    for flat in (tmp_path / "flat.pth", tmp_path / "flat.safetensors"):  # one state dict
+        save_state_dict(a.state_dict(), flat)
+        with pytest.raises(ValueError, match="holds one state dict, no trained module 'x'"):
+            pixio.load_encoder("pixio_vitt16", flat, module="x", **TINY)
 
 
 def test_convert_cli_from_checkpoint_dir(tiny_mae, tmp_path):
-    final = _dcp_training_checkpoint(tiny_mae, tmp_path / "run")
+    final = _dcp_training_checkpoint(tmp_path / "run", {"mae": tiny_mae})
     overrides = [f"--override={k}={v}" for k, v in TINY.items()]
     dst = tmp_path / "encoder.safetensors"
     cmd = [sys.executable, "-m", "pixio.convert", "--model", "pixio_vitt16", "--input", str(final),
@@ -180,10 +262,25 @@ def test_convert_cli_from_checkpoint_dir(tiny_mae, tmp_path):
     _assert_encoder_of(pixio.load_encoder("pixio_vitt16", dst, **TINY), tiny_mae)
 
 
+def test_convert_cli_module(tmp_path):
+    a, b = _student(1), _student(2)
+    final = _dcp_training_checkpoint(tmp_path / "run", {"student_a": a, "student_b": b})
+    overrides = [f"--override={k}={v}" for k, v in TINY.items()]
+    dst = tmp_path / "student_b.safetensors"
+    cmd = [sys.executable, "-m", "pixio.convert", "--model", "pixio_vitt16", "--input", str(final),
+           "--output", str(dst), *overrides]  # fmt: skip
+    res = subprocess.run(cmd, capture_output=True, text=True)
+    assert res.returncode == 2 and "Traceback" not in res.stderr and not dst.exists()
+    assert "'student_a', 'student_b'): pass module=..." in res.stderr
+    subprocess.run([*cmd, "--module", "student_b"], capture_output=True, text=True, check=True)
+    _assert_encoder_of(pixio.load_encoder("pixio_vitt16", dst, **TINY), b)
+    assert "last_proj.0.weight" not in pixio.read_state_dict(dst)
+
+
 @pytest.mark.parametrize("case", ["same file", "same file via symlink", "same dir", "inside dir"])
 def test_convert_refuses_to_overwrite_its_input(tiny_mae, tiny_encoder, tmp_path, case):
     run = tmp_path / "run"
-    final = _dcp_training_checkpoint(tiny_mae, run)
+    final = _dcp_training_checkpoint(run, {"mae": tiny_mae})
     pth = tmp_path / "enc.pth"
     torch.save(tiny_encoder.state_dict(), pth)
     (tmp_path / "link.pth").symlink_to(pth)

@@ -105,8 +105,8 @@ def test_sigterm_stop_then_rerun_equals_uninterrupted_run(web_shards, tmp_path):
     a = checkpointing.load_checkpoint(tmp_path / "full" / "checkpoint-last")
     b = checkpointing.load_checkpoint(part / "checkpoint-last")
     assert a["iteration"] == b["iteration"] == 8
-    for key, value in a["model"].items():
-        assert torch.equal(value, b["model"][key]), key
+    for key, value in a["model"]["mae"].items():
+        assert torch.equal(value, b["model"]["mae"][key]), key
     steps = [json.loads(line)["step"] for line in (part / "metrics.jsonl").read_text().splitlines()]
     assert steps == list(range(1, 9))  # each step logged once across the two runs
 
@@ -135,7 +135,10 @@ def test_demo_experiment_end_to_end(tmp_path):
     assert [r["step"] for r in records] == list(range(1, 7))
     assert all({"step", "epoch", "loss", "lr", "images_per_s"} <= r.keys() for r in records)
     assert all(np.isfinite(r["loss"]) for r in records)
-    assert (out / "vis" / "step3.png").exists() and (out / "vis" / "step6.png").exists()
+    vis = out / "vis"
+    assert (vis / "reconstruction_step3.png").exists() and (
+        vis / "reconstruction_step6.png"
+    ).exists()
     assert checkpointing.load_checkpoint(out / "checkpoint-last")["iteration"] == 6
     encoder = pixio.load_encoder("pixio_vitt16", out / "encoder.safetensors", depth=6, img_size=128)
     assert encoder(torch.zeros(1, 3, 128, 128))[-1]["patch_tokens_norm"].shape == (1, 64, 192)

@@ -56,11 +56,11 @@ def _worker(rank: int, world: int, port: int, parallel: str, out: str) -> None:
     mae_module.pixel_targets = recording_targets
     torch.manual_seed(0)
     with torch.device("meta"):
-        task = MAETask(build_model(cfg), cfg.model.mask_ratio)
-    trainer = Trainer(cfg, task, [], info, to_container(cfg))
-    initial = trainer.full_model_state()
+        task = MAETask(build_model(cfg), cfg.model.mask_ratio, cfg.optim)
+    trainer = Trainer(cfg, task, iter(()), info, to_container(cfg))  # placement only: no data
+    initial = trainer.full_state()
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        loss = task.step(trainer.model, _batch(rank, world))["loss"]
+        loss = task.step(trainer.modules, _batch(rank, world)).loss
     loss.backward()
     grads = {n: _full(p.grad) for n, p in task.model.named_parameters()}
     if rank == 0:

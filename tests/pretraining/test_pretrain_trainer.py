@@ -14,9 +14,10 @@ from pixio.runtime import checkpointing
 from pixio.runtime.config import to_container
 from pixio.runtime.distributed import DistInfo
 from pixio.runtime.trainer import NonFiniteLossError, Trainer
-from pretraining.task import MAETask
+from pretraining.task import MODULE, MAETask
 from pretraining.train import build_model
 
+NULL_EPOCH = "train.iters_per_epoch=null"  # one epoch = the data's length
 SINGLE = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
 
 
@@ -48,39 +49,41 @@ def micro_batches(batches: list[dict], parts: int) -> list[dict]:
 
 def make_trainer(cfg, batches, info=SINGLE) -> Trainer:
     torch.manual_seed(0)
-    task = MAETask(build_model(cfg), cfg.model.mask_ratio)
+    task = MAETask(build_model(cfg), cfg.model.mask_ratio, cfg.optim)
     return Trainer(cfg, task, batches, info, to_container(cfg))
 
 
 def record_grads(trainer: Trainer) -> list[dict]:
     """Capture the gradients each optimiser step sees."""
     seen: list[dict] = []
-    step = trainer.optimizer.step
+    optimizer = trainer.optimizers[MODULE].optimizer
+    step = optimizer.step
 
     def wrapped(*args, **kwargs):
         seen.append({n: p.grad.clone() for n, p in trainer.task.model.named_parameters()})
         return step(*args, **kwargs)
 
-    trainer.optimizer.step = wrapped
+    optimizer.step = wrapped
     return seen
 
 
 def test_accumulation_matches_larger_batch(cpu_config):
     data = fixed_batches(1, 8)
-    big = make_trainer(cpu_config("train.batch_size=8", "train.max_iters=1"), data)
+    big = make_trainer(cpu_config("train.batch_size=8", "train.max_iters=1", NULL_EPOCH), data)
     grads_big = record_grads(big)
     big.fit()
     cfg = cpu_config(
         "train.batch_size=4",
         "train.accum_iter=2",
         "train.max_iters=2",
+        NULL_EPOCH,
         "output_dir=" + str(big.output_dir) + "_acc",
     )
     acc = make_trainer(cfg, micro_batches(data, 2))
     grads_acc = record_grads(acc)
     acc.fit()
     assert len(grads_big) == len(grads_acc) == 1
-    assert big.base_lr == acc.base_lr
+    assert big.optimizers[MODULE].schedule.base_lr == acc.optimizers[MODULE].schedule.base_lr
     for name, g in grads_big[0].items():
         torch.testing.assert_close(grads_acc[0][name], g, rtol=1e-4, atol=1e-6, msg=name)
 
@@ -94,7 +97,7 @@ def test_run_writes_checkpoints_metrics_and_encoder(cpu_config):
     ckpt = checkpointing.load_checkpoint(out / "checkpoint-last", ("model", "optimizer"))
     assert ckpt["iteration"] == 8 and ckpt["epoch"] == 2
     assert ckpt["config"]["model"]["name"] == "pixio_vitt16"
-    assert "decoder_pred.weight" in ckpt["model"] and "optimizer" in ckpt
+    assert "decoder_pred.weight" in ckpt["model"][MODULE] and MODULE in ckpt["optimizer"]
     lines = (out / "metrics.jsonl").read_text().splitlines()
     assert len(lines) == 8
 
@@ -110,7 +113,7 @@ def test_non_finite_loss_stops_and_keeps_last_checkpoint(cpu_config):
         trainer.output_dir / "checkpoint-last", ("model", "optimizer")
     )
     assert ckpt["iteration"] == 4
-    assert all(torch.isfinite(v).all() for v in ckpt["model"].values())
+    assert all(torch.isfinite(v).all() for v in ckpt["model"][MODULE].values())
 
 
 def test_resume_continues_exactly(cpu_config, tmp_path):
@@ -123,7 +126,7 @@ def test_resume_continues_exactly(cpu_config, tmp_path):
     make_trainer(part_cfg, batches).fit()
     resumed = make_trainer(cpu_config(f"output_dir={tmp_path / 'part'}"), batches)
     resumed.fit()
-    a, b = full.full_model_state(), resumed.full_model_state()
+    a, b = full.full_state(), resumed.full_state()
     for k in a:
         assert torch.equal(a[k], b[k]), k
 
@@ -147,9 +150,9 @@ def _ddp_worker(
     torch.set_num_threads(1)
     cfg = compose_pretrain(overrides)
     trainer = make_trainer(cfg, micro_batches(split(fixed_batches(4, 8), world, rank), accum), info)
-    assert trainer.parallel == cfg.train.parallel
+    assert trainer.parallel == {MODULE: cfg.train.parallel}
     trainer.fit()
-    state = trainer.full_model_state()
+    state = trainer.full_state()
     if rank == 0:
         torch.save(state, result_path)
     cleanup()
@@ -170,7 +173,7 @@ def _two_processes_match_one(tmp_path, base: list[str], workers: list[str], accu
     )
     single.fit()
     two = torch.load(out, weights_only=True)
-    for k, v in single.full_model_state().items():
+    for k, v in single.full_state().items():
         torch.testing.assert_close(two[k], v, rtol=1e-4, atol=1e-5, msg=k)
 
 
@@ -199,7 +202,13 @@ def test_logged_loss_is_the_mean_over_the_logging_window(cpu_config):
     trainer = make_trainer(cpu_config("train.log_every=3"), fixed_batches(8, 4))
     seen: list[float] = []
     step = trainer.train_iteration
-    trainer.train_iteration = lambda it, batch: seen.append(step(it, batch)) or seen[-1]
+
+    def recorded(it, batch):
+        values = step(it, batch)
+        seen.append(values["loss"])
+        return values
+
+    trainer.train_iteration = recorded
     trainer.fit()
     lines = (trainer.output_dir / "metrics.jsonl").read_text().splitlines()
     records = [json.loads(line) for line in lines]
@@ -212,22 +221,24 @@ def test_logged_loss_is_the_mean_over_the_logging_window(cpu_config):
 def test_reduced_precision_trains_and_checkpoints_fp32_weights(cpu_config, precision):
     cfg = cpu_config(f"train.precision={precision}", "train.epochs=1", "optim.clip_grad=1.0")
     trainer = make_trainer(cfg, fixed_batches(4, 4))
-    assert trainer.scaler.is_enabled() == (precision == "fp16")  # a scaler only for fp16
-    before = {k: v.clone() for k, v in trainer.full_model_state().items()}
+    scaler = trainer.optimizers[MODULE].scaler
+    assert scaler.is_enabled() == (precision == "fp16")  # a scaler only for fp16
+    before = {k: v.clone() for k, v in trainer.full_state().items()}
     trainer.fit()
     ckpt = checkpointing.load_checkpoint(
         trainer.output_dir / "checkpoint-last", ("model", "optimizer")
     )
-    assert all(v.dtype == torch.float32 for v in ckpt["model"].values())
-    assert any(not torch.equal(before[k], v) for k, v in ckpt["model"].items())  # it learned
-    assert bool(ckpt["scaler"]) == (precision == "fp16")
+    weights = ckpt["model"][MODULE]
+    assert all(v.dtype == torch.float32 for v in weights.values())
+    assert any(not torch.equal(before[k], v) for k, v in weights.items())  # it learned
+    assert bool(ckpt["scalers"][MODULE]) == (precision == "fp16")
 
 
 def test_activation_checkpointing_gives_the_same_gradients(cpu_config, tmp_path):
     data = fixed_batches(1, 4)
     grads = []
     for flag in (False, True):
-        cfg = cpu_config(f"train.activation_checkpointing={flag}", "train.max_iters=1")
+        cfg = cpu_config(f"train.activation_checkpointing={flag}", "train.max_iters=1", NULL_EPOCH)
         cfg.output_dir = str(tmp_path / f"ac_{flag}")
         trainer = make_trainer(cfg, data)
         assert trainer.task.model.grad_checkpointing is flag

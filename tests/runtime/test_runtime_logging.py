@@ -1,11 +1,15 @@
-"""metrics.jsonl, the console line, throughput, and the wandb logger (offline only)."""
+"""metrics.jsonl, the console line, throughput, and the wandb logger (offline, or a stand-in for
+wandb.init: no network, no credentials of this machine)."""
 
 from __future__ import annotations
 
 import json
 import math
+import os
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -114,37 +118,65 @@ class LoggerCfg:
 
 @pytest.fixture
 def no_credentials(tmp_path: Path, monkeypatch) -> Path:
-    """No API key, an empty netrc, wandb's own folders under tmp_path."""
-    monkeypatch.delenv("WANDB_API_KEY", raising=False)
-    monkeypatch.delenv("WANDB_MODE", raising=False)
-    monkeypatch.delenv("WANDB_BASE_URL", raising=False)
-    netrc_path = tmp_path / "netrc"
-    netrc_path.write_text("")
-    monkeypatch.setenv("NETRC", str(netrc_path))
+    """No wandb credentials or settings from this machine: no WANDB_* variables; HOME, the working
+    directory, netrc and wandb's folders under tmp_path; a fresh wandb set-up (it reads the
+    environment once)."""
+    for var in [v for v in os.environ if v.startswith("WANDB_")]:
+        monkeypatch.delenv(var)
+    home = tmp_path / "home"
+    home.mkdir()
+    monkeypatch.chdir(home)  # wandb also reads ./wandb/settings
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.setenv("NETRC", str(home / ".netrc"))
     for var in ("WANDB_CONFIG_DIR", "WANDB_CACHE_DIR", "WANDB_DATA_DIR"):
-        monkeypatch.setenv(var, str(tmp_path / "wandb-home"))
+        monkeypatch.setenv(var, str(home / "wandb"))
     monkeypatch.setenv("WANDB_SILENT", "true")
     monkeypatch.setenv("WANDB_CONSOLE", "off")
     monkeypatch.setenv("WANDB_DISABLE_GIT", "true")
     monkeypatch.setenv("WANDB_X_DISABLE_STATS", "true")
-    return netrc_path
+    wandb = pytest.importorskip("wandb")
+    wandb.teardown()
+    yield home
+    wandb.teardown()
 
 
-def test_mode_resolution(no_credentials: Path, monkeypatch) -> None:
-    assert rlog.resolve_wandb_mode(None) == "offline"
-    assert rlog.resolve_wandb_mode("disabled") == "disabled"
-    no_credentials.write_text("machine api.wandb.ai login user password " + "k" * 40 + "\n")
-    assert rlog.resolve_wandb_mode(None) == "online"
-    no_credentials.write_text("machine other.host login user password secret\n")
-    assert rlog.resolve_wandb_mode(None) == "offline"
-    monkeypatch.setenv("WANDB_API_KEY", "k" * 40)
-    assert rlog.resolve_wandb_mode(None) == "online"
-    assert rlog.resolve_wandb_mode("offline") == "offline"
-    monkeypatch.setenv("WANDB_MODE", "disabled")
-    assert rlog.resolve_wandb_mode(None) == "disabled"
+class FakeWandb:
+    """Stands in for `wandb.login` / `wandb.init` / `wandb.teardown`: records the calls; `init`
+    raises `fail_online` for a run that is not offline."""
+
+    def __init__(self, logged_in: bool, fail_online: Exception | None = None) -> None:
+        self.logged_in = logged_in
+        self.fail_online = fail_online
+        self.inits: list[dict] = []
+        self.teardowns = 0
+
+    def login(self, **kwargs):
+        assert kwargs == {"prompt": False, "verify": False}  # never asks, never goes online
+        return self.logged_in
+
+    def init(self, **kwargs):
+        self.inits.append(kwargs)
+        if self.fail_online is not None and kwargs["mode"] != "offline":
+            raise self.fail_online
+        return SimpleNamespace(id=kwargs["id"], log=lambda *a, **k: None, finish=lambda: None)
+
+    def teardown(self) -> None:
+        self.teardowns += 1
+
+    def install(self, monkeypatch) -> FakeWandb:
+        import wandb
+
+        for name in ("login", "init", "teardown"):
+            monkeypatch.setattr(wandb, name, getattr(self, name))
+        return self
 
 
-def test_wandb_disabled_is_a_no_op(no_credentials: Path, tmp_path: Path) -> None:
+def wandb_warnings(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.name == "pixio.logging"]
+
+
+def test_wandb_off_never_imports_it(tmp_path: Path, monkeypatch, caplog) -> None:
+    monkeypatch.setitem(sys.modules, "wandb", None)  # `import wandb` would raise
     for logger in (
         rlog.WandbLogger(LoggerCfg(), tmp_path, {}, enabled=False),
         rlog.WandbLogger(LoggerCfg(name="none"), tmp_path, {}),
@@ -154,25 +186,93 @@ def test_wandb_disabled_is_a_no_op(no_credentials: Path, tmp_path: Path) -> None
         logger.log({"loss": 1.0}, step=1)
         logger.log_image("vis", tmp_path / "missing.png", step=1)
         logger.finish()
+    assert not wandb_warnings(caplog)
     assert not (tmp_path / "wandb_run_id.txt").exists()
     assert not (tmp_path / "wandb").exists()
 
 
+def test_wandb_failure_disables_it_with_a_warning(tmp_path: Path, monkeypatch, caplog) -> None:
+    monkeypatch.setitem(sys.modules, "wandb", None)  # e.g. wandb not installed
+    logger = rlog.WandbLogger(LoggerCfg(mode="online"), tmp_path, {})
+    assert not logger.enabled
+    logger.log({"loss": 1.0}, step=1)  # still a no-op, training goes on
+    (warning,) = wandb_warnings(caplog)
+    assert warning.startswith("wandb disabled: wandb.init failed (ModuleNotFoundError")
+
+
 def test_wandb_offline_restart_resumes_same_run(no_credentials: Path, tmp_path: Path) -> None:
     out = tmp_path / "run"
-    first = rlog.WandbLogger(LoggerCfg(), out, {"train": {"epochs": 2}})
-    assert first.enabled and first.mode == "offline"
+    first = rlog.WandbLogger(LoggerCfg(mode="offline"), out, {"train": {"epochs": 2}})
+    assert first.enabled and first.run.settings.mode == "offline"
     run_id = first.run_id
     assert (out / "wandb_run_id.txt").read_text().strip() == run_id
     first.log({"loss": 1.0, "lr": 1e-3}, step=1)
     first.log_image("reconstruction", torch.zeros(8, 8, 3, dtype=torch.uint8).numpy(), step=1)
     first.finish()
     first.finish()  # idempotent
-    second = rlog.WandbLogger(LoggerCfg(), out, {"train": {"epochs": 2}})
+    second = rlog.WandbLogger(LoggerCfg(mode="offline"), out, {"train": {"epochs": 2}})
     assert second.run_id == run_id
     second.log({"loss": 0.5}, step=2)
     second.finish()
     assert list((out / "wandb").glob(f"offline-run-*-{run_id}"))
+
+
+def test_no_mode_without_credentials_goes_offline(no_credentials: Path, tmp_path, caplog) -> None:
+    # The real wandb: without an API key it would prompt on a terminal, or raise without one.
+    out = tmp_path / "run"
+    logger = rlog.WandbLogger(LoggerCfg(), out, {})
+    assert logger.mode is None
+    assert logger.enabled and logger.run.settings.mode == "offline"
+    run_id = logger.run_id
+    logger.log({"loss": 1.0}, step=1)
+    logger.finish()
+    (warning,) = wandb_warnings(caplog)
+    assert warning.startswith("wandb offline: no API key") and "wandb sync" in warning
+    assert list((out / "wandb").glob(f"offline-run-*-{run_id}"))
+
+
+def test_no_mode_follows_wandb_mode_env(no_credentials: Path, monkeypatch, tmp_path, caplog):
+    monkeypatch.setenv("WANDB_MODE", "disabled")  # wandb's own setting, not overridden
+    logger = rlog.WandbLogger(LoggerCfg(), tmp_path / "run", {})
+    assert logger.run.disabled
+    logger.log({"loss": 1.0}, step=1)
+    logger.finish()
+    assert not wandb_warnings(caplog)
+
+
+def test_no_mode_with_credentials_lets_wandb_decide(no_credentials: Path, monkeypatch, tmp_path):
+    fake = FakeWandb(logged_in=True).install(monkeypatch)
+    logger = rlog.WandbLogger(LoggerCfg(), tmp_path / "run", {"a": 1})
+    (call,) = fake.inits
+    assert call["mode"] is None and call["config"] == {"a": 1} and call["resume"] == "allow"
+    assert (
+        call["id"] == logger.run_id == (tmp_path / "run" / "wandb_run_id.txt").read_text().strip()
+    )
+    rlog.WandbLogger(LoggerCfg(mode="online"), tmp_path / "run", {})
+    assert fake.inits[1]["mode"] == "online" and fake.inits[1]["id"] == logger.run_id
+
+
+def test_no_mode_init_failure_falls_back_to_offline_once(
+    no_credentials: Path, monkeypatch, tmp_path, caplog
+) -> None:
+    # e.g. an API key but no network: wandb gives up after its init_timeout.
+    fake = FakeWandb(logged_in=True, fail_online=RuntimeError("timed out\nmore")).install(
+        monkeypatch
+    )
+    logger = rlog.WandbLogger(LoggerCfg(), tmp_path / "run", {})
+    assert logger.enabled
+    assert [c["mode"] for c in fake.inits] == [None, "offline"]
+    assert fake.inits[0]["id"] == fake.inits[1]["id"] == logger.run_id  # the same run
+    assert fake.teardowns == 1  # frees the id the half-started online run holds
+    (warning,) = wandb_warnings(caplog)
+    assert warning.startswith("wandb offline: timed out;")
+
+
+def test_explicit_mode_failure_does_not_fall_back(no_credentials, monkeypatch, tmp_path, caplog):
+    fake = FakeWandb(logged_in=True, fail_online=RuntimeError("refused")).install(monkeypatch)
+    logger = rlog.WandbLogger(LoggerCfg(mode="online"), tmp_path / "run", {})
+    assert not logger.enabled and [c["mode"] for c in fake.inits] == ["online"]
+    assert wandb_warnings(caplog) == ["wandb disabled: wandb.init failed (RuntimeError: refused)"]
 
 
 def test_setup_logging_file_on_rank0_and_idempotent(tmp_path: Path) -> None:

@@ -109,3 +109,34 @@ def test_set_lr_respects_lr_scale() -> None:
     opt = torch.optim.AdamW([{"params": [a]}, {"params": [b], "lr_scale": 0.25}], lr=1.0)
     optim.set_lr(opt, 2e-3)
     assert [g["lr"] for g in opt.param_groups] == [2e-3, 5e-4]
+
+
+def test_poly_schedule_exact_values() -> None:
+    # Depth heads: 10 % linear warmup, then poly 0.9 over the rest, to 0 at the end.
+    s = optim.Schedule("poly", base_lr=2e-4, epochs=10, warmup_epochs=1)
+    assert s(0) == 0.0 and s(0.5) == pytest.approx(1e-4, rel=1e-15) and s(1) == 2e-4
+    assert s(5.5) == pytest.approx(2e-4 * 0.5**0.9, rel=1e-15)  # halfway through the decay
+    assert s(10) == 0.0 and s(12) == 0.0
+    # Segmentation heads: no warmup.
+    seg = optim.Schedule("poly", base_lr=1e-4, epochs=4)
+    assert seg(0) == 1e-4 and seg(1) == pytest.approx(1e-4 * 0.75**0.9, rel=1e-15)
+
+
+def test_cosine_schedule_is_the_reference_formula_and_constant_holds() -> None:
+    s = optim.Schedule("cosine", base_lr=1.0, epochs=10, warmup_epochs=2, min_lr=0.1)
+    for epoch in (0.0, 0.3, 2.0, 5.5, 9.99, 10.0):
+        assert s(epoch) == optim.lr_at(epoch, 1.0, 0.1, 2, 10)
+    c = optim.Schedule("constant", base_lr=3.0, epochs=10, warmup_epochs=1)
+    assert (c(0.5), c(1), c(9)) == (1.5, 3.0, 3.0)
+    with pytest.raises(ValueError, match="schedule must be one of"):
+        optim.Schedule("step", 1.0, 10)
+
+
+def test_schedule_from_config_warmup_fraction_overrides_epochs() -> None:
+    from pixio.runtime.config import OptimConfig
+
+    o = OptimConfig(schedule="poly", warmup_epochs=40, warmup_fraction=0.1, poly_power=0.9)
+    s = optim.schedule_from_config(o, base_lr=1e-4, epochs=60)
+    assert (s.kind, s.warmup_epochs, s.epochs, s.power) == ("poly", pytest.approx(6.0), 60, 0.9)
+    cos = optim.schedule_from_config(OptimConfig(warmup_epochs=40), base_lr=1e-3, epochs=400)
+    assert (cos.kind, cos.warmup_epochs) == ("cosine", 40)

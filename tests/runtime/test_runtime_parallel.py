@@ -12,18 +12,33 @@ from pixio.runtime.parallel import choose_parallel, has_meta, materialize
 
 
 @pytest.mark.parametrize(
-    ("parallel", "width", "world", "expected"),
+    ("parallel", "numel", "world", "expected"),
     [
-        ("auto", 3072, 1, "none"),
-        ("fsdp", 3072, 1, "none"),
-        ("auto", 1280, 8, "ddp"),
-        ("auto", 1536, 8, "fsdp"),
-        ("ddp", 3072, 8, "ddp"),
-        ("fsdp", 192, 2, "fsdp"),
+        ("auto", 5_440_000_000, 1, "none"),
+        ("fsdp", 5_440_000_000, 1, "none"),
+        ("auto", 733_000_000, 8, "ddp"),  # ViT-H MAE: 11.7 GB of fp32 weights + AdamW fit
+        ("auto", 1_464_000_000, 8, "fsdp"),  # 1B MAE
+        ("auto", 1_000_000_000, 8, "fsdp"),  # the threshold itself
+        ("ddp", 5_440_000_000, 8, "ddp"),
+        ("fsdp", 1000, 2, "fsdp"),
     ],
 )
-def test_choose_parallel(parallel, width, world, expected):
-    assert choose_parallel(parallel, width, world) == expected
+def test_choose_parallel_for_trainable_modules(parallel, numel, world, expected):
+    assert choose_parallel(parallel, numel, world) == expected
+
+
+@pytest.mark.parametrize(
+    ("parallel", "numel", "param_bytes", "expected"),
+    [
+        ("auto", 5_440_000_000, 2, "fsdp"),  # the 5B teacher in bf16: 10.9 GB, sharded
+        ("auto", 1_362_000_000, 2, "none"),  # a 1B encoder in bf16: 2.7 GB, replicated
+        ("auto", 1_362_000_000, 4, "fsdp"),  # ... in fp32: 5.4 GB, sharded
+        ("ddp", 5_440_000_000, 2, "none"),  # no gradients: DDP means replicated
+        ("fsdp", 1000, 4, "fsdp"),
+    ],
+)
+def test_choose_parallel_for_frozen_modules(parallel, numel, param_bytes, expected):
+    assert choose_parallel(parallel, numel, 8, trainable=False, param_bytes=param_bytes) == expected
 
 
 def test_choose_parallel_rejects_unknown():

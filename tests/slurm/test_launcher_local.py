@@ -13,10 +13,10 @@ import submitit
 from omegaconf import OmegaConf
 
 from pixio.runtime import launcher
+from pixio.runtime.distributed import read_dist_env
 from pixio.runtime.launcher import (
     LauncherConfig,
     SubmititMain,
-    export_submitit_dist_env,
     launch,
     launcher_config,
     slurm_parameters,
@@ -139,25 +139,34 @@ def test_slurm_parameters_one_task_per_gpu() -> None:
     assert "gpus_per_node" not in cpu and cpu["tasks_per_node"] == 2 and cpu["mem_gb"] == 4
 
 
-def test_submitit_env_becomes_torchrun_env(monkeypatch) -> None:
+def test_submitit_task_reads_its_rank_from_the_step(monkeypatch) -> None:
+    # A submitit task is an srun step: main() gets its rank the way any SLURM task does, and
+    # nothing is exported before (CUDA_VISIBLE_DEVICES stays as the cluster set it).
     slurm = dict(
         SUBMITIT_EXECUTOR="slurm",
         SLURM_JOB_ID="31337",
+        SLURM_STEP_ID="0",
         SLURM_PROCID="5",
         SLURM_NTASKS="8",
         SLURM_LOCALID="1",
         SLURM_NODEID="1",
         SLURM_JOB_NUM_NODES="2",
         SLURM_JOB_NODELIST="gpu[007-008]",
+        CUDA_VISIBLE_DEVICES="0,1,2,3",
     )
     for key, value in slurm.items():
         monkeypatch.setenv(key, value)
-    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        monkeypatch.delenv(key, raising=False)  # restored after the test
-    export_submitit_dist_env()
-    got = {k: os.environ[k] for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR")}
-    assert got == {"RANK": "5", "WORLD_SIZE": "8", "LOCAL_RANK": "1", "MASTER_ADDR": "gpu007"}
-    assert os.environ["MASTER_PORT"] == str(20000 + 31337 % 10000)
+    dist_vars = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+    # Left in the submitting shell (sbatch passes them on): the step's own values must win.
+    stale = dict(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="localhost", MASTER_PORT="1")
+    for key, value in stale.items():
+        monkeypatch.setenv(key, value)  # restored after the test
+    got = SubmititMain(lambda cfg: read_dist_env(), OmegaConf.create({}))()
+    assert (got.rank, got.world_size, got.local_rank, got.source) == (5, 8, 1, "slurm")
+    assert got.master_addr == "gpu007"
+    assert not any(key in os.environ for key in dist_vars)
+    assert os.environ["CUDA_VISIBLE_DEVICES"] == "0,1,2,3"
+    assert launcher.under_process_launcher()  # launch() in the task runs main in process
 
 
 def test_checkpoint_resubmits_a_fresh_copy(tmp_path) -> None:

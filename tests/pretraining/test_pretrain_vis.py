@@ -10,7 +10,8 @@ from PIL import Image
 
 from pixio.constants import IMAGENET_MEAN, IMAGENET_STD
 from pixio.models.patchify import patchify
-from pixio.runtime.vis import reconstruction_grid, save_png
+from pixio.runtime.vis import save_png
+from pretraining.vis import reconstruction_grid
 
 P, H, W, PAD = 8, 16, 32, 2  # non-square: a 2 x 4 patch grid
 
