@@ -7,9 +7,9 @@ Rank and world size come from, in order:
 - the SLURM variables of an ``srun`` step (a submitit task, or a plain ``srun python -m ...``),
   read by submitit's ``TorchDistributedEnvironment``: rank ``SLURM_PROCID``, world size
   ``SLURM_NTASKS``, local rank ``SLURM_LOCALID``, master address the first host of
-  ``SLURM_JOB_NODELIST`` and a port in [20000, 60000] seeded by the job id (the same for every
-  task of a job); an exported ``MASTER_ADDR`` / ``MASTER_PORT`` is kept. Only a step counts
-  (``SLURM_STEP_ID`` set): the batch script has ``SLURM_PROCID`` / ``SLURM_NTASKS`` too;
+  ``SLURM_JOB_NODELIST`` and a port in [20000, 30000) derived from the job id (the same for
+  every task of a job, below the ephemeral range); an exported ``MASTER_ADDR`` /
+  ``MASTER_PORT`` is kept. Only a step counts (``SLURM_STEP_ID`` set): the batch script has ``SLURM_PROCID`` / ``SLURM_NTASKS`` too;
 - nothing: one process, no process group.
 
 ``CUDA_VISIBLE_DEVICES`` is left alone (submitit's ``export()`` would narrow it to the local
@@ -22,6 +22,8 @@ from __future__ import annotations
 import datetime
 import logging
 import os
+import socket
+import zlib
 from dataclasses import dataclass
 
 import torch
@@ -30,6 +32,9 @@ from submitit.helpers import TorchDistributedEnvironment
 from submitit.slurm.slurm import SlurmJobEnvironment
 
 log = logging.getLogger(__name__)
+
+# SLURM rendez-vous ports: [20000, 30000), below the ephemeral range (32768+).
+_PORT_BASE, _PORT_SPAN = 20000, 10000
 
 
 @dataclass(frozen=True)
@@ -69,7 +74,7 @@ class _SlurmStepEnvironment(TorchDistributedEnvironment):
     The parent asks ``submitit.JobEnvironment()``, which picks the cluster from
     ``SUBMITIT_EXECUTOR`` and raises where only submitit's own jobs have set it; the SLURM
     variables of a step are the same whoever started it, so name submitit's SLURM environment
-    directly (its node-list parsing, its job-id-derived port) and keep the parent's fields.
+    directly (its node-list parsing) and keep the parent's fields; the port is ours (below).
     """
 
     def __init__(self) -> None:
@@ -81,6 +86,14 @@ class _SlurmStepEnvironment(TorchDistributedEnvironment):
         self.world_size = self._job_env.num_tasks
         self.local_rank = self._job_env.local_rank
         self.local_world_size = self._job_env.num_tasks // self._job_env.num_nodes
+
+    def _get_master_port(self) -> int:
+        """An exported MASTER_PORT, else one derived from the job id below Linux's ephemeral
+        range (32768+), so it cannot clash with an outgoing connection on a busy node; array
+        tasks and jobs sharing a node get different ports."""
+        if "MASTER_PORT" in os.environ:
+            return int(os.environ["MASTER_PORT"])
+        return _PORT_BASE + zlib.crc32(str(self._job_env.job_id).encode()) % _PORT_SPAN
 
 
 def read_dist_env() -> DistEnv:
@@ -213,6 +226,24 @@ def reduce_device() -> torch.device:
     if is_dist() and dist.get_backend() == "nccl":
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
+
+
+_NODE_GROUPS: dict[int, dist.ProcessGroup | None] = {}
+
+
+def node_group() -> dist.ProcessGroup | None:
+    """The process subgroup of the ranks on this host (collective the first time: every rank
+    must call it; cached). None without a process group. For sharding a frozen module within a
+    node, where its all-gathers run over NVLink instead of the network."""
+    if not is_dist():
+        return None
+    key = id(dist.group.WORLD)  # a new process group (tests, a second job) gets new subgroups
+    if key not in _NODE_GROUPS:
+        hosts: list[str] = [""] * dist.get_world_size()
+        dist.all_gather_object(hosts, socket.gethostname())
+        ranks = [[r for r, h in enumerate(hosts) if h == host] for host in dict.fromkeys(hosts)]
+        _NODE_GROUPS[key], _ = dist.new_subgroups_by_enumeration(ranks)
+    return _NODE_GROUPS[key]
 
 
 def cleanup() -> None:

@@ -172,6 +172,7 @@ class EvalLoader:
         self.loader = DataLoader(
             _Padded(dataset), batch_size=batch_size, sampler=positions, num_workers=num_workers,
             collate_fn=_PairCollate(collate_fn or default_collate),
+            generator=torch.Generator(),  # not the training's stream (see MapLoader)
         )  # fmt: skip
 
     def __len__(self) -> int:

@@ -10,6 +10,7 @@ artifacts. See docs/DESIGN.md, "Trainer and tasks", for a complete small example
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -61,8 +62,12 @@ class Validation:
     mode: str = "max"
 
     def better(self, value: float, best: float | None) -> bool:
-        if best is None:
-            return True
+        """True when `value` beats `best`; a non-finite result never beats a finite one (a NaN
+        from an early validation must not stay the best forever)."""
+        if best is None or not math.isfinite(best):
+            return best is None or math.isfinite(value)
+        if not math.isfinite(value):
+            return False
         return value > best if self.mode == "max" else value < best
 
 

@@ -33,7 +33,7 @@ from torch.distributed.checkpoint.state_dict import (
 from pixio.runtime import checkpointing, optim
 from pixio.runtime.checkpointing import CheckpointManager
 from pixio.runtime.config import ConfigError
-from pixio.runtime.distributed import DistInfo, all_reduce_mean, is_dist, reduce_device
+from pixio.runtime.distributed import DistInfo, all_reduce_mean, is_dist, node_group, reduce_device
 from pixio.runtime.logging import MetricsWriter, Throughput, WandbLogger, format_progress
 from pixio.runtime.parallel import choose_parallel, fully_shard_model, materialize, num_params
 from pixio.runtime.preemption import PreemptionHandler
@@ -157,8 +157,8 @@ class Trainer:
 
     def _place(self, name: str, spec: ModuleSpec) -> nn.Module:
         """Put one module on its device(s); returns what `task.step` receives under `name`."""
-        module = spec.module
-        group_size = dist.get_world_size(spec.group) if is_dist() else 1
+        module, group = spec.module, spec.group
+        group_size = self._group_size(name, group)
         if spec.trainable:
             if self.t.activation_checkpointing and hasattr(module, "set_grad_checkpointing"):
                 module.set_grad_checkpointing(True)
@@ -167,35 +167,38 @@ class Trainer:
             param_dtype = self.amp_dtype  # FSDP gathers block weights in the autocast dtype
         else:
             module.requires_grad_(False).eval()
-            frozen_dtype = self._frozen_dtype()
-            if frozen_dtype is not None:  # bf16 weights: half the memory and no casts
-                module.to(frozen_dtype)
-            width = 2 if frozen_dtype is not None else 4
+            width = cast_frozen_blocks(spec, self.device, self.t.precision)
             choice = choose_parallel(spec.parallel, num_params(module), group_size, False, width)
-            param_dtype = None
+            param_dtype = None  # the blocks already hold their compute dtype
+            if choice == "fsdp" and spec.parallel == "auto" and group is None:
+                group = node_group()  # all-gathers over NVLink, not the network
         self.parallel[name] = choice
         if choice == "fsdp":
-            mesh = None if spec.group is None else _mesh_of(spec.group, self.device)
+            mesh = None if group is None else _mesh_of(group, self.device)
             fully_shard_model(module, spec.shard_units, param_dtype, mesh, spec.forward_methods)
         elif spec.forward_methods and choice == "ddp":
             raise ValueError(
                 f"module {name!r}: forward_methods need parallel=fsdp or none, not ddp"
             )
-        # Trainable: a checkpoint will overwrite the weights. Frozen: `load` will.
-        initialize = not self.has_checkpoints if spec.trainable else spec.load is None
-        module = materialize(module, self.device, initialize)
-        if spec.load is not None and not (spec.trainable and self.has_checkpoints):
+        # Weights come from the checkpoint (a resumed trainable module), from `load`, or from
+        # the seeded initialisation, in that order; nothing is filled twice.
+        restored = spec.trainable and self.has_checkpoints
+        module = materialize(module, self.device, initialize=spec.load is None and not restored)
+        if spec.load is not None and not restored:
             spec.load(module)
         if choice == "ddp":
             ids = [self.device.index] if self.device.type == "cuda" else None
-            module = self._ddp.setdefault(
-                name, nn.parallel.DistributedDataParallel(module, ids, process_group=spec.group)
-            )
+            ddp = nn.parallel.DistributedDataParallel(module, ids, process_group=group)
+            module = self._ddp[name] = ddp
         return torch.compile(module) if self.t.compile else module
 
-    def _frozen_dtype(self) -> torch.dtype | None:
-        """Frozen modules run in bf16 on GPUs under bf16 precision; elsewhere they keep fp32."""
-        return torch.bfloat16 if self.device.type == "cuda" and self.t.precision == "bf16" else None
+    def _group_size(self, name: str, group: dist.ProcessGroup | None) -> int:
+        """Ranks that hold module `name` (1 without a process group)."""
+        if not is_dist():
+            return 1
+        if group is not None and dist.get_rank(group) < 0:
+            raise ValueError(f"module {name!r}: rank {self.info.rank} is not in its process group")
+        return dist.get_world_size(group)
 
     def _build_optimizers(self, specs: dict[str, OptimizerSpec]) -> dict[str, Stepper]:
         """One `Stepper` per optimiser spec; every trainable module in exactly one of them."""
@@ -213,6 +216,16 @@ class Trainer:
             raise ValueError(f"trainable modules in no optimiser: {', '.join(orphans)}")
         return {name: self._stepper(spec) for name, spec in specs.items()}
 
+    def _optimizer_batch(self, spec: OptimizerSpec) -> int:
+        """Samples per step of one optimiser: its modules' gradients are averaged over their
+        group only (a student trained on a subgroup sees that group's batch)."""
+        sizes = {self._group_size(m, self.specs[m].group) for m in spec.modules}
+        if len(sizes) > 1:
+            raise ValueError(
+                f"optimiser over {spec.modules}: its modules live on groups of sizes {sorted(sizes)}"
+            )
+        return self.t.batch_size * self.t.accum_iter * sizes.pop()
+
     def _stepper(self, spec: OptimizerSpec) -> Stepper:
         o = spec.optim
         parts = [self.trainable[m] for m in spec.modules]
@@ -221,7 +234,7 @@ class Trainer:
             if len(parts) == 1
             else nn.ModuleDict(dict(zip(spec.modules, parts, strict=True)))
         )
-        base_lr = optim.resolve_lr(o.lr, o.blr, self.global_batch)
+        base_lr = optim.resolve_lr(o.lr, o.blr, self._optimizer_batch(spec))
         optimizer = optim.build_optimizer(root, base_lr, o.weight_decay, tuple(o.betas), o.fused)
         # A gradient scaler only for fp16: bf16 and fp32 have fp32's exponent range.
         scaler = torch.amp.GradScaler(self.device.type, enabled=self.t.precision == "fp16")
@@ -257,7 +270,10 @@ class Trainer:
             "iteration": self.progress.iteration,
             "epoch": self.progress.iteration // self.iters_per_epoch,
             "samples_seen": self.progress.samples_seen,
-            "scalers": {n: s.scaler.state_dict() for n, s in self.optimizers.items()},
+            # Every rank's (a rank may hold optimisers the others do not), merged by name.
+            "scalers": _merged(
+                _gather({n: s.scaler.state_dict() for n, s in self.optimizers.items()})
+            ),
             "validation": self.validation.state_dict() if self.validation else None,
             "rng": _gather(checkpointing.capture_rng_state()),
             "data": _gather(self._data_state()),
@@ -460,9 +476,9 @@ class Trainer:
         coef = max_norm / (norm + 1e-6)  # the formula of torch.nn.utils.clip_grad_norm_
         if coef < 1.0:
             for params in stepper.groups:
-                for p in params:
-                    if p.grad is not None:
-                        p.grad.mul_(coef)
+                grads = [p.grad for p in params if p.grad is not None]
+                if grads:
+                    torch._foreach_mul_(grads, coef)  # one kernel group, not one per tensor
         stepper.scaler.step(stepper.optimizer)
         stepper.scaler.update()
         stepper.optimizer.zero_grad(set_to_none=True)
@@ -589,11 +605,15 @@ class Trainer:
             self.wandb.log_image(name, path, step=done)
 
     def _finish(self) -> None:
-        """Final validation and checkpoint, exported artifacts, closing the loggers."""
+        """Final validation (at the schedule's end) and checkpoint, exports, closing the loggers."""
         done = self.progress.iteration
-        if self.validation and self.val_data is not None:
-            if self.validation.last is None or self.validation.last["iteration"] != done:
+        try:
+            if self._final_validation_due():
                 self.validate()
+        except BaseException:
+            if self._saved_at != done:  # keep the trained weights even if validation fails
+                self.save()
+            raise
         if self._saved_at != done:  # not when re-run after the end
             self.save()
         states = {name: self.full_state(name) for name in self.trainable}
@@ -603,6 +623,16 @@ class Trainer:
             log.info("wrote %s", path)
         self.close()
 
+    def _final_validation_due(self) -> bool:
+        """At the end of the schedule, unless that iteration was just validated. A stop at
+        train.max_iters is not the end: validating there would add a result (possibly a
+        'best') that an uninterrupted run never has."""
+        if self.validation is None or self.val_data is None:
+            return False
+        done = self.progress.iteration
+        last = self.validation.last
+        return done == self.total_iters and (last is None or last["iteration"] != done)
+
     def close(self) -> None:
         """Finish a pending asynchronous save, flush and close the loggers."""
         self.checkpoints.close()
@@ -610,9 +640,22 @@ class Trainer:
         self.wandb.finish()
 
 
+def cast_frozen_blocks(spec: ModuleSpec, device: torch.device, precision: str) -> int:
+    """On GPUs under bf16 precision, a frozen module's blocks (`shard_units`) hold bf16
+    weights: half the memory, while the residual stream and the root's small tables stay fp32
+    as on every other path (autocast computes the blocks' matmuls in bf16 anyway). Returns the
+    bytes per parameter that decide replication vs sharding."""
+    if device.type != "cuda" or precision != "bf16":
+        return 4
+    for unit in spec.shard_units:
+        unit.to(torch.bfloat16)
+    return 2
+
+
 def _iters_per_epoch(configured: int | None, data: Iterable) -> int:
-    """`train.iters_per_epoch`, or the length of finite data when that is null. A configured
-    epoch may be shorter than the data (each epoch then uses its first batches), not longer."""
+    """`train.iters_per_epoch`, or the length of finite data when that is null. A finite loader
+    (`MapLoader`) runs its own epochs, so a configured length must equal it; a plain
+    re-iterable may be cut shorter (each epoch then uses its first batches), never longer."""
     length = len(data) if hasattr(data, "__len__") else None  # type: ignore[arg-type]
     if configured is None:
         if length is None:
@@ -620,9 +663,11 @@ def _iters_per_epoch(configured: int | None, data: Iterable) -> int:
         if length == 0:
             raise ConfigError("train.iters_per_epoch: the training data has no batch")
         return length
-    if length is not None and configured > length:
+    if length is not None and (
+        configured > length or hasattr(data, "iterate") and configured != length
+    ):
         raise ConfigError(
-            f"train.iters_per_epoch: {configured}, but the data has only {length} batches per "
+            f"train.iters_per_epoch: {configured}, but the data has {length} batches per "
             "epoch (leave it null to take the data's length)"
         )
     return configured
@@ -654,6 +699,15 @@ def _total_grad_norm(groups: list[list[nn.Parameter]]) -> float:
         norm = torch.nn.utils.get_total_norm(grads)
         squares += float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm) ** 2
     return math.sqrt(squares)
+
+
+def _merged(dicts: list[dict[str, Any]]) -> dict[str, Any]:
+    """One dict of every rank's entries (the first rank's value for a name several hold)."""
+    out: dict[str, Any] = {}
+    for d in dicts:
+        for key, value in d.items():
+            out.setdefault(key, value)
+    return out
 
 
 def _first_of(group: dist.ProcessGroup | None) -> bool:

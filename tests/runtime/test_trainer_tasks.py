@@ -30,9 +30,11 @@ SINGLE = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu")
 N_TRAIN, N_VAL = 12, 11  # 11: two ranks need one padded sample, which must not count
 
 
-def head_trainer(cfg, info=SINGLE, frozen: str = "auto") -> Trainer:
+def head_trainer(cfg, info=SINGLE, frozen: str = "auto", encoder_file=None) -> Trainer:
     encoder, head = encoder_and_head()
-    task = HeadTask(encoder, head, cfg.optim, frozen)
+    if encoder_file is not None:  # other weights: `load` must replace them
+        encoder = encoder_and_head(seed=7)[0]
+    task = HeadTask(encoder, head, cfg.optim, frozen, encoder_file)
     rank, world = info.rank, info.world_size
     data = MapLoader(Regression(N_TRAIN), cfg.train.batch_size, rank, world, seed=cfg.train.seed)
     val = EvalLoader(Regression(N_VAL, augment=False), 3, rank, world)
@@ -93,6 +95,8 @@ def test_head_task_resumes_exactly(tmp_path):
     assert a == b  # same best (from before the stop) and same final results
     steps = [r["step"] for r in records(resumed) if "loss" in r]
     assert steps == list(range(1, 19))  # the records after the checkpoint were rewound
+    # The stop at 8 (mid-epoch) is not the end: no extra validation there.
+    assert [r["step"] for r in records(resumed) if "val/mse" in r] == [6, 12, 18]
 
 
 def _free_port() -> int:
@@ -101,14 +105,14 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _head_worker(rank: int, world: int, port: int, out: str, frozen: str) -> None:
+def _head_worker(rank: int, world: int, port: int, out: str, frozen: str, file: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                       WORLD_SIZE=str(world), LOCAL_RANK=str(rank))  # fmt: skip
     from pixio.runtime.distributed import cleanup, init_distributed
 
     torch.set_num_threads(1)
     info = init_distributed(device="cpu")
-    trainer = head_trainer(task_config(out, batch_size=1), info, frozen)
+    trainer = head_trainer(task_config(out, batch_size=1), info, frozen, file)
     # A small frozen module is replicated; sharded on request (as the 5B teacher is by size).
     placed = "none" if frozen == "auto" else frozen
     assert trainer.parallel == {"encoder": placed, "head": "ddp"}
@@ -121,8 +125,9 @@ def _head_worker(rank: int, world: int, port: int, out: str, frozen: str) -> Non
 
 @pytest.mark.parametrize("frozen", ["auto", "fsdp"])
 def test_validation_over_two_processes_counts_each_sample_once(tmp_path, frozen):
-    out = tmp_path / "two"
-    mp.spawn(_head_worker, args=(2, _free_port(), str(out), frozen), nprocs=2, join=True)
+    out, file = tmp_path / "two", tmp_path / "encoder.pt"
+    torch.save(encoder_and_head(0)[0].state_dict(), file)  # rank 0 reads it, then broadcasts
+    mp.spawn(_head_worker, args=(2, _free_port(), str(out), frozen, str(file)), nprocs=2, join=True)
     results = json.loads((out / "val_results.json").read_text())
     assert results["last"]["samples"] == N_VAL and results["last"]["index_sum"] == sum(range(N_VAL))
     # The reduced metric equals the metric of the final weights over the whole set, computed here.
@@ -174,8 +179,11 @@ def test_two_modules_on_two_optimisers_step_checkpoint_and_resume(tmp_path):
 def test_epoch_length_comes_from_finite_data_and_may_not_exceed_it(tmp_path):
     trainer = head_trainer(task_config(tmp_path / "a"))
     assert trainer.iters_per_epoch == N_TRAIN // 2 and trainer.total_iters == 18
-    with pytest.raises(ConfigError, match="train.iters_per_epoch: 7, but the data has only 6"):
-        head_trainer(task_config(tmp_path / "b", iters_per_epoch=7))
+    for wrong in (7, 5):  # a finite loader runs its own epochs: no other length
+        with pytest.raises(
+            ConfigError, match=f"train.iters_per_epoch: {wrong}, but the data has 6"
+        ):
+            head_trainer(task_config(tmp_path / f"b{wrong}", iters_per_epoch=wrong))
     encoder, head = encoder_and_head()
     stream = iter([])  # no length: an endless stream must say its epoch length
     with pytest.raises(ConfigError, match="train.iters_per_epoch: required for a stream"):
@@ -219,12 +227,14 @@ def _per_rank_worker(rank: int, world: int, port: int, out: str, max_iters: int 
     torch.set_num_threads(1)
     info = init_distributed(device="cpu")
     group, _ = dist.new_subgroups_by_enumeration([[r] for r in range(world)])
-    cfg = task_config(out, max_iters=max_iters, save_every_iters=4)
+    cfg = task_config(out, max_iters=max_iters, save_every_iters=4, precision="fp16")
+    cfg.optim.lr, cfg.optim.blr = None, 0.128  # lr from the batch of the module's group
     torch.manual_seed(rank)
     task = PerRankTask(f"s{rank}", torch.nn.Linear(4, 1), group, cfg.optim)
     data = MapLoader(Regression(N_TRAIN), 2, seed=rank)  # each student its own order
     trainer = Trainer(cfg, task, data, info, {})
     assert trainer.parallel == {f"s{rank}": "none"}  # a group of one: nothing to replicate
+    assert trainer.optimizers[f"s{rank}"].schedule.base_lr == 0.128 * 2 / 256  # not 2 ranks' batch
     trainer.fit()
     cleanup()
 
@@ -235,6 +245,8 @@ def test_modules_in_process_subgroups_train_checkpoint_resume_and_export(tmp_pat
         mp.spawn(_per_rank_worker, args=(2, _free_port(), str(out), max_iters), nprocs=2, join=True)
     ckpt = checkpointing.load_checkpoint(out / "checkpoint-last", ("model", "optimizer"))
     assert ckpt["iteration"] == 18 and set(ckpt["model"]) == set(ckpt["optimizer"]) == {"s0", "s1"}
+    assert set(ckpt["scalers"]) == {"s0", "s1"}  # every rank's fp16 scaler, not only rank 0's
+    assert all(state["scale"] > 0 for state in ckpt["scalers"].values())
     for name in ("s0", "s1"):  # each exported by its own group, equal to its checkpoint
         exported = torch.load(out / f"{name}.pt", weights_only=True)
         for k, v in exported.items():
@@ -243,3 +255,46 @@ def test_modules_in_process_subgroups_train_checkpoint_resume_and_export(tmp_pat
     assert [r["step"] for r in rows] == list(range(1, 19))
     merged = {f"{k}/s{r}" for k in ("loss", "lr", "grad_norm") for r in (0, 1)}
     assert all(merged <= r.keys() for r in rows)  # rank 0 logs what every rank reported
+
+
+def test_fp16_with_two_optimisers_needs_and_uses_per_optimiser_losses(tmp_path):
+    def run(split: bool, out: str) -> Trainer:
+        torch.manual_seed(0)
+        a, b = torch.nn.Linear(4, 1), torch.nn.Linear(4, 1)
+        cfg = task_config(tmp_path / out, precision="fp16", max_iters=3)
+        task = TwoModuleTask(a, b, cfg.optim, cfg.optim, split_losses=split)
+        return Trainer(cfg, task, MapLoader(Regression(N_TRAIN), 2), SINGLE, {})
+
+    with pytest.raises(ValueError, match="fp16 with several optimisers needs StepOutput.losses"):
+        run(False, "one").fit()
+    trainer = run(True, "split")
+    trainer.fit()
+    scales = {n: s.scaler.get_scale() for n, s in trainer.optimizers.items()}
+    assert set(scales) == {"a", "b"} and all(v > 0 for v in scales.values())
+
+
+def test_a_nan_result_never_stays_the_best():
+    from pixio.runtime.task import Validation
+
+    spec = Validation("miou", mode="max")
+    assert spec.better(float("nan"), None) and spec.better(0.3, float("nan"))
+    assert not spec.better(float("nan"), 0.3) and spec.better(0.5, 0.3)
+    assert Validation("rmse", mode="min").better(0.2, 0.3)
+
+
+def test_frozen_blocks_hold_bf16_only_on_gpus_under_bf16():
+    from pixio.runtime.task import ModuleSpec
+    from pixio.runtime.trainer import cast_frozen_blocks
+
+    def spec():
+        root = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 4))
+        return ModuleSpec(root, trainable=False, shard_units=[root[1]])
+
+    s = spec()  # the cast itself needs no GPU: only the decision reads the device
+    assert cast_frozen_blocks(s, torch.device("cuda"), "bf16") == 2
+    assert s.module[1].weight.dtype == torch.bfloat16  # the block
+    assert s.module[0].weight.dtype == torch.float32  # the root stays fp32
+    for device, precision in (("cpu", "bf16"), ("cuda", "fp32"), ("cuda", "fp16")):
+        s = spec()
+        assert cast_frozen_blocks(s, torch.device(device), precision) == 4
+        assert all(p.dtype == torch.float32 for p in s.module.parameters())

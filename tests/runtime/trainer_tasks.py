@@ -13,6 +13,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from pixio.runtime.config import LoggerConfig, OptimConfig, TrainConfig
+from pixio.runtime.parallel import load_full_state
 from pixio.runtime.task import ModuleSpec, OptimizerSpec, StepOutput, Task, Validation
 
 
@@ -22,11 +23,16 @@ class HeadTask(Task):
 
     validation = Validation("mse", mode="min")
 
-    def __init__(self, encoder: nn.Module, head: nn.Module, optim: OptimConfig, frozen="auto"):
+    def __init__(self, encoder, head, optim: OptimConfig, frozen="auto", encoder_file=None):
         self.encoder, self.head, self.optim, self.frozen = encoder, head, optim, frozen
+        self.encoder_file = encoder_file  # when set, the frozen weights come from this file
 
     def modules(self) -> dict[str, ModuleSpec]:
-        encoder = ModuleSpec(self.encoder, trainable=False, parallel=self.frozen)
+        load = None
+        if self.encoder_file is not None:
+            file = self.encoder_file
+            load = lambda m: load_full_state(m, lambda: torch.load(file, weights_only=True))  # noqa: E731
+        encoder = ModuleSpec(self.encoder, trainable=False, parallel=self.frozen, load=load)
         return {"encoder": encoder, "head": ModuleSpec(self.head)}
 
     def optimizers(self) -> dict[str, OptimizerSpec]:
@@ -48,10 +54,12 @@ class HeadTask(Task):
 
 
 class TwoModuleTask(Task):
-    """Two trainable modules, each on its own optimiser (`optim_a`, `optim_b`), one summed loss."""
+    """Two trainable modules, each on its own optimiser (`optim_a`, `optim_b`), one summed loss
+    (and, with `split_losses`, each optimiser's own loss for its fp16 scaler)."""
 
-    def __init__(self, a: nn.Module, b: nn.Module, optim_a: OptimConfig, optim_b: OptimConfig):
+    def __init__(self, a, b, optim_a: OptimConfig, optim_b: OptimConfig, split_losses=False):
         self.a, self.b, self.optim_a, self.optim_b = a, b, optim_a, optim_b
+        self.split_losses = split_losses
 
     def modules(self) -> dict[str, ModuleSpec]:
         return {"a": ModuleSpec(self.a), "b": ModuleSpec(self.b)}
@@ -62,7 +70,8 @@ class TwoModuleTask(Task):
     def step(self, modules: dict[str, nn.Module], batch: dict) -> StepOutput:
         loss_a = F.mse_loss(modules["a"](batch["x"]), batch["y"])
         loss_b = F.mse_loss(modules["b"](batch["x"]), -batch["y"])
-        return StepOutput(loss_a + loss_b, {"loss_a": loss_a, "loss_b": loss_b})
+        losses = {"a": loss_a, "b": loss_b} if self.split_losses else None
+        return StepOutput(loss_a + loss_b, {"loss_a": loss_a, "loss_b": loss_b}, losses)
 
 
 class Regression(Dataset):
