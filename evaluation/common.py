@@ -1,0 +1,352 @@
+"""What the depth and segmentation apps share: the config schema (backs `configs/eval_depth.yaml`
+and `configs/eval_semseg.yaml`) and its validation, building the frozen encoder, head, task and
+data, the run itself (`run_eval`), and `output_dir/results.json` with its printed table.
+
+One run = one dataset x head: `python -m evaluation.depth dataset=kitti head=linear ...`. The
+trainer keeps the best and the last validation in `val_results.json` and every validation in
+`metrics.jsonl` (both rewound correctly on resume); at the end, rank 0 gathers them into
+`results.json` with the config and the encoder checkpoint's sha256.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, DictConfig
+
+from evaluation.datasets import build_dataset, get_info
+from evaluation.features import EncoderConfig, FrozenFeatures, check_encoder, load_frozen_encoder
+from evaluation.heads import HEAD_KINDS, build_head, convert_sync_bn, head_block_ids
+from evaluation.task import DepthTask, HeadTask, SegmentationTask, Windows
+from pixio.runtime.checkpointing import MANIFEST_NAME
+from pixio.runtime.config import (
+    ConfigError,
+    LauncherConfig,
+    LoggerConfig,
+    OptimConfig,
+    TrainConfig,
+    check_choice,
+    check_positive,
+    require,
+    require_set,
+    to_container,
+    validate_common,
+)
+from pixio.runtime.distributed import DistInfo, barrier
+from pixio.runtime.job import run_job
+from pixio.runtime.launcher import launch
+from pixio.runtime.maploader import EvalLoader, MapLoader
+from pixio.runtime.runconfig import check_resume
+from pixio.runtime.trainer import Trainer
+from pixio.runtime.validation import RESULTS_NAME
+
+log = logging.getLogger("pixio.eval")
+
+APPS = ("depth", "semseg")
+RESULTS_FILE = "results.json"
+# Keys that fix the head's shape or meaning: a resume cannot change them.
+SHAPE_KEYS = (
+    "encoder.name", "encoder.embed_dim", "encoder.depth", "encoder.num_heads",
+    "encoder.n_cls_tokens", "head.name", "dataset.name",
+)  # fmt: skip
+
+
+# ---- schema -------------------------------------------------------------------------------------
+@dataclass
+class DatasetConfig:
+    name: str = MISSING  # nyuv2 | kitti (depth); ade20k | pascal | loveda (semseg)
+    lr: dict[str, float] = field(default_factory=dict)  # reference lr per head name (optim.lr)
+
+
+@dataclass
+class HeadConfig:
+    name: str = MISSING  # dpt | linear
+
+
+@dataclass
+class EvalDataConfig:
+    root: str = MISSING  # the dataset's root, in its public release's layout
+    train_split: str | None = None  # "image target" list relative to root (None: scan / default)
+    val_split: str | None = None  # same, for validation
+    label_format: str = "raw"  # raw (release masks, remapped on the fly) | reduced (0..K-1/255)
+    crop_size: int = 256  # training crop side
+    num_workers: int = 4  # data-loader workers per process (training and validation)
+    build_demo: bool = False  # demo: build a tiny dataset in the real layout at root if absent
+    demo_train: int = 8  # demo: training pairs
+    demo_val: int = 3  # demo: validation pairs
+
+
+@dataclass
+class InferenceConfig:
+    window: int = 256  # sliding-window side (validation on full images)
+    stride: int = 170  # window stride: int(256 * 2 / 3)
+    window_batch: int = 16  # windows per encoder call (results do not depend on it)
+    vis_images: int = 4  # validation images drawn at each validation (vis/val_<index>.png)
+
+
+@dataclass
+class EvalConfig:
+    encoder: EncoderConfig = field(default_factory=EncoderConfig)  # the frozen encoder
+    dataset: DatasetConfig = field(default_factory=DatasetConfig)  # benchmark + reference lrs
+    head: HeadConfig = field(default_factory=HeadConfig)  # dpt | linear
+    data: EvalDataConfig = field(default_factory=EvalDataConfig)  # where the data is
+    eval: InferenceConfig = field(default_factory=InferenceConfig)  # validation inference
+    optim: OptimConfig = field(default_factory=OptimConfig)  # AdamW on the head only
+    train: TrainConfig = field(default_factory=TrainConfig)  # loop, precision, checkpoints
+    launcher: LauncherConfig = field(default_factory=LauncherConfig)  # local or SLURM
+    logger: LoggerConfig = field(default_factory=LoggerConfig)  # wandb
+    output_root: str = "outputs/eval"  # where a sweep's runs go (one folder per dataset x head)
+    output_dir: str = MISSING  # this run: checkpoints, metrics.jsonl, results.json, vis/
+
+
+def register_configs() -> None:
+    """Register the schema so Hydra type-checks every composed eval config."""
+    ConfigStore.instance().store(name="eval_schema", node=EvalConfig)
+
+
+# ---- validation ---------------------------------------------------------------------------------
+def validate_eval(cfg: Any, app: str) -> None:
+    """Check values, then paths, before anything is built; ConfigError names the first bad key."""
+    require_set(cfg, "encoder.name", "dataset.name", "head.name", "data.root", "output_dir")
+    check_choice(cfg.head, "head", "name", HEAD_KINDS)  # before optim.lr, which reads it
+    _check_dataset(cfg, app)
+    validate_common(cfg)
+    check_choice(cfg.data, "data", "label_format", ("raw", "reduced"))
+    check_positive(cfg.data, "data", "crop_size", "demo_train", "demo_val")
+    require(cfg.data.num_workers >= 0, "data.num_workers", f"must be >= 0, got {cfg.data.num_workers}")  # fmt: skip
+    check_positive(cfg.eval, "eval", "window", "stride", "window_batch")
+    require(cfg.eval.vis_images >= 0, "eval.vis_images", f"must be >= 0, got {cfg.eval.vis_images}")  # fmt: skip
+    require(cfg.data.crop_size % 16 == 0, "data.crop_size", f"{cfg.data.crop_size} is not a multiple of the patch size 16")  # fmt: skip
+    require(cfg.eval.window % 16 == 0, "eval.window", f"{cfg.eval.window} is not a multiple of the patch size 16")  # fmt: skip
+    check_encoder(cfg)
+    _check_paths(cfg.data)
+
+
+def _check_dataset(cfg: Any, app: str) -> None:
+    try:
+        info = get_info(cfg.dataset.name)
+    except ValueError as err:
+        raise ConfigError(f"dataset.name: {err}") from None
+    lrs = cfg.dataset.lr
+    require(cfg.head.name in lrs, "dataset.lr", f"has no lr for head {cfg.head.name!r} (set optim.lr or dataset.lr.{cfg.head.name})")  # fmt: skip
+    require(info.task == app, "dataset", f"{info.name} is a {info.task} dataset, not one for python -m evaluation.{app}")  # fmt: skip
+
+
+def _check_paths(d: Any) -> None:
+    root = Path(d.root).expanduser()
+    if not d.build_demo:
+        require(root.is_dir(), "data.root", f"{root} does not exist or is not a directory")
+    for key in ("train_split", "val_split"):
+        split = d[key]
+        if split is not None:
+            require(Path(split).expanduser().is_file(), f"data.{key}", f"{split} does not exist or is not a file")  # fmt: skip
+
+
+SWEEPABLE = ("dataset", "head")  # the keys a sweep's folder names tell apart
+
+
+def swept_keys(args: list[str]) -> list[str]:
+    """Keys given several values on a Hydra command line (`k=a,b`, `k=range(..)`, ...)."""
+    keys = []
+    for arg in args:
+        if arg.startswith("-") or "=" not in arg:
+            continue
+        key, value = arg.split("=", 1)
+        flat = re.sub(r"\[[^\]]*\]|\{[^}]*\}|'[^']*'|\"[^\"]*\"", "", value)  # lists, quotes
+        if "," in flat or re.match(r"(range|choice|glob)\(", value):
+            keys.append(key.lstrip("+~"))
+    return keys
+
+
+def check_sweep_output(overrides: list[str], multirun: bool, swept: list[str] = ()) -> None:
+    """A sweep gives each job `output_root/<dataset>_<head>`; one output_dir for all, or a sweep
+    over another key, would make the jobs resume each other's checkpoints."""
+    if not multirun:
+        return
+    pinned = any(o.lstrip("+").split("=", 1)[0] == "output_dir" for o in overrides)
+    require(not pinned, "output_dir", "is set for a sweep (-m): set output_root instead (each job writes output_root/<dataset>_<head>)")  # fmt: skip
+    for key in swept:
+        require(key in SWEEPABLE, key, "a sweep (-m) may vary dataset and head only (each job's folder is output_root/<dataset>_<head>); run other values as separate commands with their own output_root")  # fmt: skip
+
+
+# ---- building -----------------------------------------------------------------------------------
+def ensure_demo_data(cfg: Any, info: DistInfo) -> None:
+    """Build the demo dataset at data.root (rank 0) unless it is already there."""
+    root = Path(cfg.data.root)
+    if info.rank == 0 and not (root.is_dir() and any(root.iterdir())):
+        from evaluation.demo_data import build_demo
+
+        log.info("building the demo %s dataset in %s", cfg.dataset.name, root)
+        build_demo(cfg.dataset.name, root, n_train=cfg.data.demo_train, n_val=cfg.data.demo_val)
+    barrier()
+
+
+def build_loaders(cfg: Any, info: DistInfo) -> tuple[MapLoader, EvalLoader]:
+    """Training crops (shuffled, seeded per sample) and full validation images, one per batch
+    (their sizes differ); a data mistake is a one-line error before any model is built."""
+    d = cfg.data
+    try:
+        train = build_dataset(cfg.dataset.name, d.root, "train", d.train_split, d.crop_size, label_format=d.label_format)  # fmt: skip
+        val = build_dataset(cfg.dataset.name, d.root, "val", d.val_split, d.crop_size, label_format=d.label_format)  # fmt: skip
+    except (FileNotFoundError, ValueError) as err:
+        raise ConfigError(f"data.root: {err}") from None
+    pin = info.device.type == "cuda"
+    loader = MapLoader(train, cfg.train.batch_size, info.rank, info.world_size, d.num_workers, cfg.train.seed, pin_memory=pin)  # fmt: skip
+    val_loader = EvalLoader(val, 1, info.rank, info.world_size, d.num_workers)
+    log.info("data: %d training pairs, %d validation images", len(train), len(val))  # type: ignore[arg-type]
+    return loader, val_loader
+
+
+def build_task(cfg: Any, app: str, info: DistInfo) -> HeadTask:
+    """Frozen features for the head's blocks, the head (SyncBatchNorm on multi-GPU runs), the task."""
+    encoder = load_frozen_encoder(cfg.encoder)
+    features = FrozenFeatures(encoder, head_block_ids(cfg.head.name, encoder.depth))
+    dataset = get_info(cfg.dataset.name)
+    out_channels = 1 if app == "depth" else dataset.num_classes
+    torch.manual_seed(cfg.train.seed)  # the same head on every rank
+    head = build_head(cfg.head.name, encoder.embed_dim, out_channels)
+    if info.device.type == "cuda":  # SyncBatchNorm needs GPUs; CPU (gloo) runs keep BatchNorm
+        head = convert_sync_bn(head)
+    e = cfg.eval
+    common = dict(windows=Windows(e.window, e.stride, e.window_batch),
+                  vis_dir=Path(cfg.output_dir) / "vis", vis_images=e.vis_images)  # fmt: skip
+    if app == "depth":
+        return DepthTask(features, head, cfg.optim, **common, min_depth=dataset.min_depth, max_depth=dataset.max_depth)  # fmt: skip
+    return SegmentationTask(features, head, cfg.optim, **common, num_classes=dataset.num_classes)
+
+
+# ---- the run ------------------------------------------------------------------------------------
+def run_eval(cfg: DictConfig, app: str) -> dict[str, Any] | None:
+    """Train and validate one head on the frozen encoder; returns results.json's content on
+    rank 0 (None elsewhere)."""
+    validate_eval(cfg, app)
+    with run_job(cfg.output_dir, cfg.train.device) as info:
+        config = to_container(cfg)
+        check_resume(cfg.output_dir, config, SHAPE_KEYS)
+        if cfg.data.build_demo:
+            ensure_demo_data(cfg, info)
+        train, val = build_loaders(cfg, info)  # data mistakes stop before the model
+        task = build_task(cfg, app, info)
+        trainer = Trainer(cfg, task, train, info, config, val)
+        trainer.fit()
+        if info.rank != 0:
+            return None
+        if trainer.progress.iteration < trainer.total_iters:  # train.max_iters: a partial run
+            log.info("stopped at iteration %d of %d (train.max_iters): results.json is written "
+                     "when the schedule completes", trainer.progress.iteration, trainer.total_iters)  # fmt: skip
+            return None
+        results = write_results(cfg.output_dir, app, config, trainer.iters_per_epoch)
+        print(results_table(results), flush=True)
+        log.info("done: results.json, metrics.jsonl, vis/ in %s", Path(cfg.output_dir).resolve())
+        return results
+
+
+def cli_main(cfg: DictConfig, app: str, main: Any) -> None:
+    """The Hydra entry: validate (one `config error:` line, exit 2), then launch `main`."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    try:
+        hydra_cfg = HydraConfig.get()
+        multirun = hydra_cfg.mode == RunMode.MULTIRUN
+        check_sweep_output(list(hydra_cfg.overrides.task), multirun, swept_keys(sys.argv[1:]))
+        validate_eval(cfg, app)
+    except ConfigError as err:
+        print(f"config error: {err}", file=sys.stderr)
+        sys.exit(2)
+    launch(main, cfg)
+
+
+# ---- results ------------------------------------------------------------------------------------
+def checkpoint_sha256(path: str | os.PathLike | None) -> str | None:
+    """sha256 of an encoder checkpoint: of the file; of a training checkpoint directory's
+    manifest (which holds every file's digest); of a folder's files in name order otherwise."""
+    if path is None or not Path(path).exists():
+        return None
+    path = Path(path)
+    if path.is_file():
+        files = [path]
+    elif (path / MANIFEST_NAME).is_file():
+        files = [path / MANIFEST_NAME]
+    else:
+        files = sorted(p for p in path.rglob("*") if p.is_file())
+    digest = hashlib.sha256()
+    for file in files:
+        with open(file, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                digest.update(chunk)
+    return digest.hexdigest()
+
+
+def validation_history(output_dir: str | os.PathLike, iters_per_epoch: int) -> list[dict[str, Any]]:
+    """The end-of-epoch validations of the run (metrics.jsonl): epoch, iteration, metrics. A
+    validation at a `train.max_iters` stop in mid-epoch is left out, so a run stopped and resumed
+    reports what an uninterrupted one does."""
+    path = Path(output_dir) / "metrics.jsonl"
+    by_iteration = {}
+    for line in path.read_text().splitlines() if path.exists() else []:
+        record = json.loads(line) if line.strip() else {}
+        metrics = {k[4:]: v for k, v in record.items() if k.startswith("val/")}
+        if metrics and record["step"] % iters_per_epoch == 0:
+            by_iteration[record["step"]] = {"epoch": record["epoch"], "iteration": record["step"], **metrics}  # fmt: skip
+    return [by_iteration[i] for i in sorted(by_iteration)]
+
+
+def write_results(
+    output_dir: str | os.PathLike, app: str, config: dict[str, Any], iters_per_epoch: int
+) -> dict[str, Any]:
+    """`results.json`: every end-of-epoch validation, the best over epochs and the final one
+    (both labelled), the config, and the encoder checkpoint with its sha256."""
+    metric = json.loads((Path(output_dir) / RESULTS_NAME).read_text())["metric"]
+    epochs = validation_history(output_dir, iters_per_epoch)
+    best = max(
+        epochs, key=lambda e: e[metric]
+    )  # both headline metrics (d1, mIoU): larger is better
+    enc = config["encoder"]
+    results = {
+        "task": app,
+        "dataset": config["dataset"]["name"],
+        "head": config["head"]["name"],
+        "metric": metric,
+        "best": {"label": "best over epochs", **best},
+        "final": {"label": "final epoch", **epochs[-1]},
+        "epochs": epochs,
+        "encoder": {"name": enc["name"], "checkpoint": enc["checkpoint"],
+                    "module": enc.get("module"), "sha256": checkpoint_sha256(enc["checkpoint"])},
+        "config": config,
+    }  # fmt: skip
+    path = Path(output_dir) / RESULTS_FILE
+    tmp = path.with_name(f".{RESULTS_FILE}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(results, indent=2) + "\n")
+    os.replace(tmp, path)
+    return results
+
+
+TABLE_KEYS = {
+    "depth": ("d1", "d2", "d3", "abs_rel", "rmse", "silog"),
+    "semseg": ("miou", "acc", "macc"),
+}
+
+
+def results_table(results: dict[str, Any]) -> str:
+    """One line per validation, then the best and the final ones, labelled."""
+    keys = TABLE_KEYS[results["task"]]
+    title = (
+        f"{results['task']} {results['dataset']} {results['head']} ({results['encoder']['name']})"
+    )
+    lines = [title, "  ".join(f"{h:>10}" for h in ("", "epoch", *keys))]
+    rows = [("", r) for r in results["epochs"]] + [("best", results["best"]), ("final", results["final"])]  # fmt: skip
+    for label, r in rows:
+        cells = [f"{label:>10}", f"{r['epoch']:>10.3g}", *(f"{r.get(k, float('nan')):>10.4g}" for k in keys)]  # fmt: skip
+        lines.append("  ".join(cells))
+    return "\n".join(lines)

@@ -1,0 +1,148 @@
+"""Map-style depth and segmentation datasets over (image, target) pairs, and `build_dataset`.
+
+Items (SPEC section 7): training crops of `crop_size` (default 256), validation full images.
+- depth: {"image": (3, H, W) float normalised, "depth": (1, H, W) float metres (0 = invalid),
+  "index": int}; NYUv2 images and depths are Eigen-cropped in both splits.
+- semseg: {"image": (3, H, W), "mask": (H, W) int64 in 0..K-1 and 255, "index": int}.
+An image or target that cannot be read raises UnreadableImageError naming it, in validation (never
+silently dropped) and in training too: skipping would change the epoch's length and batches, so
+bad files are found up front with `python -m evaluation.prepare DATASET ROOT --verify`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from evaluation.datasets import transforms as T
+from evaluation.datasets.info import EIGEN_CROP, DatasetInfo, get_info
+from evaluation.datasets.splits import (
+    SPLITS,
+    Pair,
+    missing_files,
+    read_split_list,
+    require_dir,
+    scan_layout,
+)
+
+LABEL_FORMATS = ("raw", "reduced")
+
+
+class PairDataset(Dataset):
+    """Shared part: the pairs, the split, the crop size."""
+
+    def __init__(self, info: DatasetInfo, pairs: list[Pair], split: str, crop_size: int) -> None:
+        self.info, self.pairs, self.split, self.crop_size = info, pairs, split, crop_size
+        self.train = split == "train"
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def read_image(self, index: int) -> np.ndarray:
+        return T.read_rgb(str(self.pairs[index][0]))
+
+    def check_size(self, index: int, image: np.ndarray, target: np.ndarray) -> None:
+        if image.shape[:2] != target.shape[:2]:
+            image_path, target_path = self.pairs[index]
+            raise T.UnreadableImageError(
+                f"{image_path} is {image.shape[:2]} but its target {target_path} is "
+                f"{target.shape[:2]}"
+            )
+
+
+class DepthDataset(PairDataset):
+    """RGB + 16-bit png depth (value / `info.depth_scale` = metres; 0 = no measurement)."""
+
+    def read_depth(self, index: int) -> np.ndarray:
+        path = str(self.pairs[index][1])
+        raw = T.read_plane(path)
+        if raw.dtype == np.uint8:  # 8-bit: not the release's 16-bit format, the scale would be off
+            raise T.UnreadableImageError(f"{path}: expected a 16-bit depth png, got 8-bit")
+        return raw.astype(np.float32) / np.float32(self.info.depth_scale)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        image, depth = self.read_image(index), self.read_depth(index)
+        self.check_size(index, image, depth)
+        if self.info.eigen_crop:
+            path = str(self.pairs[index][0])
+            image, depth = (
+                T.eigen_crop(image, EIGEN_CROP, path),
+                T.eigen_crop(depth, EIGEN_CROP, path),
+            )
+        if self.train:  # pads: black raw pixels, depth 0 (= invalid, so never in the loss)
+            image, depth = T.random_flip(T.random_crop([image, depth], self.crop_size, [0, 0]))
+        depth_t = torch.from_numpy(np.ascontiguousarray(depth))[None]
+        return {"image": T.normalize(image), "depth": depth_t, "index": index}
+
+
+class SegDataset(PairDataset):
+    """RGB + single-channel mask (palette indices or grey values), remapped to 0..K-1 / 255."""
+
+    def __init__(self, *args: Any, reduce_zero: bool, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.reduce_zero = reduce_zero
+        self.scale_range = T.SEG_SCALE_RANGE  # of the training resize (tests pin it)
+
+    def read_mask(self, index: int) -> np.ndarray:
+        path = str(self.pairs[index][1])
+        return T.remap_labels(T.read_plane(path), self.info.num_classes, self.reduce_zero, path)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        image, mask = self.read_image(index), self.read_mask(index)
+        self.check_size(index, image, mask)
+        if self.train:
+            image, mask = T.random_rescale(image, mask, self.scale_range)
+            crop = T.random_crop([image, mask], self.crop_size, [0, T.IGNORE_INDEX])
+            image, mask = T.random_flip(crop)
+        mask_t = torch.from_numpy(mask.astype(np.int64))  # a copy: PIL arrays are read-only
+        return {"image": T.normalize(image), "mask": mask_t, "index": index}
+
+
+def build_dataset(
+    name: str,
+    root: str | Path,
+    split: str,
+    split_file: str | Path | None = None,
+    crop_size: int = 256,
+    *,
+    label_format: str = "raw",
+) -> Dataset:
+    """The `split` ("train" | "val") of dataset `name` under `root`: pairs from `split_file`
+    ("image target" lines relative to `root`) or, without one, from scanning the release layout.
+    `label_format` "raw" remaps ADE20K / LoveDA release masks on the fly (0 -> 255, k -> k - 1);
+    "reduced" reads files already holding 0..K-1 / 255 (e.g. the reference's re-encoded copies).
+    Missing root, list or listed files are FileNotFoundError naming the path."""
+    info = get_info(name)
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    if label_format not in LABEL_FORMATS:
+        raise ValueError(f"label_format must be one of {LABEL_FORMATS}, got {label_format!r}")
+    root = require_dir(Path(root), f"{info.name} root")
+    pairs = read_split_list(split_file, root) if split_file else scan_layout(info.name, root, split)
+    check_pairs(pairs, split_file or root)
+    return dataset_from_pairs(info.name, pairs, split, crop_size, label_format=label_format)
+
+
+def dataset_from_pairs(
+    name: str, pairs: list[Pair], split: str, crop_size: int = 256, *, label_format: str = "raw"
+) -> Dataset:
+    """The dataset of `name` over given (image, target) pairs (see `build_dataset`)."""
+    info = get_info(name)
+    if info.task == "depth":
+        return DepthDataset(info, pairs, split, crop_size)
+    reduce_zero = info.reduce_zero_label and label_format == "raw"
+    return SegDataset(info, pairs, split, crop_size, reduce_zero=reduce_zero)
+
+
+def check_pairs(pairs: list[Pair], source: str | Path) -> None:
+    """An empty split, or listed files that do not exist, are errors naming them."""
+    if not pairs:
+        raise ValueError(f"no (image, target) pairs in {source}")
+    missing = missing_files(pairs)
+    if missing:
+        shown = ", ".join(str(p) for p in missing[:3])
+        raise FileNotFoundError(f"{len(missing)} files listed by {source} not found: {shown}")

@@ -1,0 +1,121 @@
+"""Decoding, label remaps and the training augmentations of SPEC section 7.
+
+Randomness comes only from torch's global generator, which `pixio.runtime.maploader` seeds per
+(seed, epoch, index) before each sample: results do not depend on workers, and a resume replays
+them. Augmentations work on raw uint8 pixels; normalisation comes last, so training pads are black
+raw pixels (-mean / std once normalised) and mask pads are 255.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from PIL import Image
+
+from pixio.constants import IMAGENET_MEAN, IMAGENET_STD
+
+IGNORE_INDEX = 255
+SEG_SCALE_RANGE: tuple[float, float] = (0.5, 2.0)
+
+_MEAN = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
+_STD = torch.tensor(IMAGENET_STD).view(3, 1, 1)
+
+
+class UnreadableImageError(RuntimeError):
+    """An image, depth map or mask that cannot be decoded or is not what the dataset expects."""
+
+
+def read_rgb(path: str) -> np.ndarray:
+    """(H, W, 3) uint8 of any image mode; UnreadableImageError names the file."""
+    try:
+        with Image.open(path) as img:
+            return np.asarray(img.convert("RGB"))
+    except (OSError, ValueError, SyntaxError) as err:  # truncated, unidentified, bad header
+        raise UnreadableImageError(f"cannot read image {path}: {err}") from err
+
+
+def read_plane(path: str) -> np.ndarray:
+    """A single-channel png as stored (palette indices, 8- or 16-bit values)."""
+    try:
+        with Image.open(path) as img:
+            arr = np.asarray(img)
+    except (OSError, ValueError, SyntaxError) as err:
+        raise UnreadableImageError(f"cannot read {path}: {err}") from err
+    if arr.ndim != 2:
+        raise UnreadableImageError(f"{path}: expected a single-channel png, got shape {arr.shape}")
+    return arr
+
+
+def remap_labels(raw: np.ndarray, num_classes: int, reduce_zero: bool, path: str) -> np.ndarray:
+    """Stored mask -> uint8 ids 0..K-1 and 255. With `reduce_zero` (ADE20K, LoveDA releases) raw 0
+    (other / no data) -> 255 and k -> k - 1; a raw value outside 0..K (255 included, which the
+    releases never hold) means already re-encoded or corrupt files and is an error naming them."""
+    if reduce_zero:
+        if raw.max(initial=0) > num_classes:
+            raise UnreadableImageError(
+                f"{path}: raw label {int(raw.max())} > {num_classes} (files already re-encoded "
+                "to 0..K-1/255? pass label_format='reduced')"
+            )
+        return np.where(raw == 0, IGNORE_INDEX, raw.astype(np.int64) - 1).astype(np.uint8)
+    bad = (raw >= num_classes) & (raw != IGNORE_INDEX)
+    if bad.any():
+        raise UnreadableImageError(
+            f"{path}: label {int(raw[bad][0])} outside 0..{num_classes - 1}/255"
+        )
+    return raw.astype(np.uint8)
+
+
+def normalize(image: np.ndarray) -> torch.Tensor:
+    """(H, W, 3) uint8 -> (3, H, W) float32 ImageNet-normalised."""
+    x = torch.from_numpy(np.array(image))  # a copy: PIL's arrays are read-only
+    x = x.permute(2, 0, 1).float().div_(255.0)
+    return (x - _MEAN) / _STD
+
+
+def pad_to(arr: np.ndarray, size: int, value: float) -> np.ndarray:
+    """Pad the bottom and right of `arr` with `value` up to `size` on each side (no-op if big)."""
+    h, w = arr.shape[:2]
+    pad = [(0, max(0, size - h)), (0, max(0, size - w))] + [(0, 0)] * (arr.ndim - 2)
+    return np.pad(arr, pad, constant_values=value) if any(p[1] for p in pad[:2]) else arr
+
+
+def random_crop(arrays: list[np.ndarray], size: int, pads: list[float]) -> list[np.ndarray]:
+    """One random `size` x `size` window of equally sized arrays, each padded first with its own
+    value where smaller than the window."""
+    arrays = [pad_to(a, size, v) for a, v in zip(arrays, pads, strict=True)]
+    h, w = arrays[0].shape[:2]
+    top = int(torch.randint(0, h - size + 1, ()).item())
+    left = int(torch.randint(0, w - size + 1, ()).item())
+    return [a[top : top + size, left : left + size] for a in arrays]
+
+
+def random_flip(arrays: list[np.ndarray], p: float = 0.5) -> list[np.ndarray]:
+    """Flip all arrays left-right together with probability `p`."""
+    if torch.rand(()).item() < p:
+        return [a[:, ::-1] for a in arrays]
+    return arrays
+
+
+def random_rescale(
+    image: np.ndarray, mask: np.ndarray, scale_range: tuple[float, float] = SEG_SCALE_RANGE
+) -> tuple[np.ndarray, np.ndarray]:
+    """Resize both sides (so the long side too) by one ratio drawn uniformly from `scale_range`:
+    bicubic for the image, nearest for the mask."""
+    low, high = scale_range
+    ratio = low + (high - low) * torch.rand(()).item()
+    h, w = mask.shape
+    size = (max(1, round(w * ratio)), max(1, round(h * ratio)))
+    image = np.asarray(Image.fromarray(image).resize(size, Image.Resampling.BICUBIC))
+    mask = np.asarray(Image.fromarray(mask).resize(size, Image.Resampling.NEAREST))
+    return image, mask
+
+
+def eigen_crop(arr: np.ndarray, box: tuple[int, int, int, int], path: str) -> np.ndarray:
+    """Rows box[0]:box[1], cols box[2]:box[3]; an image too small for it is an error."""
+    top, bottom, left, right = box
+    if arr.shape[0] < bottom or arr.shape[1] < right:
+        raise UnreadableImageError(
+            f"{path}: {arr.shape[0]}x{arr.shape[1]} is smaller than the Eigen crop "
+            f"(rows {top}:{bottom}, cols {left}:{right}; NYUv2 frames are 480x640)"
+        )
+    return arr[top:bottom, left:right]

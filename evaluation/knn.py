@@ -1,0 +1,439 @@
+"""k-NN classification of frozen global features (SPEC section 7), function and app.
+
+    python -m evaluation.knn encoder.name=pixio_vith16 encoder.checkpoint=pixio_vith16.pth \
+        data.root=/datasets/imagenet launcher.gpus=8
+    python -m evaluation.knn experiment=knn_demo     # CPU, about a minute
+
+Protocol: resize the short side to 256 (bicubic), center crop 256, ImageNet normalisation;
+feature = mean of the class tokens of the last block BEFORE the final norm, L2-normalised;
+cosine similarity to every training image, the k nearest vote with weight exp(sim / T)
+(T = 0.07), top-1 / top-5 accuracy in percent for k in {10, 20, 100, 200}.
+
+Unlike the reference, every image is extracted once over all ranks (`EvalLoader`), the classes
+come from the folders (not a hard-coded 1000), and chunking works for any set size.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import hydra
+import numpy as np
+import torch
+import torch.distributed as dist
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, DictConfig
+from PIL import Image
+from torch.nn import functional as F
+from torchvision import datasets, transforms
+
+from evaluation.features import EncoderConfig, check_encoder, load_frozen_encoder
+from pixio.models.encoder import PixioEncoder
+from pixio.runtime.config import (
+    ConfigError,
+    LauncherConfig,
+    LoggerConfig,
+    check_choice,
+    check_launcher,
+    check_logger,
+    check_positive,
+    require,
+    require_set,
+    to_container,
+)
+from pixio.runtime.distributed import DistInfo, barrier, is_dist, reduce_device
+from pixio.runtime.job import run_job
+from pixio.runtime.launcher import launch
+from pixio.runtime.logging import WandbLogger
+from pixio.runtime.maploader import EvalLoader
+
+log = logging.getLogger("pixio.knn")
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+RESULTS_NAME = "results.json"
+FEATURES_NAME = "features.pt"
+
+
+# ---- classification ---------------------------------------------------------------------------
+def knn_evaluate(
+    train_features: torch.Tensor,
+    train_labels: torch.Tensor,
+    test_features: torch.Tensor,
+    test_labels: torch.Tensor,
+    ks: Sequence[int],
+    temperature: float,
+    num_classes: int,
+    chunk_size: int = 128,
+) -> dict[int, tuple[float, float]]:
+    """{k: (top1, top5)} in percent for several k from one neighbour search.
+
+    Features (N, D) are L2-normalised here (idempotent for normalised inputs). k larger than the
+    training set is clamped to its size; a class without votes never counts as a top-5 hit.
+    Memory: one chunk of chunk_size x N_train similarities at a time."""
+    _check_knn_inputs(train_features, train_labels, test_features, test_labels, ks)
+    train = F.normalize(train_features.float(), dim=1)
+    test = F.normalize(test_features.float(), dim=1)
+    train_labels = train_labels.to(train.device).long()
+    k_max = min(max(ks), train.shape[0])
+    correct = {k: torch.zeros(2, dtype=torch.long) for k in ks}
+    for start in range(0, test.shape[0], chunk_size):
+        chunk = test[start : start + chunk_size].to(train.device)  # (c, D)
+        sims, idx = (chunk @ train.T).topk(k_max, dim=1)  # (c, k_max), sorted descending
+        labels = test_labels[start : start + chunk_size].to(train.device).long()
+        for k in ks:
+            votes = _votes(sims[:, :k], train_labels[idx[:, :k]], temperature, num_classes)
+            correct[k] += _hits(votes, labels)
+    n = test.shape[0]
+    return {k: (float(c[0]) * 100 / n, float(c[1]) * 100 / n) for k, c in correct.items()}
+
+
+def _votes(sims: torch.Tensor, labels: torch.Tensor, temperature: float, num_classes: int) -> torch.Tensor:  # fmt: skip
+    """Class scores (c, num_classes): each neighbour adds exp(sim / T) to its class."""
+    votes = torch.zeros(sims.shape[0], num_classes, device=sims.device, dtype=sims.dtype)
+    return votes.scatter_add_(1, labels, (sims / temperature).exp())
+
+
+def _hits(votes: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """(top-1 hits, top-5 hits) of one chunk. A class no neighbour voted for is never a hit,
+    even when fewer than 5 classes got votes (which zero-vote class topk returns is arbitrary)."""
+    top = votes.topk(min(5, votes.shape[1]), dim=1)  # (c, 5)
+    match = (top.indices == labels[:, None]) & (top.values > 0)
+    return torch.stack([match[:, 0].sum(), match.any(dim=1).sum()]).cpu()
+
+
+def _check_knn_inputs(
+    train_f: torch.Tensor,
+    train_l: torch.Tensor,
+    test_f: torch.Tensor,
+    test_l: torch.Tensor,
+    ks: Sequence[int],
+) -> None:
+    if train_f.ndim != 2 or test_f.ndim != 2 or train_f.shape[1] != test_f.shape[1]:
+        raise ValueError(f"features must be (N, D) with one D, got {tuple(train_f.shape)} and {tuple(test_f.shape)}")  # fmt: skip
+    if len(train_l) != len(train_f) or len(test_l) != len(test_f):
+        raise ValueError("one label per feature row is needed")
+    if len(train_f) == 0 or len(test_f) == 0:
+        raise ValueError("k-NN needs at least one training and one test sample")
+    if not ks or min(ks) < 1:
+        raise ValueError(f"k must be positive, got {list(ks)}")
+
+
+def knn_classify(
+    train_features: torch.Tensor,
+    train_labels: torch.Tensor,
+    test_features: torch.Tensor,
+    test_labels: torch.Tensor,
+    k: int,
+    temperature: float,
+    num_classes: int,
+    chunk_size: int = 128,
+) -> tuple[float, float]:
+    """(top1, top5) in percent of weighted k-NN; see `knn_evaluate`."""
+    results = knn_evaluate(
+        train_features, train_labels, test_features, test_labels, [k], temperature,
+        num_classes, chunk_size,
+    )  # fmt: skip
+    return results[k]
+
+
+# ---- configuration ----------------------------------------------------------------------------
+@dataclass
+class KnnDataConfig:
+    root: str = MISSING  # ImageNet-style folder with train/<class>/* and val/<class>/*
+    num_workers: int = 8  # data-loader processes per rank
+    resize: int = 256  # short side after the bicubic resize
+    crop: int = 256  # center crop (a multiple of the patch size)
+    build_demo: bool = False  # build the small demo folder at `root` first (experiment=knn_demo)
+
+
+@dataclass
+class KnnConfig:
+    k: list[int] = field(default_factory=lambda: [10, 20, 100, 200])  # neighbour counts
+    temperature: float = 0.07  # votes weighted by exp(similarity / temperature)
+    chunk_size: int = 128  # test images per similarity chunk (chunk x N_train floats)
+    save_features: bool = (
+        False  # also write features.pt (features, labels, classes) to re-run k / T
+    )
+
+
+@dataclass
+class KnnRunConfig:
+    batch_size: int = 64  # images per process per forward
+    device: str = "auto"  # auto | cpu | cuda
+    precision: str = "bf16"  # bf16 | fp32: autocast of the encoder on CUDA (CPU runs fp32)
+
+
+@dataclass
+class KnnAppConfig:
+    encoder: EncoderConfig = field(default_factory=EncoderConfig)  # the frozen encoder
+    data: KnnDataConfig = field(default_factory=KnnDataConfig)  # the image folders
+    knn: KnnConfig = field(default_factory=KnnConfig)  # k, temperature
+    train: KnnRunConfig = field(default_factory=KnnRunConfig)  # batch, device, precision
+    launcher: LauncherConfig = field(default_factory=LauncherConfig)  # local or SLURM
+    logger: LoggerConfig = field(default_factory=LoggerConfig)  # wandb
+    output_dir: str = MISSING  # results.json, train.log
+
+
+def register_configs() -> None:
+    """Register the schema so Hydra type-checks the composed config."""
+    ConfigStore.instance().store(name="eval_knn_schema", node=KnnAppConfig)
+
+
+def validate_knn(cfg: Any) -> None:
+    """Check values and paths before anything is built; ConfigError names the first bad key."""
+    require_set(cfg, "data.root", "output_dir")
+    require(bool(cfg.output_dir), "output_dir", "is empty")
+    check_encoder(cfg)
+    require(len(cfg.knn.k) > 0 and all(k >= 1 for k in cfg.knn.k), "knn.k", f"must be a non-empty list of positive integers, got {list(cfg.knn.k)}")  # fmt: skip
+    check_positive(cfg.knn, "knn", "temperature", "chunk_size")
+    check_positive(cfg.train, "train", "batch_size")
+    check_positive(cfg.data, "data", "resize", "crop")
+    require(cfg.data.num_workers >= 0, "data.num_workers", "must be >= 0")
+    check_choice(cfg.train, "train", "device", ("auto", "cpu", "cuda"))
+    check_choice(cfg.train, "train", "precision", ("bf16", "fp32"))
+    check_launcher(cfg.launcher)
+    check_logger(cfg.logger)
+    if not cfg.data.build_demo:
+        for split in ("train", "val"):
+            folder = Path(cfg.data.root) / split
+            require(folder.is_dir(), "data.root", f"{folder} is not a directory (expected train/ and val/ class folders)")  # fmt: skip
+
+
+# ---- data -------------------------------------------------------------------------------------
+def knn_transform(resize: int = 256, crop: int = 256) -> transforms.Compose:
+    """Short side to `resize` (bicubic), center crop `crop`, to [0, 1], ImageNet normalisation."""
+    return transforms.Compose(
+        [
+            transforms.Resize(resize, interpolation=transforms.InterpolationMode.BICUBIC),
+            transforms.CenterCrop(crop),
+            transforms.ToTensor(),
+            transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+        ]
+    )
+
+
+def image_folders(root: str | Path, resize: int, crop: int) -> tuple[Any, Any]:
+    """train/ and val/ ImageFolders; ConfigError unless both hold the same classes."""
+    tf = knn_transform(resize, crop)
+    train, val = (datasets.ImageFolder(str(Path(root) / s), transform=tf) for s in ("train", "val"))
+    if train.classes != val.classes:
+        only = sorted(set(train.classes) ^ set(val.classes))[:5]
+        raise ConfigError(f"data.root: train/ and val/ hold different classes (e.g. {only})")
+    return train, val
+
+
+DEMO_CLASSES = ("astronaut", "coffee", "chelsea", "rocket", "sklearn_china", "sklearn_flower")
+
+
+def build_demo_folders(
+    root: str | Path, train_per_class: int = 16, val_per_class: int = 6, short_side: int = 160
+) -> Path:
+    """A small ImageFolder (train/, val/) from the bundled demo photos: each class is random
+    crops (25-100 % area) and flips of one photo. Skipped when `root/.complete` exists."""
+    from pixio.data.demo import SOURCES, as_uint8_image
+    from pixio.data.images import draw_crop_box
+
+    root = Path(root)
+    if (root / ".complete").is_file():
+        return root
+    for c, name in enumerate(DEMO_CLASSES):
+        photo = as_uint8_image(np.asarray(SOURCES[name][0]()))
+        for split, count in (("train", train_per_class), ("val", val_per_class)):
+            rng = np.random.default_rng([c, split == "val"])
+            folder = root / split / name
+            folder.mkdir(parents=True, exist_ok=True)
+            for i in range(count):
+                box = draw_crop_box(photo.width, photo.height, rng, (0.25, 1.0))
+                img = photo.crop(box)
+                if rng.random() < 0.5:
+                    img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+                scale = short_side / min(img.size)
+                img = img.resize((round(img.width * scale), round(img.height * scale)), Image.Resampling.BICUBIC)  # fmt: skip
+                img.save(folder / f"{i:03d}.jpg", quality=90)
+    (root / ".complete").write_text("knn demo\n")
+    return root
+
+
+# ---- features ---------------------------------------------------------------------------------
+def global_features(encoder: PixioEncoder, images: torch.Tensor) -> torch.Tensor:
+    """(B, 3, H, W) -> (B, D): mean class token of the last block before the final norm,
+    L2-normalised (in float32)."""
+    cls = encoder.features(images, [-1])[0]["cls_tokens"]  # (B, n_cls, D)
+    return F.normalize(cls.float().mean(dim=1), dim=1)
+
+
+@torch.no_grad()
+def extract_features(
+    encoder: PixioEncoder,
+    dataset: Any,
+    batch_size: int,
+    info: DistInfo,
+    num_workers: int = 0,
+    precision: str = "fp32",
+) -> torch.Tensor | None:
+    """Features (N, D) of `dataset` in its order, each image extracted once over all ranks and
+    gathered on rank 0 (CPU); None on the other ranks."""
+    loader = EvalLoader(dataset, batch_size, info.rank, info.world_size, num_workers)
+    autocast = info.device.type == "cuda" and precision == "bf16"
+    feats, real = [], []
+    for (images, _), is_real in loader:
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
+            feats.append(global_features(encoder, images.to(info.device, non_blocking=True)))
+        real.append(is_real)
+    local = torch.cat(feats)  # (m, D): positions rank, rank + W, ... of the padded set
+    return gather_positions(local, torch.cat(real), len(dataset), info)
+
+
+def gather_positions(
+    local: torch.Tensor, real: torch.Tensor, n: int, info: DistInfo, rows: int = 65536
+) -> torch.Tensor | None:
+    """Rank r holds positions r, r + W, ... of the padded set (EvalLoader) with their `real`
+    flags; rank 0 interleaves every rank's rows back into position order and keeps the real
+    ones: (n, D) in dataset order. Gathered in slices of `rows` to bound device memory."""
+    flagged = torch.cat([local.float(), real.to(local.device, torch.float32)[:, None]], dim=1)
+    parts: list[list[torch.Tensor]] = [[] for _ in range(info.world_size)]
+    for start in range(0, flagged.shape[0], rows):
+        piece = flagged[start : start + rows].contiguous().to(reduce_device())
+        if not is_dist():
+            parts[0].append(piece.cpu())
+            continue
+        bucket = [torch.empty_like(piece) for _ in parts] if info.is_main else None
+        dist.gather(piece, bucket, dst=0)
+        for r, t in enumerate(bucket or []):
+            parts[r].append(t.cpu())
+    if not info.is_main:
+        return None
+    stacked = torch.stack([torch.cat(p) for p in parts], dim=1)  # (m, W, D + 1): position j*W + r
+    ordered = stacked.reshape(-1, stacked.shape[-1])
+    kept = ordered[ordered[:, -1] > 0, :-1]
+    if kept.shape[0] != n:  # every sample exactly once, or the bookkeeping is broken
+        raise RuntimeError(f"gathered {kept.shape[0]} real samples, expected {n}")
+    return kept
+
+
+# ---- the app ----------------------------------------------------------------------------------
+def file_sha256(path: str | Path) -> str:
+    """sha256 of a file, or of a folder's files (relative names and contents, sorted)."""
+    path, digest = Path(path), hashlib.sha256()
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    for f in files:
+        if path.is_dir():
+            digest.update(str(f.relative_to(path)).encode() + b"\0")
+        with open(f, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()
+
+
+def results_table(results: dict[int, tuple[float, float]]) -> str:
+    """A plain-text table: one row per k with top-1 and top-5 (percent)."""
+    lines = [f"{'k':>5}  {'top-1':>7}  {'top-5':>7}"]
+    lines += [f"{k:>5}  {t1:7.2f}  {t5:7.2f}" for k, (t1, t5) in sorted(results.items())]
+    return "\n".join(lines)
+
+
+def results_record(
+    cfg: DictConfig, results: dict[int, tuple[float, float]], extra: dict[str, Any]
+) -> dict[str, Any]:
+    """What results.json holds: accuracies by k, the encoder and its checkpoint hash, sizes,
+    timings and the resolved config."""
+    ckpt = cfg.encoder.checkpoint
+    exists = ckpt is not None and Path(ckpt).exists()
+    return {
+        "top1": {str(k): r[0] for k, r in sorted(results.items())},
+        "top5": {str(k): r[1] for k, r in sorted(results.items())},
+        "encoder": cfg.encoder.name,
+        "encoder_checkpoint": str(Path(ckpt).resolve()) if exists else None,
+        "encoder_module": cfg.encoder.module,
+        "checkpoint_sha256": file_sha256(ckpt) if exists else None,
+        "random_weights": not exists,
+        **extra,
+        "config": to_container(cfg),
+    }
+
+
+def save_features(
+    path: Path, train_f: torch.Tensor, val_f: torch.Tensor, train_set: Any, val_set: Any
+) -> None:
+    """features.pt: train / val features (N, D), their labels and the class names."""
+    torch.save(
+        {
+            "train": train_f.cpu(), "train_labels": torch.tensor(train_set.targets),
+            "val": val_f.cpu(), "val_labels": torch.tensor(val_set.targets),
+            "classes": list(train_set.classes),
+        },
+        path,
+    )  # fmt: skip
+
+
+def run_knn(cfg: DictConfig, info: DistInfo) -> dict[str, Any] | None:
+    """Extract train and val features over all ranks, classify on rank 0; the record there."""
+    if cfg.data.build_demo and info.is_main:
+        build_demo_folders(cfg.data.root)
+    barrier()
+    train_set, val_set = image_folders(cfg.data.root, cfg.data.resize, cfg.data.crop)
+    encoder = load_frozen_encoder(cfg.encoder).to(info.device)
+    start = time.perf_counter()
+    args = (cfg.train.batch_size, info, cfg.data.num_workers, cfg.train.precision)
+    train_f = extract_features(encoder, train_set, *args)
+    val_f = extract_features(encoder, val_set, *args)
+    extract_s = time.perf_counter() - start
+    if not info.is_main:
+        return None
+    start = time.perf_counter()
+    results = knn_evaluate(
+        train_f.to(info.device), torch.tensor(train_set.targets), val_f,
+        torch.tensor(val_set.targets), list(cfg.knn.k), cfg.knn.temperature,
+        len(train_set.classes), cfg.knn.chunk_size,
+    )  # fmt: skip
+    if cfg.knn.save_features:
+        save_features(Path(cfg.output_dir) / FEATURES_NAME, train_f, val_f, train_set, val_set)
+    sizes = {"n_train": len(train_set), "n_val": len(val_set), "num_classes": len(train_set.classes)}  # fmt: skip
+    timing = {"extract_s": round(extract_s, 2), "classify_s": round(time.perf_counter() - start, 2)}  # fmt: skip
+    return results_record(cfg, results, {**sizes, "feature_dim": train_f.shape[1], **timing})
+
+
+def main(cfg: DictConfig) -> None:
+    """k-NN evaluation of one frozen encoder: results.json, a table, wandb."""
+    validate_knn(cfg)
+    with run_job(cfg.output_dir, cfg.train.device) as info:
+        record = run_knn(cfg, info)
+        if record is not None:
+            results = {int(k): (record["top1"][k], record["top5"][k]) for k in record["top1"]}
+            path = Path(cfg.output_dir) / RESULTS_NAME
+            path.write_text(json.dumps(record, indent=2) + "\n")
+            log.info("k-NN (T=%g) on %d val images:\n%s", cfg.knn.temperature, record["n_val"], results_table(results))  # fmt: skip
+            log.info("results in %s", path.resolve())
+            logger = WandbLogger(cfg.logger, cfg.output_dir, record["config"], enabled=True)
+            logger.log({f"knn/top{t}_k{k}": record[f"top{t}"][k] for t in (1, 5) for k in record["top1"]}, step=0)  # fmt: skip
+            logger.finish()
+        barrier()
+
+
+register_configs()
+# Absolute, so the configs are found however the module is started (python -m, -c, an import).
+CONFIG_DIR = str(Path(__file__).resolve().parents[1] / "configs")
+
+
+@hydra.main(config_path=CONFIG_DIR, config_name="eval_knn", version_base=None)
+def cli(cfg: DictConfig) -> None:
+    """Validate, then run `main` through the configured launcher."""
+    try:
+        validate_knn(cfg)
+    except ConfigError as err:
+        print(f"config error: {err}", file=sys.stderr)
+        sys.exit(2)
+    launch(main, cfg)
+
+
+if __name__ == "__main__":
+    cli()

@@ -1,0 +1,74 @@
+"""Helpers of the depth / segmentation app tests: the real eval configs composed with CPU-sized
+overrides, a tiny encoder checkpoint, and small demo datasets in the release layouts."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from tests_helpers import CONFIG_DIR
+
+import pixio
+from evaluation.demo_data import build_demo
+
+TINY_ENCODER = dict(embed_dim=32, depth=4, num_heads=2)  # depth 4: the DPT head reads 4 blocks
+SMALL = (64, 96)  # demo image size: a few windows of 64 per validation image
+N_TRAIN, N_VAL = 8, 3
+
+
+def save_tiny_encoder(path: Path, seed: int = 0) -> Path:
+    """A random pixio_vitt16 of TINY_ENCODER sizes, saved as .safetensors."""
+    torch.manual_seed(seed)
+    return pixio.save_encoder(pixio.build_encoder("pixio_vitt16", **TINY_ENCODER), path)
+
+
+def small_demo(name: str, root: Path) -> Path:
+    """A demo dataset with small images (NYUv2 keeps its 480 x 640 frames)."""
+    if not root.exists():
+        build_demo(name, root, n_train=N_TRAIN, n_val=N_VAL, size=SMALL)
+    return root
+
+
+def cpu_overrides(checkpoint: Path, root: Path, out: Path, **extra: object) -> list[str]:
+    """What every CPU app test shrinks: tiny encoder, 64-pixel crops and windows, fp32."""
+    values = {
+        "encoder.name": "pixio_vitt16",
+        "encoder.checkpoint": str(checkpoint),
+        **{f"encoder.{k}": v for k, v in TINY_ENCODER.items()},
+        "data.root": str(root),
+        "data.num_workers": 0,
+        "data.crop_size": 64,
+        "eval.window": 64,
+        "eval.stride": 42,
+        "eval.window_batch": 8,
+        "eval.vis_images": 2,
+        "optim.lr": 1e-3,
+        "train.batch_size": 2,
+        "train.epochs": 2,
+        "train.save_every_iters": 1000,
+        "train.log_every": 1,
+        "train.vis_every": 0,
+        "train.precision": "fp32",
+        "train.device": "cpu",
+        "logger": "none",
+        "launcher": "local",
+        "output_dir": str(out),
+        **extra,
+    }
+    return [f"{k}={v}" for k, v in values.items()]
+
+
+def compose_eval(app: str, overrides: list[str]):
+    """Compose the real configs/eval_<app>.yaml with overrides."""
+    from hydra import compose, initialize_config_dir
+
+    from evaluation.common import register_configs
+
+    register_configs()
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base=None):
+        return compose(config_name=f"eval_{app}", overrides=overrides)
+
+
+def read_json(path: Path) -> dict:
+    return json.loads(Path(path).read_text())
