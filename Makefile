@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test lint format clean
+.PHONY: setup demo distill-demo test lint format clean
 
 $(STAMP): requirements.txt requirements-dev.txt pyproject.toml
 	@test -x $(PY) || python3 -m venv $(VENV)
@@ -16,6 +16,10 @@ setup: $(STAMP)
 
 demo: $(STAMP)
 	$(PY) -m pretraining.train experiment=demo
+
+# Distils the demo encoder (made first by `make demo`'s run if missing) into two small students.
+distill-demo: $(STAMP)
+	$(PY) -m distillation.train experiment=distill_demo
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

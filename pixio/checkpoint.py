@@ -9,9 +9,9 @@ student's `last_proj`. Nothing is unpickled except through `weights_only=True` o
 DCP metadata reader.
 
 Trained modules: the trainer saves `{"model": {name: state}, "optimizer": {name: state}}`, one
-name per trained module ("mae" in pre-training, e.g. "student_vith16" in distillation). `module`
-picks one by name; None picks the only one and is an error when there are several. In a `.pth`
-file a module level is a dict of dicts, at the top or under its `'model'` entry.
+name per trained module ("mae" in pre-training, e.g. "student_pixio_vith16" in distillation).
+`module` picks one by name; None picks the only one and is an error when there are several. In a
+`.pth` file a module level is a dict of dicts, at the top or under its `'model'` entry.
 """
 
 from __future__ import annotations

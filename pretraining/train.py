@@ -18,6 +18,7 @@ import hydra
 import torch
 from omegaconf import DictConfig
 
+from pixio.data.loader import build_data
 from pixio.models.registry import build_mae
 from pixio.runtime.config import ConfigError, to_container
 from pixio.runtime.job import run_job
@@ -25,7 +26,6 @@ from pixio.runtime.launcher import launch
 from pixio.runtime.runconfig import check_resume
 from pixio.runtime.trainer import Trainer
 from pretraining.config import SHAPE_KEYS, register_configs, validate_pretrain
-from pretraining.data import build_data
 from pretraining.task import MAETask
 
 log = logging.getLogger("pixio.pretrain")
@@ -50,7 +50,8 @@ def main(cfg: DictConfig) -> None:
     with run_job(cfg.output_dir, cfg.train.device) as info:
         config = to_container(cfg)
         check_resume(cfg.output_dir, config, SHAPE_KEYS)
-        data = build_data(cfg, info.rank, info.world_size)  # data mistakes stop before the model
+        # data mistakes stop before the model exists
+        data = build_data(cfg.data, cfg.train, cfg.model.img_size, info.rank, info.world_size)
         torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
         with torch.device("meta"):  # materialised (FSDP: shard by shard) by the trainer
             task = MAETask(build_model(cfg), cfg.model.mask_ratio, cfg.optim)

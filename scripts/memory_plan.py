@@ -208,6 +208,14 @@ def global_peak_only(tracker_cls: type) -> type:
     every tracked module on every op (minutes for a 5B model under DDP), and are not used."""
 
     class Tracker(tracker_cls):
+        def _track_module_params_and_buffers(self, module: nn.Module, install_grad_hooks: bool):
+            # a frozen module (the distillation teacher) gets no gradient, and its parameters
+            # refuse gradient hooks
+            frozen = not any(p.requires_grad for p in module.parameters())
+            return super()._track_module_params_and_buffers(
+                module, install_grad_hooks=install_grad_hooks and not frozen
+            )
+
         def _update_peak_stats(self, peak_state: Any) -> None:
             for dev, snap in self._curr_mem_snap.items():
                 if self._peak_mem.get(dev, 0) < snap["Total"]:
@@ -352,6 +360,167 @@ def accumulation_leftover(name: str, world: int, batch: int, sync: bool) -> int:
             mae.set_requires_gradient_sync(sync)
             forward_backward(mae, imgs, 0.75)
             return total_of(tracker.get_tracker_snapshot("current")) - before
+
+
+# ---- distillation: a frozen teacher and several students in one step ------------------------
+DISTILL_TEACHER = "pixio_vit5b16"
+DISTILL_STUDENTS = ("pixio_vit1b16", "pixio_vith16")
+
+
+@dataclass
+class DistillMeasured:
+    """Per-rank bytes of one tracked distillation step (rank 0)."""
+
+    teacher: int  # the teacher's local weights (bf16; sharded or replicated)
+    states: int  # every student's fp32 params + AdamW state (+ DDP buckets)
+    grads: int  # every student's gradients after backward
+    peak: int  # highest total at any point of the step
+    parallel: dict[str, str]  # module -> none | ddp | fsdp, as the trainer chooses
+    seconds: float
+
+
+def build_distill_meta(
+    teacher: str, students: tuple[str, ...], ac: bool, overrides: dict[str, Any]
+) -> tuple[nn.Module, dict[str, nn.Module]]:
+    """Teacher and students on the meta device, as `distillation.train.build_task` builds them
+    (`overrides`: teacher and student size overrides, for tests)."""
+    from distillation.model import build_student
+
+    with torch.device("meta"):
+        frozen = pixio.build_encoder(teacher, **overrides.get("teacher", {}))
+        built = {n: build_student(n, frozen.embed_dim, 4, **overrides.get(n, {})) for n in students}
+    for student in built.values():
+        student.set_grad_checkpointing(ac)
+    return frozen, built
+
+
+def place_distill(
+    teacher: nn.Module, students: dict[str, nn.Module], world: int, parallel: str = "auto"
+) -> dict[str, str]:
+    """Shard what the trainer shards (before materialising): the frozen teacher in bf16 by its
+    size, each student by its parameter count (pixio.runtime.parallel.choose_parallel);
+    `parallel` forces a choice (train.parallel; tests)."""
+    from pixio.runtime.parallel import choose_parallel, num_params
+
+    teacher.to(torch.bfloat16)  # frozen modules are bf16 on GPUs under bf16 precision
+    chosen = {"teacher": choose_parallel(parallel, num_params(teacher), world, False, 2)}
+    if chosen["teacher"] == "fsdp":
+        fully_shard_model(teacher, teacher.blocks, None)
+    for name, student in students.items():
+        chosen[name] = choose_parallel(parallel, num_params(student), world)
+        if chosen[name] == "fsdp":
+            fully_shard_model(student, student.blocks, torch.bfloat16)
+    return chosen
+
+
+def distill_forward_backward(
+    teacher: nn.Module, students: dict[str, nn.Module], imgs: torch.Tensor, mask_ratio: float
+) -> None:
+    """The trainer's distillation micro-step: teacher tokens without gradients, every student
+    on its masked view, the summed loss, one backward (as `DistillTask.step`)."""
+    from distillation.loss import feature_alignment_loss
+    from distillation.model import teacher_tokens
+
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # CPU: see the module docstring
+        with torch.no_grad():
+            target = teacher_tokens(teacher, imgs)  # (B, n_cls + L, D_t)
+        losses = []
+        for student in students.values():
+            tokens, ids_keep = student(imgs, mask_ratio)
+            losses.append(feature_alignment_loss(tokens, target, ids_keep, 8)[0])
+    sum(losses).backward()
+
+
+def measure_distill(
+    world: int,
+    batch: int,
+    ac: bool,
+    mask_ratio: float = 0.5,
+    teacher: str = DISTILL_TEACHER,
+    students: tuple[str, ...] = DISTILL_STUDENTS,
+    overrides: dict[str, Any] | None = None,
+    parallel: str = "auto",
+) -> DistillMeasured:
+    """Track one distillation step on rank 0 of a fake `world`-rank job."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.distributed._tools.mem_tracker import MemTracker
+
+    start = time.perf_counter()
+    frozen, built = build_distill_meta(teacher, students, ac, overrides or {})
+    with fake_world(world), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view")
+        chosen = place_distill(frozen, built, world, parallel)
+        with FakeTensorMode(allow_non_fake_inputs=True):
+            materialize(frozen, torch.device("cpu"), initialize=False).requires_grad_(False)
+            optimizers = {}
+            for name, student in built.items():
+                materialize(student, torch.device("cpu"), initialize=False)
+                optimizers[name] = build_adamw(list(student.parameters()))
+                warm_optimizer(list(student.parameters()), optimizers[name])
+            imgs = torch.randn(batch, 3, IMG_SIZE, IMG_SIZE)
+            tracker = global_peak_only(MemTracker)()
+            tracker.track_external(frozen, *built.values(), *optimizers.values(), imgs)
+            with tracker:
+                before = total_of(tracker.get_tracker_snapshot("current"))
+                wrapped = {n: wrap_ddp(s) if chosen[n] == "ddp" else s for n, s in built.items()}
+                buckets = total_of(tracker.get_tracker_snapshot("current")) - before
+                distill_forward_backward(frozen, wrapped, imgs, mask_ratio)
+                grads = local_bytes(p.grad for s in built.values() for p in s.parameters())
+                for name, student in built.items():
+                    optimizer_step(list(student.parameters()), optimizers[name])
+                peak = total_of(tracker.get_tracker_snapshot("peak"))
+            params = local_bytes(p for s in built.values() for p in s.parameters())
+            states = params + sum(optim_bytes(o) for o in optimizers.values()) + buckets
+            return DistillMeasured(
+                local_bytes(frozen.parameters()), states, grads, peak, chosen,
+                time.perf_counter() - start,
+            )  # fmt: skip
+
+
+DISTILL_HEADER = (
+    "| teacher | students | GPUs | AC | teacher (bf16) | student states | student grads "
+    "| **peak** | fits 80 GB |"
+)
+
+
+def distill_rows(worlds: list[int], batch: int, acs: list[bool], jobs: int) -> list[str]:
+    """Markdown rows of the distillation sweep (one worker process per configuration)."""
+    from concurrent.futures import ProcessPoolExecutor
+    from multiprocessing import get_context
+
+    configs = [(w, ac) for w in worlds for ac in acs]
+    with ProcessPoolExecutor(jobs, mp_context=get_context("spawn")) as pool:
+        results = list(pool.map(_distill_row, configs, [batch] * len(configs)))
+    return results
+
+
+def _distill_row(config: tuple[int, bool], batch: int) -> str:
+    world, ac = config
+    m = measure_distill(world, batch, ac)
+    placed = ", ".join(
+        f"{n.removeprefix('pixio_')} {p.upper()}" for n, p in m.parallel.items() if n != "teacher"
+    )
+    teacher = f"{DISTILL_TEACHER.removeprefix('pixio_')} ({m.parallel['teacher'].replace('none', 'replicated')})"
+    cells = [
+        teacher, placed, str(world), "on" if ac else "off",
+        *(gib(v) for v in (m.teacher, m.states, m.grads)), f"**{gib(m.peak)}**", verdict(m.peak),
+    ]  # fmt: skip
+    print(f"distill N={world} ac={'on' if ac else 'off'}: peak {gib(m.peak)} GiB in {m.seconds:.1f} s", file=sys.stderr)  # fmt: skip
+    return "| " + " | ".join(cells) + " |"
+
+
+def distill_markdown(rows: list[str], batch: int, seconds: float) -> str:
+    lines = [
+        f"Distillation, per-rank memory in GiB, batch {batch} per GPU, image {IMG_SIZE}, students "
+        "masked at ratio 0.5 (4x4 groups), bf16 autocast, fused AdamW per student; rank 0.",
+        "",
+        DISTILL_HEADER,
+        "|" + "---|" * (DISTILL_HEADER.count("|") - 1),
+        *rows,
+        "",
+        f"Sweep: {len(rows)} configurations in {seconds:.0f} s (torch {torch.__version__}).",
+    ]
+    return "\n".join(lines) + "\n"
 
 
 # ---- the formula ----------------------------------------------------------------------------
@@ -552,6 +721,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--jobs", type=int, default=2, help="worker processes (one CPU core each)")
     p.add_argument("--out", type=Path, default=None, help="also write the output here")
+    p.add_argument(
+        "--distill",
+        action="store_true",
+        help="the distillation plan instead (teacher 5B, students 1B + H; --worlds, --batch, --ac)",
+    )
     args = p.parse_args(argv)
     args.ac = [a == "on" for a in args.ac]
     return args
@@ -560,6 +734,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     start = time.perf_counter()
+    if args.distill:
+        rows = distill_rows(args.worlds, args.batch, args.ac, args.jobs)
+        text = distill_markdown(rows, args.batch, time.perf_counter() - start)
+        print(text, end="")
+        if args.out is not None:
+            args.out.write_text(text)
+        return
     rows = plan_rows(args)
     text = markdown(rows, args.batch, time.perf_counter() - start, args.jobs)
     if args.previous:

@@ -83,6 +83,12 @@ def _resolve(name: str, overrides: dict[str, Any], allowed: tuple[str, ...]) -> 
     return kwargs
 
 
+def encoder_kwargs(name: str, **overrides: Any) -> dict[str, Any]:
+    """The PixioEncoder arguments of `name` with `overrides` (checked), for wrappers that build
+    an encoder subclass (e.g. a distillation student)."""
+    return _resolve(name, overrides, ENCODER_OVERRIDES)
+
+
 def build_encoder(name: str, **overrides: Any) -> PixioEncoder:
     """Build a Pixio encoder by name, e.g. `build_encoder("pixio_vith16", drop_path=0.4)`."""
     return PixioEncoder(**_resolve(name, overrides, ENCODER_OVERRIDES))

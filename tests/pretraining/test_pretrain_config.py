@@ -40,7 +40,12 @@ def _options(group: str) -> list[str]:
         for g in ("model", "data", "optim", "train", "launcher", "logger")
         for o in _options(g)
     ]
-    + [f"experiment={e}" for e in _options("experiment")],
+    # configs/experiment/ is shared by every app; pre-training's are `demo` and `pretrain_*`.
+    + [
+        f"experiment={e}"
+        for e in _options("experiment")
+        if e == "demo" or e.startswith("pretrain_")
+    ],
 )
 def test_every_config_composes_validates_and_builds(override, required, tmp_path):
     if override == "experiment=pretrain_vit5b16_web":  # its filters read statistics
@@ -222,15 +227,15 @@ def test_cli_stops_with_one_line_before_building_anything(tmp_path):
 
 # ---- data errors after validation -----------------------------------------------------------
 def test_no_shards_and_bad_shard_list_are_config_errors(required, tmp_path):
-    from pretraining.data import build_data
+    from pixio.data.loader import build_data
 
     cfg = compose_pretrain([*required, "data.num_workers=0"])  # an empty (existing) root
     with pytest.raises(ConfigError, match=r"^data\.root: no shard matching"):
-        build_data(cfg, 0, 1)
+        build_data(cfg.data, cfg.train, cfg.model.img_size, 0, 1)
     (tmp_path / "list.txt").write_text("gone.tar\n")
     cfg.data.shard_list = str(tmp_path / "list.txt")
     with pytest.raises(ConfigError, match=r"^data\.shard_list: shard list .*1 of 1 listed"):
-        build_data(cfg, 0, 1)
+        build_data(cfg.data, cfg.train, cfg.model.img_size, 0, 1)
 
 
 # ---- the shared checks, on a job that is not pre-training -----------------------------------

@@ -1,28 +1,30 @@
-"""Pre-training's data: the shard stream of `data.*`, batched per process for the whole run.
+"""The shard stream of a `data` group, batched per process for the whole run: what pre-training
+and distillation train on.
 
 Failures that are really settings (no shard under data.root, an unreadable or incomplete shard
-list) surface as ConfigError naming the key, like `validate_pretrain`'s. The stream's ValueErrors
-are not translated: `validate_pretrain` refuses every value that would raise one.
+list) surface as ConfigError naming the key, like `check_data`'s. The stream's ValueErrors are
+not translated: `check_data` refuses every value that would raise one.
 """
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
-from omegaconf import DictConfig
 
 from pixio.runtime.config import ConfigError
 from pixio.runtime.loader import EpochLoader
 
 
-def build_data(cfg: DictConfig, rank: int, world_size: int) -> EpochLoader:
-    """The webdataset stream of `data.*`, batched per process for the whole run."""
+def build_data(d: Any, t: Any, img_size: int, rank: int, world_size: int) -> EpochLoader:
+    """The webdataset stream of data group `d` with crops of `img_size`, batched as the train
+    group `t` says (batch_size, seed, iters_per_epoch, device)."""
     from pixio.data import build_pretrain_dataset
 
-    d, t = cfg.data, cfg.train
     root, json_root = _data_paths(d)
     try:
         dataset = build_pretrain_dataset(
-            root, kind=d.kind, input_size=cfg.model.img_size, crop_scale=tuple(d.crop_scale),
+            root, kind=d.kind, input_size=img_size, crop_scale=tuple(d.crop_scale),
             json_root=json_root, hist_thresh=d.hist_thresh, imgres_thresh=d.imgres_thresh,
             soft_sampling=d.soft_sampling, seed=t.seed, missing_json=d.missing_json,
             rank=rank, world_size=world_size, shuffle_buffer=d.shuffle_buffer,
@@ -35,7 +37,7 @@ def build_data(cfg: DictConfig, rank: int, world_size: int) -> EpochLoader:
     return EpochLoader(dataset, t.batch_size, d.num_workers, t.seed, t.iters_per_epoch, pin)
 
 
-def _data_paths(d: DictConfig) -> tuple[str, str | None]:
+def _data_paths(d: Any) -> tuple[str, str | None]:
     """(shard root, statistics root): the configured ones, or the demo set's, built if missing."""
     if not d.build_demo:
         return d.root, d.json_root

@@ -1,0 +1,111 @@
+"""Distillation task: one frozen teacher and several students handed to the shared trainer.
+
+Modules: `teacher` (frozen: never optimised or saved, bf16 on GPUs, replicated or sharded by
+size; its weights are loaded through `ModuleSpec.load` once placed) and `student_<encoder name>`
+per student (trainable: DDP or FSDP by size, each on its own AdamW / schedule / scaler,
+checkpointed under `model.<name>` / `optimizer.<name>`). A batch is an image tensor
+(B, 3, H, W) or a dict with `image` and optionally `noise` (B, num_groups), which fixes the
+students' masking (tests).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from distillation.loss import feature_alignment_loss
+from distillation.model import Student, teacher_tokens
+from distillation.vis import pca_grid
+from pixio.checkpoint import encoder_state, save_state_dict
+from pixio.models.encoder import PixioEncoder
+from pixio.runtime.task import ModuleSpec, OptimizerSpec, StepOutput, Task
+
+TEACHER = "teacher"
+STUDENT_PREFIX = "student_"
+PICTURE_IMAGES = 4  # images per picture (rows)
+
+
+def student_module(encoder_name: str) -> str:
+    """The module (and optimiser, checkpoint section) name of a student: student_<name>."""
+    return STUDENT_PREFIX + encoder_name
+
+
+def export_name(module: str) -> str:
+    """The exported file of a student module: encoder-<encoder name>.safetensors."""
+    return f"encoder-{module.removeprefix(STUDENT_PREFIX)}.safetensors"
+
+
+class DistillTask(Task):
+    """Feature distillation: every student regresses the teacher's last-block tokens (computed
+    once per batch, without gradients) from its own masked view of the image."""
+
+    def __init__(
+        self,
+        teacher: PixioEncoder,
+        students: dict[str, Student],
+        load_teacher: Callable[[nn.Module], None] | None,
+        loss: Any,
+        mask_ratio: float,
+        optim: Any,
+    ) -> None:
+        self.teacher, self.students = teacher, students  # students by module name
+        self.load_teacher = load_teacher  # None: the teacher already holds its weights
+        self.loss = loss  # the `loss` config node: cls, patch, fuse
+        self.mask_ratio = mask_ratio
+        self.optim = optim  # the `optim` config node, one AdamW per student
+        self.n_cls = teacher.n_cls_tokens
+
+    def modules(self) -> dict[str, ModuleSpec]:
+        teacher = ModuleSpec(
+            self.teacher, trainable=False, shard_units=self.teacher.blocks, load=self.load_teacher
+        )
+        students = {n: ModuleSpec(s, shard_units=s.blocks) for n, s in self.students.items()}
+        return {TEACHER: teacher, **students}
+
+    def optimizers(self) -> dict[str, OptimizerSpec]:
+        return {name: OptimizerSpec((name,), self.optim) for name in self.students}
+
+    @staticmethod
+    def _unpack(batch: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if isinstance(batch, dict):
+            return batch["image"], batch.get("noise")
+        return batch, None
+
+    def step(self, modules: dict[str, nn.Module], batch: Any) -> StepOutput:
+        imgs, noise = self._unpack(batch)
+        with torch.no_grad():  # frozen: no activations kept, no gradient reaches it
+            target = teacher_tokens(modules[TEACHER], imgs)  # (B, n_cls + L, D_t)
+        losses, metrics = {}, {}
+        for name in self.students:
+            tokens, ids_keep = modules[name](imgs, self.mask_ratio, noise)
+            loss, loss_cls, loss_patch = feature_alignment_loss(
+                tokens, target, ids_keep, self.n_cls, self.loss.cls, self.loss.patch,
+                self.loss.fuse,
+            )  # fmt: skip
+            losses[name] = loss
+            metrics |= {f"loss/{name}": loss, f"loss_cls/{name}": loss_cls}
+            metrics[f"loss_patch/{name}"] = loss_patch
+        # Students share no parameter: the sum's gradient is each student's own loss gradient.
+        return StepOutput(sum(losses.values()), metrics, losses)
+
+    @torch.no_grad()
+    def pictures(self, modules: dict[str, nn.Module], batch: Any) -> dict[str, np.ndarray]:
+        imgs = self._unpack(batch)[0][:PICTURE_IMAGES]
+        grid = self.teacher.patch_grid(imgs)
+        target = teacher_tokens(modules[TEACHER], imgs)[:, self.n_cls :]  # (b, L, D_t)
+        out = {}
+        for name in self.students:
+            tokens, _ = modules[name](imgs, 0.0)  # the whole image, patches row-major
+            out[f"pca_{name}"] = pca_grid(imgs, target, tokens[:, self.n_cls :], grid)
+        return out
+
+    def export(self, states: dict[str, dict[str, torch.Tensor]], output_dir: Path) -> list[Path]:
+        return [
+            save_state_dict(encoder_state(state), Path(output_dir) / export_name(name))
+            for name, state in states.items()
+        ]

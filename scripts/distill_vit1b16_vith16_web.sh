@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# Pixio distillation (SPEC section 6): the frozen 5B teacher into the 1B and H students (mask ratio 0.5, drop path 0.4),
+# in one run, on curated web tars (filters of the 5B pre-training recipe; needs JSON_ROOT): 16 nodes x 8 GPUs, 64 images per GPU,
+# submitted to SLURM through submitit. The command prints the job id and log path and returns;
+# re-running it with the same OUTPUT_DIR resumes every student.
+#
+#   TEACHER_CKPT=/ckpt/pixio_vit5b16.pth DATA_ROOT=/datasets/... JSON_ROOT=/datasets/web-json PARTITION=gpu \
+#     scripts/distill_vit1b16_vith16_web.sh [extra Hydra overrides]
+#
+# Environment: TEACHER_CKPT, DATA_ROOT (required), JSON_ROOT (required), OUTPUT_DIR, PARTITION, ACCOUNT, QOS,
+# CONSTRAINT, TIME_MIN (time limit per run; the job requeues itself), PYTHON.
+set -euo pipefail
+source "$(dirname "$0")/distill_common.sh" distill_vit5b16_to_vit1b16_vith16_web web
+exec "$PYTHON" -m distillation.train "${DISTILL_ARGS[@]}" "${CLUSTER_ARGS[@]}" "$@"
