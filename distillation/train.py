@@ -28,7 +28,7 @@ from pixio.models.encoder import PixioEncoder
 from pixio.models.registry import build_encoder
 from pixio.runtime.config import ConfigError, to_container
 from pixio.runtime.job import run_job
-from pixio.runtime.launcher import launch
+from pixio.runtime.launcher import validate_and_launch
 from pixio.runtime.runconfig import check_resume
 from pixio.runtime.trainer import Trainer
 
@@ -117,14 +117,14 @@ CONFIG_DIR = str(REPO / "configs")
 @hydra.main(config_path=CONFIG_DIR, config_name="distill", version_base=None)
 def cli(cfg: DictConfig) -> None:
     """Validate, make the demo teacher if asked, then run `main` through the launcher."""
-    try:
-        validate_distill(cfg, teacher_may_be_missing=cfg.teacher.build_demo)
-        ensure_demo_teacher(cfg)
-        validate_distill(cfg)
-    except ConfigError as err:
-        print(f"config error: {err}", file=sys.stderr)
-        sys.exit(2)
-    launch(main, cfg)
+    validate_and_launch(main, cfg, prepare)
+
+
+def prepare(cfg: DictConfig) -> None:
+    """Validate; with the demo teacher asked for and missing, pre-train it, then validate again."""
+    validate_distill(cfg, teacher_may_be_missing=cfg.teacher.build_demo)
+    ensure_demo_teacher(cfg)
+    validate_distill(cfg)
 
 
 if __name__ == "__main__":

@@ -44,7 +44,7 @@ from pixio.runtime.config import (
 )
 from pixio.runtime.distributed import DistInfo, barrier
 from pixio.runtime.job import run_job
-from pixio.runtime.launcher import launch
+from pixio.runtime.launcher import validate_and_launch
 from pixio.runtime.maploader import EvalLoader, MapLoader
 from pixio.runtime.runconfig import check_resume
 from pixio.runtime.trainer import Trainer
@@ -256,15 +256,13 @@ def cli_main(cfg: DictConfig, app: str, main: Any) -> None:
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
-    try:
+    def validate(cfg: DictConfig) -> None:
         hydra_cfg = HydraConfig.get()
         multirun = hydra_cfg.mode == RunMode.MULTIRUN
         check_sweep_output(list(hydra_cfg.overrides.task), multirun, swept_keys(sys.argv[1:]))
         validate_eval(cfg, app)
-    except ConfigError as err:
-        print(f"config error: {err}", file=sys.stderr)
-        sys.exit(2)
-    launch(main, cfg)
+
+    validate_and_launch(main, cfg, validate)
 
 
 # ---- results ------------------------------------------------------------------------------------

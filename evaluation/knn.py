@@ -18,7 +18,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -51,7 +50,7 @@ from pixio.runtime.config import (
 )
 from pixio.runtime.distributed import DistInfo, barrier, is_dist, reduce_device
 from pixio.runtime.job import run_job
-from pixio.runtime.launcher import launch
+from pixio.runtime.launcher import validate_and_launch
 from pixio.runtime.logging import WandbLogger
 from pixio.runtime.maploader import EvalLoader
 
@@ -427,12 +426,7 @@ CONFIG_DIR = str(Path(__file__).resolve().parents[1] / "configs")
 @hydra.main(config_path=CONFIG_DIR, config_name="eval_knn", version_base=None)
 def cli(cfg: DictConfig) -> None:
     """Validate, then run `main` through the configured launcher."""
-    try:
-        validate_knn(cfg)
-    except ConfigError as err:
-        print(f"config error: {err}", file=sys.stderr)
-        sys.exit(2)
-    launch(main, cfg)
+    validate_and_launch(main, cfg, validate_knn)
 
 
 if __name__ == "__main__":

@@ -11,7 +11,6 @@
 from __future__ import annotations
 
 import logging
-import sys
 from pathlib import Path
 
 import hydra
@@ -20,9 +19,9 @@ from omegaconf import DictConfig
 
 from pixio.data.loader import build_data
 from pixio.models.registry import build_mae
-from pixio.runtime.config import ConfigError, to_container
+from pixio.runtime.config import to_container
 from pixio.runtime.job import run_job
-from pixio.runtime.launcher import launch
+from pixio.runtime.launcher import validate_and_launch
 from pixio.runtime.runconfig import check_resume
 from pixio.runtime.trainer import Trainer
 from pretraining.config import SHAPE_KEYS, register_configs, validate_pretrain
@@ -71,12 +70,7 @@ CONFIG_DIR = str(Path(__file__).resolve().parents[1] / "configs")
 @hydra.main(config_path=CONFIG_DIR, config_name="pretrain", version_base=None)
 def cli(cfg: DictConfig) -> None:
     """Validate, then run `main` through the configured launcher."""
-    try:
-        validate_pretrain(cfg)
-    except ConfigError as err:
-        print(f"config error: {err}", file=sys.stderr)
-        sys.exit(2)
-    launch(main, cfg)
+    validate_and_launch(main, cfg, validate_pretrain)
 
 
 if __name__ == "__main__":

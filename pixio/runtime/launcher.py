@@ -88,6 +88,21 @@ def under_process_launcher() -> bool:
     return env.source == "torchrun" or env.world_size > 1
 
 
+def validate_and_launch(
+    main: Callable[[DictConfig], Any], cfg: DictConfig, validate: Callable[[DictConfig], Any]
+) -> Any:
+    """Every job's Hydra entry: `validate(cfg)` (a ConfigError prints one `config error: <key>:
+    ...` line and exits 2, before anything is built), then `launch(main, cfg)`."""
+    from pixio.runtime.config import ConfigError  # config imports this module
+
+    try:
+        validate(cfg)
+    except ConfigError as err:
+        print(f"config error: {err}", file=sys.stderr)
+        sys.exit(2)
+    return launch(main, cfg)
+
+
 def launch(
     main: Callable[[DictConfig], Any], cfg: DictConfig, overrides: Sequence[str] | None = None
 ) -> Any:
