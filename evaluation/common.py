@@ -226,6 +226,21 @@ def build_task(cfg: Any, app: str, info: DistInfo) -> HeadTask:
 
 
 # ---- the run ------------------------------------------------------------------------------------
+REFERENCE_GPUS = 8  # SPEC section 7: every head is trained on 8 GPUs
+
+
+def warn_if_not_reference_world(world_size: int, batch_size: int) -> None:
+    """The recipes' lr and BatchNorm statistics assume 8 processes (global batch 8 x the batch
+    per GPU); another count trains a different recipe, which a user comparing numbers must know."""
+    if world_size != REFERENCE_GPUS:
+        log.warning(
+            "%d process(es) x batch %d: the reference trains on %d GPUs (global batch %d); the "
+            "results may differ from the published ones (launcher.gpus=%d on one node, or "
+            "launcher=slurm)", world_size, batch_size, REFERENCE_GPUS,
+            REFERENCE_GPUS * batch_size, REFERENCE_GPUS,
+        )  # fmt: skip
+
+
 def run_eval(cfg: DictConfig, app: str) -> dict[str, Any] | None:
     """Train and validate one head on the frozen encoder; returns results.json's content on
     rank 0 (None elsewhere)."""
@@ -236,6 +251,7 @@ def run_eval(cfg: DictConfig, app: str) -> dict[str, Any] | None:
         if cfg.data.build_demo:
             ensure_demo_data(cfg, info)
         train, val = build_loaders(cfg, info)  # data mistakes stop before the model
+        warn_if_not_reference_world(info.world_size, cfg.train.batch_size)
         task = build_task(cfg, app, info)
         trainer = Trainer(cfg, task, train, info, config, val)
         trainer.fit()

@@ -85,7 +85,8 @@ class HeadTask(Task):
     def modules(self) -> dict[str, ModuleSpec]:
         # Replicated, never sharded: validation ranks run different window counts, and an FSDP
         # module needs every rank in every forward.
-        encoder = ModuleSpec(self.features, trainable=False, parallel="none")
+        blocks = list(self.features.encoder.blocks)  # bf16 weights on GPUs (the root stays fp32)
+        encoder = ModuleSpec(self.features, trainable=False, parallel="none", shard_units=blocks)
         return {"encoder": encoder, "head": ModuleSpec(self.head)}
 
     def optimizers(self) -> dict[str, OptimizerSpec]:

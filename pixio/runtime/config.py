@@ -28,6 +28,7 @@ class OptimConfig:
     blr: float = 1.5e-4  # base lr per 256 images
     min_lr: float = 0.0  # floor the schedule decays to
     weight_decay: float = 0.05  # AdamW weight decay (not on biases / norms / 1-d params)
+    decay_all: bool = False  # decay every parameter, biases and norms too (evaluation heads)
     betas: list[float] = field(default_factory=lambda: [0.9, 0.95])  # AdamW betas
     warmup_epochs: float = 40.0  # linear warmup length in epochs
     warmup_fraction: float | None = None  # warmup share of all iterations; replaces warmup_epochs

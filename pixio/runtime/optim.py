@@ -25,9 +25,15 @@ def split_decay(model: nn.Module) -> tuple[list[str], list[str]]:
     return decay, no_decay
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+def param_groups(
+    model: nn.Module, weight_decay: float, decay_all: bool = False
+) -> list[dict[str, Any]]:
     """Two AdamW groups, no-decay first (the reference order); groups with no parameters are
-    left out. Frozen parameters (requires_grad False) are not included."""
+    left out. Frozen parameters (requires_grad False) are not included. `decay_all`: one group,
+    every trainable parameter decayed (the evaluation heads' reference optimiser)."""
+    if decay_all:
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        return [{"params": trainable, "weight_decay": weight_decay}] if trainable else []
     params = dict(model.named_parameters())
     decay, no_decay = split_decay(model)
     groups = [
@@ -48,12 +54,13 @@ def build_optimizer(
     weight_decay: float,
     betas: tuple[float, float] = (0.9, 0.95),
     fused: bool | None = None,
+    decay_all: bool = False,
 ) -> torch.optim.AdamW:
     """AdamW over `param_groups`; `fused` None means on when the parameters live on CUDA
     (call after moving the model to its device)."""
     if fused is None:
         fused = _on_cuda(model)
-    groups = param_groups(model, weight_decay)
+    groups = param_groups(model, weight_decay, decay_all)
     return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), fused=fused)
 
 

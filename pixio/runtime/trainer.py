@@ -235,7 +235,10 @@ class Trainer:
             else nn.ModuleDict(dict(zip(spec.modules, parts, strict=True)))
         )
         base_lr = optim.resolve_lr(o.lr, o.blr, self._optimizer_batch(spec))
-        optimizer = optim.build_optimizer(root, base_lr, o.weight_decay, tuple(o.betas), o.fused)
+        decay_all = getattr(o, "decay_all", False)  # absent from older config nodes
+        optimizer = optim.build_optimizer(
+            root, base_lr, o.weight_decay, tuple(o.betas), o.fused, decay_all
+        )
         # A gradient scaler only for fp16: bf16 and fp32 have fp32's exponent range.
         scaler = torch.amp.GradScaler(self.device.type, enabled=self.t.precision == "fp16")
         groups = [[p for p in part.parameters() if p.requires_grad] for part in parts]

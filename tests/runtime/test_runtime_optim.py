@@ -140,3 +140,12 @@ def test_schedule_from_config_warmup_fraction_overrides_epochs() -> None:
     assert (s.kind, s.warmup_epochs, s.epochs, s.power) == ("poly", pytest.approx(6.0), 60, 0.9)
     cos = optim.schedule_from_config(OptimConfig(warmup_epochs=40), base_lr=1e-3, epochs=400)
     assert (cos.kind, cos.warmup_epochs) == ("cosine", 40)
+
+
+def test_decay_all_puts_every_trainable_parameter_in_one_decayed_group() -> None:
+    model = Named()
+    groups = optim.param_groups(model, weight_decay=0.01, decay_all=True)
+    assert len(groups) == 1 and groups[0]["weight_decay"] == 0.01
+    assert {id(p) for p in groups[0]["params"]} == {
+        id(p) for p in model.parameters() if p.requires_grad
+    }  # biases and norms included, the frozen layer not
