@@ -8,17 +8,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
-from pixio.checkpoint import encoder_state, read_state_dict
+from pixio.checkpoint import broadcast_encoder_state
 from pixio.models.encoder import LayerNorm, PixioEncoder
 from pixio.models.init import init_parameters
 from pixio.models.masking import group_masking
 from pixio.models.registry import encoder_kwargs
 from pixio.runtime.config import ConfigError
-from pixio.runtime.distributed import get_rank, is_dist
-from pixio.runtime.parallel import load_full_state
 
 PROJ_PREFIX = "last_proj."  # dropped by pixio.checkpoint.encoder_state: not part of the encoder
 
@@ -73,55 +70,18 @@ def teacher_tokens(teacher: nn.Module, imgs: torch.Tensor) -> torch.Tensor:
 
 
 def teacher_loader(path: str | Path) -> Callable[[nn.Module], None]:
-    """`ModuleSpec.load` for the teacher: the first rank reads `path` (any format
-    `pixio.load_encoder` reads) and checks it against the module strictly (a missing, unexpected
-    or mis-shaped key is an error on every rank); the weights are then broadcast into the
-    placed (replicated or sharded) module, so only one rank holds a full copy in host memory."""
+    """`ModuleSpec.load` for the teacher: rank 0 reads `path` (any format `pixio.load_encoder`
+    reads) and checks it strictly, then the weights are broadcast into the placed (replicated
+    or sharded) module (`pixio.checkpoint.broadcast_encoder_state`); a mismatch is a
+    `teacher.checkpoint` config error on every rank."""
 
     def load(module: nn.Module) -> None:
-        state, problem = None, None
-        if get_rank() == 0:
-            try:
-                state = encoder_state(read_state_dict(path))
-                problem = state_mismatch(module, state, str(path))
-            except (OSError, ValueError, KeyError) as err:
-                problem = f"teacher.checkpoint: {err}"
-        problem = _from_rank0(problem)
-        if problem is not None:
-            raise ConfigError(problem)
-        load_full_state(module, lambda: state)  # rank 0's copy, broadcast (sharded or not)
+        try:
+            broadcast_encoder_state(module, path)
+        except ValueError as err:
+            raise ConfigError(
+                f"teacher.checkpoint: {err} (check teacher.name, teacher.img_size and the size "
+                "overrides)"
+            ) from None
 
     return load
-
-
-def state_mismatch(module: nn.Module, state: dict[str, torch.Tensor], source: str) -> str | None:
-    """Why `state` cannot be loaded strictly into `module` (None when it can): missing,
-    unexpected and mis-shaped keys (a sharded module's parameters report their full shape)."""
-    expected = {k: tuple(v.shape) for k, v in module.state_dict().items()}
-    problems = {
-        "missing keys": sorted(set(expected) - set(state)),
-        "unexpected keys": sorted(set(state) - set(expected)),
-        "other shapes": [
-            k for k in expected if k in state and tuple(state[k].shape) != expected[k]
-        ],
-    }
-    found = [
-        f"{what} {keys[:10]}{' ...' if len(keys) > 10 else ''}"
-        for what, keys in problems.items()
-        if keys
-    ]
-    if not found:
-        return None
-    return (
-        f"teacher.checkpoint: {source} does not match the teacher encoder: {'; '.join(found)} "
-        "(check teacher.name, teacher.img_size and the size overrides)"
-    )
-
-
-def _from_rank0(value: Any) -> Any:
-    """Rank 0's small picklable `value` on every rank."""
-    if not is_dist():
-        return value
-    box = [value]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]

@@ -209,7 +209,9 @@ def build_loaders(cfg: Any, info: DistInfo) -> tuple[MapLoader, EvalLoader]:
 
 def build_task(cfg: Any, app: str, info: DistInfo) -> HeadTask:
     """Frozen features for the head's blocks, the head (SyncBatchNorm on multi-GPU runs), the task."""
-    encoder = load_frozen_encoder(cfg.encoder)
+    encoder = load_frozen_encoder(
+        cfg.encoder, info.device
+    )  # straight to the GPU: no host copy per rank
     features = FrozenFeatures(encoder, head_block_ids(cfg.head.name, encoder.depth))
     dataset = get_info(cfg.dataset.name)
     out_channels = 1 if app == "depth" else dataset.num_classes

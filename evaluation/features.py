@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from pixio.checkpoint import load_encoder
+from pixio.checkpoint import broadcast_encoder_state
 from pixio.models.encoder import PixioEncoder
 from pixio.models.registry import build_encoder, list_models
 from pixio.runtime.config import ConfigError, require, require_set
@@ -104,9 +104,12 @@ def check_encoder(cfg: Any) -> None:
     require(Path(e.checkpoint).exists(), "encoder.checkpoint", f"not found: {e.checkpoint}")
 
 
-def load_frozen_encoder(cfg: Any) -> PixioEncoder:
-    """The encoder of an `encoder` config node, in eval mode with gradients off; random weights
-    (with a warning) only when `random_if_missing` and the checkpoint is absent."""
+def load_frozen_encoder(cfg: Any, device: torch.device | None = None) -> PixioEncoder:
+    """The encoder of an `encoder` config node on `device` (default CPU), in eval mode with
+    gradients off; random weights (with a warning) only when `random_if_missing` and the
+    checkpoint is absent. Built on the meta device and filled by rank 0's read of the
+    checkpoint, broadcast to the others: one read and one host copy per job, not per rank."""
+    device = device or torch.device("cpu")
     overrides = encoder_overrides(cfg)
     if cfg.checkpoint is None or not Path(cfg.checkpoint).exists():
         if not cfg.get("random_if_missing", False):
@@ -116,11 +119,14 @@ def load_frozen_encoder(cfg: Any) -> PixioEncoder:
             cfg.checkpoint,
             cfg.name,
         )
-        encoder = build_encoder(cfg.name, **overrides)
+        encoder = build_encoder(cfg.name, **overrides).to(device)
     else:
+        with torch.device("meta"):  # no initialisation: the checkpoint fills every value
+            encoder = build_encoder(cfg.name, **overrides)
+        encoder.to_empty(device=device)
         try:
-            encoder = load_encoder(cfg.name, cfg.checkpoint, module=cfg.get("module"), **overrides)
-        except (KeyError, ValueError) as err:  # wrong name / sizes for this file: one line
-            raise ConfigError(f"encoder.checkpoint: {err.args[0] if err.args else err}") from None
+            broadcast_encoder_state(encoder, cfg.checkpoint, cfg.get("module"))
+        except ValueError as err:  # wrong name / sizes for this file: one line
+            raise ConfigError(f"encoder.checkpoint: {err}") from None
     encoder.requires_grad_(False)
     return encoder.eval()

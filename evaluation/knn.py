@@ -380,7 +380,7 @@ def run_knn(cfg: DictConfig, info: DistInfo) -> dict[str, Any] | None:
         build_demo_folders(cfg.data.root)
     barrier()
     train_set, val_set = image_folders(cfg.data.root, cfg.data.resize, cfg.data.crop)
-    encoder = load_frozen_encoder(cfg.encoder).to(info.device)
+    encoder = load_frozen_encoder(cfg.encoder, info.device)
     start = time.perf_counter()
     args = (cfg.train.batch_size, info, cfg.data.num_workers, cfg.train.precision)
     train_f = extract_features(encoder, train_set, *args)

@@ -179,6 +179,57 @@ def load_encoder_state(encoder: PixioEncoder, sd: dict[str, torch.Tensor], sourc
     encoder.load_state_dict(sd, strict=True)
 
 
+def state_mismatch(
+    module: torch.nn.Module, state: dict[str, torch.Tensor], source: str
+) -> str | None:
+    """Why `state` cannot be loaded strictly into `module` (None when it can): missing,
+    unexpected and mis-shaped keys (a sharded module's parameters report their full shape)."""
+    expected = {k: tuple(v.shape) for k, v in module.state_dict().items()}
+    problems = {
+        "missing keys": sorted(set(expected) - set(state)),
+        "unexpected keys": sorted(set(state) - set(expected)),
+        "other shapes": [
+            k for k in expected if k in state and tuple(state[k].shape) != expected[k]
+        ],
+    }
+    found = [
+        f"{what} {keys[:10]}{' ...' if len(keys) > 10 else ''}"
+        for what, keys in problems.items()
+        if keys
+    ]
+    return f"{source} does not match the encoder: {'; '.join(found)}" if found else None
+
+
+def broadcast_encoder_state(
+    encoder: torch.nn.Module, path: str | Path, module: str | None = None
+) -> None:
+    """Fill an encoder already placed on its device (built on the meta device, then
+    `to_empty`, or FSDP-sharded) from checkpoint `path`: rank 0 reads it and checks it strictly,
+    the other ranks read nothing and receive the weights by broadcast. One read per job and one
+    full copy in host memory (a 5B checkpoint is 22 GB; 8 ranks each reading it would hold
+    350 GB at start-up). A problem (unreadable file, missing / unexpected / mis-shaped keys)
+    raises ValueError on every rank, so none waits for a broadcast that never comes."""
+    import torch.distributed as dist
+
+    from pixio.runtime.distributed import get_rank, is_dist
+    from pixio.runtime.parallel import load_full_state
+
+    state, problem = None, None
+    if get_rank() == 0:
+        try:
+            state = encoder_state(read_state_dict(path, module))
+            problem = state_mismatch(encoder, state, str(path))
+        except (OSError, ValueError, KeyError) as err:
+            problem = str(err.args[0] if err.args else err)
+    if is_dist():
+        box = [problem]
+        dist.broadcast_object_list(box, src=0)
+        problem = box[0]
+    if problem is not None:
+        raise ValueError(problem)
+    load_full_state(encoder, lambda: state)
+
+
 def load_encoder(
     name: str, path: str | Path, module: str | None = None, **overrides: Any
 ) -> PixioEncoder:

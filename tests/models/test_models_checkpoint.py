@@ -301,3 +301,21 @@ def test_convert_refuses_to_overwrite_its_input(tiny_mae, tiny_encoder, tmp_path
         assert res.returncode == 2 and f"--output {dst} lies inside" in res.stderr
         assert "Traceback" not in res.stderr
     assert {p: p.read_bytes() for p in [pth, *final.iterdir()]} == before
+
+
+def test_broadcast_encoder_state_fills_a_meta_built_encoder_strictly(tiny_encoder, tmp_path):
+    from pixio.checkpoint import broadcast_encoder_state
+
+    path = pixio.save_encoder(tiny_encoder, tmp_path / "enc.safetensors")
+    with torch.device("meta"):  # nothing initialised: the file fills every value
+        encoder = pixio.build_encoder("pixio_vitt16", **TINY)
+    encoder.to_empty(device="cpu")
+    broadcast_encoder_state(encoder, path)
+    assert_same_weights(encoder, tiny_encoder)
+    with torch.device("meta"):
+        deeper = pixio.build_encoder("pixio_vitt16", **{**TINY, "depth": TINY["depth"] + 1})
+    deeper.to_empty(device="cpu")
+    with pytest.raises(
+        ValueError, match=r"does not match the encoder: missing keys \['blocks\.3\."
+    ):
+        broadcast_encoder_state(deeper, path)
