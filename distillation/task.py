@@ -22,6 +22,7 @@ from distillation.loss import feature_alignment_loss
 from distillation.model import Student, teacher_tokens
 from distillation.vis import pca_grid
 from pixio.checkpoint import encoder_state, save_state_dict
+from pixio.data.loader import images_and_noise
 from pixio.models.encoder import PixioEncoder
 from pixio.runtime.task import ModuleSpec, OptimizerSpec, StepOutput, Task
 
@@ -70,14 +71,8 @@ class DistillTask(Task):
     def optimizers(self) -> dict[str, OptimizerSpec]:
         return {name: OptimizerSpec((name,), self.optim) for name in self.students}
 
-    @staticmethod
-    def _unpack(batch: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
-        if isinstance(batch, dict):
-            return batch["image"], batch.get("noise")
-        return batch, None
-
     def step(self, modules: dict[str, nn.Module], batch: Any) -> StepOutput:
-        imgs, noise = self._unpack(batch)
+        imgs, noise = images_and_noise(batch)
         with torch.no_grad():  # frozen: no activations kept, no gradient reaches it
             target = teacher_tokens(modules[TEACHER], imgs)  # (B, n_cls + L, D_t)
         losses, metrics = {}, {}
@@ -95,7 +90,7 @@ class DistillTask(Task):
 
     @torch.no_grad()
     def pictures(self, modules: dict[str, nn.Module], batch: Any) -> dict[str, np.ndarray]:
-        imgs = self._unpack(batch)[0][:PICTURE_IMAGES]
+        imgs = images_and_noise(batch)[0][:PICTURE_IMAGES]
         grid = self.teacher.patch_grid(imgs)
         target = teacher_tokens(modules[TEACHER], imgs)[:, self.n_cls :]  # (b, L, D_t)
         out = {}

@@ -9,6 +9,7 @@ import numpy as np
 import torch
 
 from pixio.constants import IMAGENET_MEAN, IMAGENET_STD
+from pixio.runtime.vis import tile, to_pixels
 
 
 def pca_basis(features: torch.Tensor, k: int = 3) -> tuple[torch.Tensor, torch.Tensor]:
@@ -53,29 +54,15 @@ def pca_grid(
     """(rows * H + gaps, 3 * W + gaps, 3) uint8: per image, the input | teacher PCA | student
     PCA. imgs (B, 3, H, W) normalised; teacher, student (B, L, D) patch features, L = h * w."""
     imgs = imgs.detach().float().cpu()
-    m = torch.tensor(mean).view(3, 1, 1)
-    s = torch.tensor(std).view(3, 1, 1)
     height, width = imgs.shape[-2:]
     rows = []
     for i in range(imgs.shape[0]):
         panels = pca_panels(teacher[i].detach().cpu(), student[i].detach().cpu(), grid)
         big = [_upsample(p, height, width) for p in panels]  # patch colours, nearest
-        rows.append([(imgs[i] * s + m).clamp(0, 1), *big])
+        rows.append([to_pixels(imgs[i], mean, std), *big])
     return tile(rows, pad)
 
 
 def _upsample(panel: torch.Tensor, height: int, width: int) -> torch.Tensor:
     """(3, h, w) -> (3, H, W) by repeating each patch colour over its pixels."""
     return torch.nn.functional.interpolate(panel[None], size=(height, width), mode="nearest")[0]
-
-
-def tile(rows: list[list[torch.Tensor]], pad: int) -> np.ndarray:
-    """Lay (3, H, W) [0, 1] panels out in a grid separated by `pad` white pixels -> uint8 HWC."""
-    _, height, width = rows[0][0].shape
-    n_rows, n_cols = len(rows), len(rows[0])
-    out = torch.ones(3, n_rows * (height + pad) - pad, n_cols * (width + pad) - pad)
-    for r, row in enumerate(rows):
-        for c, panel in enumerate(row):
-            y, x = r * (height + pad), c * (width + pad)
-            out[:, y : y + height, x : x + width] = panel
-    return (out.permute(1, 2, 0) * 255.0).round().to(torch.uint8).numpy()

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from pixio.constants import IMAGENET_MEAN, IMAGENET_STD
+from pixio.runtime.vis import to_pixels
 
 # Anchors of a perceptually ordered colour map (dark blue -> teal -> yellow), near to the viridis
 # colours, so the pictures need no plotting library.
@@ -18,9 +18,7 @@ IGNORE_COLOUR = (0, 0, 0)  # invalid depth / ignored segmentation pixels
 
 def unnormalize(image: torch.Tensor) -> np.ndarray:
     """A normalised (3, H, W) image -> (H, W, 3) uint8."""
-    mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
-    std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
-    rgb = (image.detach().float().cpu() * std + mean).clamp(0, 1)
+    rgb = to_pixels(image.detach().float().cpu())
     return (rgb.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
 
 

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from pixio.checkpoint import encoder_state, save_state_dict
+from pixio.data.loader import images_and_noise
 from pixio.models.mae import PixioMAE
 from pixio.runtime.task import ModuleSpec, OptimizerSpec, StepOutput, Task
 from pretraining.vis import reconstruction_grid
@@ -34,20 +35,14 @@ class MAETask(Task):
     def optimizers(self) -> dict[str, OptimizerSpec]:
         return {MODULE: OptimizerSpec((MODULE,), self.optim)}
 
-    @staticmethod
-    def _unpack(batch: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
-        if isinstance(batch, dict):
-            return batch["image"], batch.get("noise")
-        return batch, None
-
     def step(self, modules: dict[str, nn.Module], batch: Any) -> StepOutput:
-        imgs, noise = self._unpack(batch)
+        imgs, noise = images_and_noise(batch)
         out = modules[MODULE](imgs, mask_ratio=self.mask_ratio, noise=noise)
         return StepOutput(out.loss)
 
     @torch.no_grad()
     def pictures(self, modules: dict[str, nn.Module], batch: Any) -> dict[str, np.ndarray]:
-        imgs, noise = self._unpack(batch)
+        imgs, noise = images_and_noise(batch)
         imgs = imgs[:8]
         noise = None if noise is None else noise[:8]
         out = modules[MODULE](imgs, mask_ratio=self.mask_ratio, noise=noise)

@@ -9,6 +9,7 @@ import torch
 
 from pixio.constants import IMAGENET_MEAN, IMAGENET_STD
 from pixio.models.patchify import patchify, unpatchify
+from pixio.runtime.vis import tile, to_pixels
 
 MASK_GREY = 0.5  # pixel value (0-1) shown for masked patches in the masked-input panel
 
@@ -19,13 +20,6 @@ def denormalize_pred(pred: torch.Tensor, target: torch.Tensor, eps: float = 1e-6
     mean = target.mean(dim=-1, keepdim=True)
     var = target.var(dim=-1, keepdim=True, unbiased=True)
     return pred * (var + eps).sqrt() + mean
-
-
-def _to_pixels(imgs: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
-    """ImageNet-normalised (B, 3, H, W) -> pixel values clipped to [0, 1]."""
-    m = torch.tensor(mean, dtype=imgs.dtype).view(1, -1, 1, 1)
-    s = torch.tensor(std, dtype=imgs.dtype).view(1, -1, 1, 1)
-    return (imgs * s + m).clamp(0.0, 1.0)
 
 
 def _reconstruct(
@@ -64,19 +58,7 @@ def reconstruction_grid(
         raise ValueError("reconstruction_grid needs at least one image")
     imgs, pred, mask = (t[:n].detach().float().cpu() for t in (imgs, pred, mask))
     recon, pixel_mask = _reconstruct(imgs, pred, mask, patch_size, norm_pix_loss)
-    original, recon = _to_pixels(imgs, mean, std), _to_pixels(recon, mean, std)
+    original, recon = to_pixels(imgs, mean, std), to_pixels(recon, mean, std)
     masked = torch.where(pixel_mask.bool(), torch.full_like(original, MASK_GREY), original)
     rows = [[original[i], masked[i], recon[i]] for i in range(n)]
-    return _tile(rows, pad)
-
-
-def _tile(rows: list[list[torch.Tensor]], pad: int) -> np.ndarray:
-    """Lay (3, H, W) pixel tensors out in a grid separated by `pad` white pixels -> uint8 HWC."""
-    _, height, width = rows[0][0].shape
-    n_rows, n_cols = len(rows), len(rows[0])
-    grid = torch.ones(3, n_rows * (height + pad) - pad, n_cols * (width + pad) - pad)
-    for r, row in enumerate(rows):
-        for c, panel in enumerate(row):
-            y, x = r * (height + pad), c * (width + pad)
-            grid[:, y : y + height, x : x + width] = panel
-    return (grid.permute(1, 2, 0) * 255.0).round().to(torch.uint8).numpy()
+    return tile(rows, pad)

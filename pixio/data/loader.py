@@ -45,3 +45,11 @@ def _data_paths(d: Any) -> tuple[str, str | None]:
 
     paths = ensure_demo_data(d.root)
     return paths["shards"], paths["json_root"]
+
+
+def images_and_noise(batch: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """A stream batch as (images (B, 3, H, W), masking noise or None): the stream yields image
+    tensors; tests pass {"image", "noise"} dicts to fix the masking."""
+    if isinstance(batch, dict):
+        return batch["image"], batch.get("noise")
+    return batch, None
