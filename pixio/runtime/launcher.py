@@ -77,8 +77,13 @@ def launcher_config(node: Any) -> LauncherConfig:
             raise ValueError(f"launcher.{key}: must be an integer >= 0, got {getattr(cfg, key)!r}")
     if cfg.mem_gb is not None and cfg.mem_gb <= 0:
         raise ValueError(f"launcher.mem_gb: must be positive or null, got {cfg.mem_gb!r}")
-    if cfg.signal_delay_s >= cfg.timeout_min * 60:
-        raise ValueError("launcher.signal_delay_s: must be shorter than launcher.timeout_min")
+    # SLURM sends the signal up to 60 s earlier than asked (its timer's resolution): a job whose
+    # signal can land before the handlers are installed would be killed instead of requeued.
+    if cfg.signal_delay_s + 60 >= cfg.timeout_min * 60:
+        raise ValueError(
+            f"launcher.signal_delay_s: {cfg.signal_delay_s} must leave more than 60 s of"
+            f" launcher.timeout_min={cfg.timeout_min} (SLURM may signal up to 60 s early)"
+        )
     return cfg
 
 

@@ -49,6 +49,7 @@ def test_every_field_has_a_default_and_structured_config_works() -> None:
         ({"mem_gb": 0}, "launcher.mem_gb"),
         ({"max_num_timeout": -1}, "launcher.max_num_timeout"),
         ({"timeout_min": 1, "signal_delay_s": 60}, "launcher.signal_delay_s"),
+        ({"timeout_min": 2, "signal_delay_s": 60}, "launcher.signal_delay_s"),  # may come at 0 s
         ({"gpu": 8}, "launcher.gpu"),  # typo: unknown key
     ],
 )

@@ -80,13 +80,13 @@ def test_two_task_cpu_job_forms_a_gloo_group(tmp_path, job_env, capsys) -> None:
 
 
 def test_time_limit_signal_saves_requeues_and_resumes(tmp_path, job_env) -> None:
-    # A 2-minute job asking for SIGUSR2 90 s ahead: slurmctld sends it 30-60 s after the start
-    # (it checks signals periodically), so a start-up slowed by a loaded machine (imports,
-    # unpickling: >10 s seen) still has its handlers in place. The first run is slow (2 s per
-    # step) so it is surely still training when signalled; later runs are fast and finish.
+    # A 3-minute job asking for SIGUSR2 60 s ahead. SLURM sends it up to 60 s earlier than asked
+    # (its timer's resolution), so it lands 60-120 s after the start: long after the handlers are in
+    # place, even on a loaded machine. The first run is slow (3 s per step, 180 s in all) so it is
+    # surely still training when signalled; later runs are fast and finish.
     steps = 60
     cfg = slurm_cfg(
-        tmp_path, timeout_min=2, signal_delay_s=90, steps=steps, step_s=0.02, first_run_step_s=2.0
+        tmp_path, timeout_min=3, signal_delay_s=60, steps=steps, step_s=0.02, first_run_step_s=3.0
     )
     job = launch(fake_train.main, cfg)
     folder = tmp_path / "run" / "slurm" / job.job_id
