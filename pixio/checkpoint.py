@@ -16,6 +16,7 @@ name per trained module ("mae" in pre-training, e.g. "student_pixio_vith16" in d
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -200,11 +201,11 @@ def state_mismatch(
     return f"{source} does not match the encoder: {'; '.join(found)}" if found else None
 
 
-def broadcast_encoder_state(
-    encoder: torch.nn.Module, path: str | Path, module: str | None = None
+def broadcast_checked_state(
+    module: torch.nn.Module, read: Callable[[], dict[str, torch.Tensor]], source: str
 ) -> None:
-    """Fill an encoder already placed on its device (built on the meta device, then
-    `to_empty`, or FSDP-sharded) from checkpoint `path`: rank 0 reads it and checks it strictly,
+    """Fill a module already placed on its device (built on the meta device, then `to_empty`,
+    or FSDP-sharded) from the full state dict that rank 0 gets from `read()` and checks strictly;
     the other ranks read nothing and receive the weights by broadcast. One read per job and one
     full copy in host memory (a 5B checkpoint is 22 GB; 8 ranks each reading it would hold
     350 GB at start-up). A problem (unreadable file, missing / unexpected / mis-shaped keys)
@@ -217,8 +218,8 @@ def broadcast_encoder_state(
     state, problem = None, None
     if get_rank() == 0:
         try:
-            state = encoder_state(read_state_dict(path, module))
-            problem = state_mismatch(encoder, state, str(path))
+            state = read()
+            problem = state_mismatch(module, state, source)
         except (OSError, ValueError, KeyError) as err:
             problem = str(err.args[0] if err.args else err)
     if is_dist():
@@ -227,7 +228,17 @@ def broadcast_encoder_state(
         problem = box[0]
     if problem is not None:
         raise ValueError(problem)
-    load_full_state(encoder, lambda: state)
+    load_full_state(module, lambda: state)
+
+
+def broadcast_encoder_state(
+    encoder: torch.nn.Module, path: str | Path, module: str | None = None
+) -> None:
+    """`broadcast_checked_state` of a Pixio encoder checkpoint `path` (any supported format;
+    `module`: the trained module of a training checkpoint)."""
+    broadcast_checked_state(
+        encoder, lambda: encoder_state(read_state_dict(path, module)), str(path)
+    )
 
 
 def load_encoder(

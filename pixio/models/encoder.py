@@ -17,6 +17,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from pixio.constants import DEFAULT_N_CLS_TOKENS
+from pixio.models.features import FeatureEncoder
 from pixio.models.init import draw_init_seed, init_parameters
 
 
@@ -61,12 +62,12 @@ def resize_pos_embed(
     )
 
 
-class PixioEncoder(nn.Module):
+class PixioEncoder(FeatureEncoder):
     """ViT encoder with `n_cls_tokens` class tokens and a resizable learned position table.
 
-    `forward(x, block_ids)` is the reference feature API: one dict per selected block with
-    `cls_tokens` (B, n_cls, D), `patch_tokens` (B, h*w, D) (block output, before the final norm) and
-    their `*_norm` versions (final `norm` applied).
+    `forward(x, block_ids)` is the reference feature API (`pixio.models.features.FeatureEncoder`):
+    one dict per selected block with `cls_tokens` (B, n_cls, D), `patch_tokens` (B, h*w, D) (block
+    output, before the final norm) and their `*_norm` versions (final `norm` applied).
     """
 
     def __init__(
@@ -112,23 +113,6 @@ class PixioEncoder(nn.Module):
             return torch.utils.checkpoint.checkpoint(block, x, use_reentrant=False)
         return block(x)
 
-    @property
-    def depth(self) -> int:
-        return len(self.blocks)
-
-    def patch_grid(self, x: torch.Tensor) -> tuple[int, int]:
-        """Patch grid (h, w) of an image batch; ValueError unless H and W divide by the patch size."""
-        if x.ndim != 4:
-            raise ValueError(f"expected images (B, C, H, W), got shape {tuple(x.shape)}")
-        height, width = x.shape[-2:]
-        p = self.patch_size
-        if height % p or width % p:
-            raise ValueError(
-                f"input size {height}x{width} is not divisible by the patch size {p}: "
-                f"resize or crop to a multiple of {p} (e.g. {height // p * p}x{width // p * p})"
-            )
-        return height // p, width // p
-
     def pos_embed_for(self, grid: tuple[int, int]) -> torch.Tensor:
         """Position table for a (h, w) patch grid: (1, n_cls + h*w, D)."""
         return resize_pos_embed(self.pos_embed, self.grid_size, grid, self.n_cls_tokens)
@@ -145,56 +129,6 @@ class PixioEncoder(nn.Module):
         cls = self.cls_token + self.pos_embed[:, : self.n_cls_tokens]
         return torch.cat([cls.expand(tokens.shape[0], -1, -1), tokens], dim=1)
 
-    def select_blocks(self, block_ids: list[int] | None) -> list[int]:
-        """Validate block indices (negative allowed, as in Python) and return them non-negative."""
-        if block_ids is None:
-            return list(range(self.depth))
-        out = []
-        for i in block_ids:
-            if not -self.depth <= i < self.depth:
-                raise ValueError(f"block id {i} out of range for an encoder of depth {self.depth}")
-            out.append(i % self.depth)
-        return out
-
-    def forward(self, x: torch.Tensor, block_ids: list[int] | None = None) -> list[dict]:
-        """Reference feature API (see `features`)."""
-        return self.features(x, block_ids)
-
-    def features(self, x: torch.Tensor, block_ids: list[int] | None = None) -> list[dict]:
-        """Per selected block (all when None): class and patch tokens before/after the final `norm`."""
-        wanted = self.select_blocks(block_ids)
-        tokens, _ = self.embed_patches(x)
-        x = self.prepend_cls(tokens)  # x: (B, n_cls + h*w, D)
-        n = self.n_cls_tokens
-        feats = []
-        for i, blk in enumerate(self.blocks[: max(wanted) + 1]):
-            x = self.run_block(blk, x)
-            if i in wanted:
-                xn = self.norm(x)
-                feats.append(
-                    {
-                        "cls_tokens": x[:, :n],
-                        "patch_tokens": x[:, n:],
-                        "cls_tokens_norm": xn[:, :n],
-                        "patch_tokens_norm": xn[:, n:],
-                    }
-                )
-        return [feats[sorted(set(wanted)).index(i)] for i in wanted]
-
-    @torch.no_grad()
-    def embed(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Convenience for the common case (no grad): final normed tokens and the global embedding.
-
-        Returns `cls_tokens` (B, n_cls, D), `patch_tokens` (B, h*w, D), `patch_map` (B, D, h, w) and
-        `embedding` (B, D) = mean of the normed class tokens (the recommended global feature).
-        """
-        h, w = self.patch_grid(x)
-        last = self.features(x, block_ids=[-1])[0]
-        cls, patches = last["cls_tokens_norm"], last["patch_tokens_norm"]
-        patch_map = patches.transpose(1, 2).reshape(x.shape[0], -1, h, w)
-        return {
-            "cls_tokens": cls,
-            "patch_tokens": patches,
-            "patch_map": patch_map,
-            "embedding": cls.mean(dim=1),
-        }
+    def tokens(self, x: torch.Tensor) -> torch.Tensor:
+        """Images (B, C, H, W) -> (B, n_cls + h*w, D): class tokens, then patches, with positions."""
+        return self.prepend_cls(self.embed_patches(x)[0])

@@ -1,0 +1,79 @@
+"""What the baseline adapters share: input re-normalisation, the strict checkpoint read, and a
+one-line description of the model for logs and results.json."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from pixio.constants import IMAGENET_MEAN, IMAGENET_STD
+from pixio.models.features import FeatureEncoder
+
+
+class BaselineEncoder(FeatureEncoder):
+    """A third-party ViT (`self.model`) behind the feature API.
+
+    Subclasses set `patch_size`, `embed_dim`, `n_cls_tokens`, `n_register_tokens`, give `blocks`
+    and `norm` as properties over `model` (never as attributes: the state dict keeps the model's
+    own key names), `embed_tokens` and `read_state`."""
+
+    source: str = ""  # transformers | timm
+
+    def __init__(
+        self, model: nn.Module, name: str, mean: Sequence[float], std: Sequence[float]
+    ) -> None:
+        super().__init__()
+        self.model = model
+        self.name = name
+        self.mean, self.std = tuple(float(m) for m in mean), tuple(float(s) for s in std)
+
+    def renormalize(self, x: torch.Tensor) -> torch.Tensor:
+        """ImageNet-normalised images -> normalised with the model's own statistics (identity
+        when they are the ImageNet ones). The zero padding of sliding windows stays the ImageNet
+        mean colour, as for Pixio."""
+        if (self.mean, self.std) == (IMAGENET_MEAN, IMAGENET_STD):
+            return x
+        src_mean, src_std = _column(IMAGENET_MEAN, x), _column(IMAGENET_STD, x)
+        mean, std = _column(self.mean, x), _column(self.std, x)
+        return (x * src_std + src_mean - mean) / std
+
+    def tokens(self, x: torch.Tensor) -> torch.Tensor:
+        return self.embed_tokens(self.renormalize(x))
+
+    def embed_tokens(self, x: torch.Tensor) -> torch.Tensor:
+        """Images in the model's normalisation -> (B, n_cls + n_reg + h*w, D)."""
+        raise NotImplementedError
+
+    def read_state(self, checkpoint: str) -> dict[str, torch.Tensor]:
+        """The full state dict of `self.model` read from `checkpoint`, checked against the model
+        (ValueError naming the file otherwise). Rank 0 calls it; the others receive a broadcast."""
+        raise NotImplementedError
+
+
+def _column(values: Sequence[float], like: torch.Tensor) -> torch.Tensor:
+    return torch.tensor(values, dtype=like.dtype, device=like.device).view(1, -1, 1, 1)
+
+
+def describe(encoder: FeatureEncoder) -> dict[str, Any]:
+    """What results.json records about an encoder's architecture and input statistics."""
+    out = {
+        "source": getattr(encoder, "source", "") or "pixio",
+        "patch_size": encoder.patch_size,
+        "embed_dim": encoder.embed_dim,
+        "depth": encoder.depth,
+        "n_cls_tokens": encoder.n_cls_tokens,
+        "n_register_tokens": encoder.n_register_tokens,
+    }
+    if isinstance(encoder, BaselineEncoder):
+        out.update(mean=list(encoder.mean), std=list(encoder.std), model=type(encoder.model).__name__)  # fmt: skip
+    return out
+
+
+def check_keys(problems: dict[str, list[str]], source: str) -> None:
+    """ValueError listing (at most 10 of) each kind of problem key, naming the checkpoint."""
+    found = [f"{what} {keys[:10]}{' ...' if len(keys) > 10 else ''}" for what, keys in problems.items() if keys]  # fmt: skip
+    if found:
+        raise ValueError(f"{source} does not match the encoder: {'; '.join(found)}")

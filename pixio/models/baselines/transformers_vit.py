@@ -1,0 +1,162 @@
+"""Hugging Face transformers ViT, ViTMAE and DINOv2 encoders behind Pixio's feature API.
+
+Built from a local folder's config.json (weights from `from_pretrained(folder)`, offline) or
+from a config (`AutoConfig.for_model(name, **kwargs)`, random weights). The token sequence
+comes from the model's own embeddings, position embeddings interpolated to the input by the
+model's own code; ViTMAE's random masking is switched off (mask ratio 0, patches in order).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from pixio.constants import IMAGENET_MEAN, IMAGENET_STD
+from pixio.models.baselines.common import BaselineEncoder, check_keys
+
+log = logging.getLogger("pixio.baselines")
+
+# encoder.name (the config's model_type) -> transformers class
+FAMILIES = {
+    "vit": "ViTModel",
+    "vit_mae": "ViTMAEModel",
+    "dinov2": "Dinov2Model",
+    "dinov2_with_registers": "Dinov2WithRegistersModel",
+}
+# Weights a frozen encoder does not use: task heads, the MAE decoder, ViT's pooler.
+IGNORED_PREFIXES = ("pooler.", "decoder.", "classifier.", "head.", "mask_token")
+
+
+def _transformers() -> Any:
+    """The transformers package (an optional dependency: only this source needs it)."""
+    try:
+        import transformers
+    except ImportError:
+        raise ValueError(
+            "encoder.source=transformers needs the transformers package: pip install 'transformers>=5.0'"
+        ) from None
+    return transformers
+
+
+def model_class(name: str) -> type[nn.Module]:
+    """The transformers class of family `name`; ValueError for another name."""
+    if name not in FAMILIES:
+        raise ValueError(
+            f"unknown transformers model {name!r}: one of {', '.join(FAMILIES)} (the model_type of"
+            " the folder's config.json)"
+        )
+    return getattr(_transformers(), FAMILIES[name])
+
+
+def hf_config(name: str, folder: str | None, **kwargs: Any) -> Any:
+    """The config of family `name`: the folder's config.json (which must be of that family) or
+    the family's defaults, with `kwargs` given to the constructor; ViTMAE's masking off."""
+    config_class = model_class(name).config_class
+    unknown = [k for k in kwargs if not hasattr(config_class(), k)]
+    if unknown:
+        raise ValueError(f"{config_class.__name__} has no field {unknown[0]!r}")
+    if folder is None:
+        config = config_class(**kwargs)
+    else:
+        path = Path(folder) / "config.json"
+        if not path.is_file():
+            raise ValueError(f"{folder}: not a transformers model folder (no config.json)")
+        saved = json.loads(path.read_text())
+        if saved.get("model_type") != name:
+            raise ValueError(
+                f"{folder} holds a {saved.get('model_type')!r} model, not {name!r} (encoder.name)"
+            )
+        config = config_class.from_dict({**saved, **kwargs})
+    if name == "vit_mae":
+        config.mask_ratio = 0.0  # every patch, in order (the noise in embed_tokens)
+    return config
+
+
+def _statistics(folder: str | None) -> tuple[list[float], list[float]]:
+    """The image mean / std of the folder's preprocessor_config.json (ImageNet's otherwise)."""
+    path = Path(folder) / "preprocessor_config.json" if folder is not None else None
+    if path is None or not path.is_file():
+        return list(IMAGENET_MEAN), list(IMAGENET_STD)
+    pre = json.loads(path.read_text())
+    return pre.get("image_mean", list(IMAGENET_MEAN)), pre.get("image_std", list(IMAGENET_STD))
+
+
+class TransformersEncoder(BaselineEncoder):
+    """`ViTModel`, `ViTMAEModel`, `Dinov2Model` or `Dinov2WithRegistersModel` as a
+    FeatureEncoder: one class token, DINOv2's register tokens skipped."""
+
+    source = "transformers"
+
+    def __init__(self, model: nn.Module, name: str, folder: str | None = None) -> None:
+        super().__init__(model, name, *_statistics(folder))
+        config = model.config
+        self.patch_size = int(config.patch_size)
+        self.embed_dim = int(config.hidden_size)
+        self.n_cls_tokens = 1
+        self.n_register_tokens = int(getattr(config, "num_register_tokens", 0) or 0)
+        self.config_kwargs: dict[str, Any] = {}
+
+    @property
+    def blocks(self) -> nn.ModuleList:  # ViT / ViTMAE: model.layers; DINOv2: model.encoder.layer
+        return self.model.layers if hasattr(self.model, "layers") else self.model.encoder.layer
+
+    @property
+    def norm(self) -> nn.Module:
+        return self.model.layernorm
+
+    def embed_tokens(self, x: torch.Tensor) -> torch.Tensor:
+        embeddings = self.model.embeddings
+        if self.name == "vit":
+            return embeddings(x, interpolate_pos_encoding=True)
+        if self.name == "vit_mae":  # ascending noise: the identity order, nothing masked
+            h, w = self.patch_grid(x)
+            noise = torch.arange(h * w, device=x.device, dtype=x.dtype).expand(x.shape[0], -1)
+            return embeddings(x, noise=noise, interpolate_pos_encoding=True)[0]
+        return embeddings(x)  # DINOv2 always interpolates
+
+    def read_state(self, checkpoint: str) -> dict[str, torch.Tensor]:
+        config = hf_config(self.name, checkpoint, **self.config_kwargs)
+        model, info = type(self.model).from_pretrained(
+            checkpoint, config=config, local_files_only=True, output_loading_info=True,
+            dtype=torch.float32, ignore_mismatched_sizes=True, **_init_kwargs(self.name),
+        )  # fmt: skip  (mis-shaped weights are reported below, not loaded)
+        unexpected = sorted(info.get("unexpected_keys", ()))
+        check_keys(
+            {
+                "missing keys": sorted(info.get("missing_keys", ())),
+                "other shapes": sorted(_shape_change(k) for k in info.get("mismatched_keys", ())),
+                "unexpected keys": [k for k in unexpected if not k.startswith(IGNORED_PREFIXES)],
+            },
+            checkpoint,
+        )
+        if unexpected:
+            log.info("%s: ignored %d weights of heads a frozen encoder does not use (%s)",
+                     checkpoint, len(unexpected), ", ".join(sorted({k.split(".")[0] for k in unexpected})))  # fmt: skip
+        return model.state_dict()
+
+
+def _shape_change(entry: Any) -> str:
+    """A `mismatched_keys` entry of transformers' loading info: (key, file shape, model shape)."""
+    if isinstance(entry, (tuple, list)) and len(entry) == 3:
+        key, found, wanted = entry
+        return f"{key} {tuple(found)} (the model's: {tuple(wanted)})"
+    return str(entry)
+
+
+def _init_kwargs(name: str) -> dict[str, Any]:
+    return {"add_pooling_layer": False} if name == "vit" else {}
+
+
+def build_transformers(name: str, folder: str | None = None, **kwargs: Any) -> TransformersEncoder:
+    """Family `name` with the architecture of `folder`'s config.json (or the family's default
+    config), `kwargs` applied to the config; weights initialised by transformers."""
+    config = hf_config(name, folder, **kwargs)
+    model = model_class(name)(config, **_init_kwargs(name))
+    encoder = TransformersEncoder(model.eval(), name, folder)
+    encoder.config_kwargs = dict(kwargs)
+    return encoder
