@@ -25,9 +25,17 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig
 
 from evaluation.datasets import build_dataset, get_info
-from evaluation.features import EncoderConfig, FrozenFeatures, check_encoder, load_frozen_encoder
+from evaluation.features import (
+    EncoderConfig,
+    FrozenFeatures,
+    check_encoder,
+    encoder_patch_size,
+    load_frozen_encoder,
+    reference_side,
+)
 from evaluation.heads import HEAD_KINDS, build_head, convert_sync_bn, head_block_ids
 from evaluation.task import DepthTask, HeadTask, SegmentationTask, Windows
+from pixio.models.baselines import describe
 from pixio.runtime.checkpointing import MANIFEST_NAME
 from pixio.runtime.config import (
     ConfigError,
@@ -56,7 +64,8 @@ APPS = ("depth", "semseg")
 RESULTS_FILE = "results.json"
 # Keys that fix the head's shape or meaning: a resume cannot change them.
 SHAPE_KEYS = (
-    "encoder.name", "encoder.embed_dim", "encoder.depth", "encoder.num_heads",
+    "encoder.source", "encoder.name", "encoder.checkpoint", "encoder.module",
+    "encoder.model_kwargs", "encoder.embed_dim", "encoder.depth", "encoder.num_heads",
     "encoder.n_cls_tokens", "head.name", "dataset.name",
 )  # fmt: skip
 
@@ -79,7 +88,7 @@ class EvalDataConfig:
     train_split: str | None = None  # "image target" list relative to root (None: scan / default)
     val_split: str | None = None  # same, for validation
     label_format: str = "raw"  # raw (release masks, remapped on the fly) | reduced (0..K-1/255)
-    crop_size: int = 256  # training crop side
+    crop_size: int | None = None  # training crop (None: 256; patch 14: 252, see protocol_sizes)
     num_workers: int = 4  # data-loader workers per process (training and validation)
     build_demo: bool = False  # demo: build a tiny dataset in the real layout at root if absent
     demo_train: int = 8  # demo: training pairs
@@ -88,8 +97,8 @@ class EvalDataConfig:
 
 @dataclass
 class InferenceConfig:
-    window: int = 256  # sliding-window side (validation on full images)
-    stride: int = 170  # window stride: int(256 * 2 / 3)
+    window: int | None = None  # sliding-window side (None: as data.crop_size's default)
+    stride: int | None = None  # window stride (None: int(window * 2 / 3), 170 for 256)
     window_batch: int = 16  # windows per encoder call (results do not depend on it)
     vis_images: int = 4  # validation images drawn at each validation (vis/val_<index>.png)
 
@@ -122,14 +131,42 @@ def validate_eval(cfg: Any, app: str) -> None:
     _check_dataset(cfg, app)
     validate_common(cfg)
     check_choice(cfg.data, "data", "label_format", ("raw", "reduced"))
-    check_positive(cfg.data, "data", "crop_size", "demo_train", "demo_val")
+    check_positive(cfg.data, "data", "demo_train", "demo_val")
     require(cfg.data.num_workers >= 0, "data.num_workers", f"must be >= 0, got {cfg.data.num_workers}")  # fmt: skip
-    check_positive(cfg.eval, "eval", "window", "stride", "window_batch")
+    check_positive(cfg.eval, "eval", "window_batch")
     require(cfg.eval.vis_images >= 0, "eval.vis_images", f"must be >= 0, got {cfg.eval.vis_images}")  # fmt: skip
-    require(cfg.data.crop_size % 16 == 0, "data.crop_size", f"{cfg.data.crop_size} is not a multiple of the patch size 16")  # fmt: skip
-    require(cfg.eval.window % 16 == 0, "eval.window", f"{cfg.eval.window} is not a multiple of the patch size 16")  # fmt: skip
     check_encoder(cfg)
+    check_sizes(cfg, encoder_patch_size(cfg.encoder))
     _check_paths(cfg.data)
+
+
+REFERENCE_SIZES = {"crop_size": 256, "window": 256, "stride": 170}  # SPEC section 7, patch 16
+
+
+def protocol_sizes(patch: int, crop: int | None, window: int | None, stride: int | None) -> dict[str, int]:  # fmt: skip
+    """Crop, window and stride for an encoder of this patch size: those given, else the
+    reference's 256 / 256 / 170 for patch 16, and for another patch the largest multiple of it
+    up to 256 (patch 14: 252 / 252 / 168), the stride two thirds of the window."""
+    side = reference_side(patch)
+    crop, window = crop or side, window or side
+    return {"crop_size": crop, "window": window, "stride": stride or int(window * 2 / 3)}
+
+
+def check_sizes(cfg: Any, patch: int) -> None:
+    """Explicit crop / window / stride: positive, and the crop and window multiples of the patch."""
+    for key, value in (("data.crop_size", cfg.data.crop_size), ("eval.window", cfg.eval.window)):
+        if value is not None:
+            require(value > 0 and value % patch == 0, key, f"{value} is not a positive multiple of the encoder's patch size {patch} (null picks {reference_side(patch)})")  # fmt: skip
+    require(cfg.eval.stride is None or cfg.eval.stride > 0, "eval.stride", f"must be positive, got {cfg.eval.stride}")  # fmt: skip
+
+
+def resolve_sizes(cfg: Any, patch: int) -> dict[str, Any]:
+    """Fill null crop / window / stride in `cfg` for this patch size; the protocol record of
+    results.json (the sizes used, the reference's, and whether they differ)."""
+    sizes = protocol_sizes(patch, cfg.data.crop_size, cfg.eval.window, cfg.eval.stride)
+    cfg.data.crop_size, cfg.eval.window, cfg.eval.stride = (sizes[k] for k in ("crop_size", "window", "stride"))  # fmt: skip
+    return {"patch_size": patch, **sizes, "reference": REFERENCE_SIZES,
+            "as_reference": sizes == REFERENCE_SIZES}  # fmt: skip
 
 
 def _check_dataset(cfg: Any, app: str) -> None:
@@ -243,11 +280,23 @@ def warn_if_not_reference_world(world_size: int, batch_size: int) -> None:
         )  # fmt: skip
 
 
+def warn_if_not_reference_sizes(protocol: dict[str, Any]) -> None:
+    """A crop / window other than the reference's 256 (patch 14: 252) is another protocol."""
+    if not protocol["as_reference"]:
+        log.warning(
+            "crop %d, window %d, stride %d (patch %d): the reference protocol is 256 / 256 / 170; "
+            "results.json records the sizes used (protocol)", protocol["crop_size"],
+            protocol["window"], protocol["stride"], protocol["patch_size"],
+        )  # fmt: skip
+
+
 def run_eval(cfg: DictConfig, app: str) -> dict[str, Any] | None:
     """Train and validate one head on the frozen encoder; returns results.json's content on
     rank 0 (None elsewhere)."""
     validate_eval(cfg, app)
+    protocol = resolve_sizes(cfg, encoder_patch_size(cfg.encoder))
     with run_job(cfg.output_dir, cfg.train.device) as info:
+        warn_if_not_reference_sizes(protocol)
         config = to_container(cfg)
         check_resume(cfg.output_dir, config, SHAPE_KEYS)
         if cfg.data.build_demo:
@@ -263,7 +312,8 @@ def run_eval(cfg: DictConfig, app: str) -> dict[str, Any] | None:
             log.info("stopped at iteration %d of %d (train.max_iters): results.json is written "
                      "when the schedule completes", trainer.progress.iteration, trainer.total_iters)  # fmt: skip
             return None
-        results = write_results(cfg.output_dir, app, config, trainer.iters_per_epoch)
+        extra = {"protocol": protocol, "architecture": describe(task.features.encoder)}
+        results = write_results(cfg.output_dir, app, config, trainer.iters_per_epoch, extra)
         print(results_table(results), flush=True)
         log.info("done: results.json, metrics.jsonl, vis/ in %s", Path(cfg.output_dir).resolve())
         return results
@@ -319,10 +369,15 @@ def validation_history(output_dir: str | os.PathLike, iters_per_epoch: int) -> l
 
 
 def write_results(
-    output_dir: str | os.PathLike, app: str, config: dict[str, Any], iters_per_epoch: int
+    output_dir: str | os.PathLike,
+    app: str,
+    config: dict[str, Any],
+    iters_per_epoch: int,
+    extra: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """`results.json`: every end-of-epoch validation, the best over epochs and the final one
-    (both labelled), the config, and the encoder checkpoint with its sha256."""
+    (both labelled), the encoder (source, name, checkpoint with its sha256), `extra` (the
+    protocol's sizes, the encoder's architecture) and the config."""
     metric = json.loads((Path(output_dir) / RESULTS_NAME).read_text())["metric"]
     epochs = validation_history(output_dir, iters_per_epoch)
     best = max(
@@ -337,8 +392,9 @@ def write_results(
         "best": {"label": "best over epochs", **best},
         "final": {"label": "final epoch", **epochs[-1]},
         "epochs": epochs,
-        "encoder": {"name": enc["name"], "checkpoint": enc["checkpoint"],
+        "encoder": {"source": enc.get("source", "pixio"), "name": enc["name"], "checkpoint": enc["checkpoint"],
                     "module": enc.get("module"), "sha256": checkpoint_sha256(enc["checkpoint"])},
+        **(extra or {}),
         "config": config,
     }  # fmt: skip
     path = Path(output_dir) / RESULTS_FILE

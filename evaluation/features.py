@@ -1,6 +1,8 @@
 """Frozen-encoder features for the evaluation heads and the shared `encoder` config group.
 
-Heads consume, per used block, concat(final-normed patch tokens, mean of the final-normed class
+The encoder is a Pixio one (`encoder.source=pixio`, the registry) or a baseline behind the same
+feature API (`transformers`: ViT, ViTMAE, DINOv2 folders; `timm`: ViTs and hybrids by name), see
+`pixio.models.baselines`. Heads consume, per used block, concat(final-normed patch tokens, mean of the final-normed class
 tokens broadcast to every patch) as a (B, 2D, h, w) map (SPEC section 7; patch tokens first).
 The DPT head reads blocks depth // 4 * k - 1 for k = 1..4, the linear head the last block.
 """
@@ -8,19 +10,29 @@ The DPT head reads blocks depth // 4 * k - 1 for k = 1..4, the linear head the l
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from pixio.checkpoint import broadcast_encoder_state
-from pixio.models.encoder import PixioEncoder
-from pixio.models.registry import build_encoder, list_models
-from pixio.runtime.config import ConfigError, require, require_set
+from pixio.checkpoint import broadcast_checked_state, broadcast_encoder_state
+from pixio.models.baselines import SOURCES, build_baseline
+from pixio.models.features import FeatureEncoder
+from pixio.models.registry import build_encoder, encoder_kwargs, list_models
+from pixio.runtime.config import ConfigError, check_choice, require, require_set
 
 log = logging.getLogger("pixio.eval")
+
+
+REFERENCE_SIDE = 256  # the protocol's crop and window side for Pixio's patch 16 (SPEC section 7)
+
+
+def reference_side(patch: int) -> int:
+    """The crop / window side for an encoder of this patch size: 256, or the largest multiple of
+    the patch up to 256 (patch 14: 252), so the image tiles into whole patches."""
+    return REFERENCE_SIDE // patch * patch
 
 
 def dpt_block_ids(depth: int) -> list[int]:
@@ -42,7 +54,7 @@ class FrozenFeatures(nn.Module):
     out of eval mode, so a task can call `model.train()` on a wrapper safely.
     """
 
-    def __init__(self, encoder: PixioEncoder, block_ids: list[int]) -> None:
+    def __init__(self, encoder: FeatureEncoder, block_ids: list[int]) -> None:
         super().__init__()
         self.encoder = encoder.eval()
         self.encoder.requires_grad_(False)
@@ -72,19 +84,25 @@ def token_map(block: dict[str, torch.Tensor], h: int, w: int) -> torch.Tensor:
 # ---- the `encoder` config group ----------------------------------------------------------------
 @dataclass
 class EncoderConfig:
-    name: str = "pixio_vith16"  # registry name (pixio.list_models())
-    checkpoint: str | None = (
-        None  # anything pixio.load_encoder reads (.pth, .safetensors, DCP dir, HF folder)
-    )
-    module: str | None = (
-        None  # trained module of a multi-module training checkpoint (None: the only one)
-    )
-    img_size: int | None = None  # position-table size the checkpoint was trained at (None: 256)
-    embed_dim: int | None = None  # override the registry width (small demo/test encoders)
-    depth: int | None = None  # override the registry depth
-    num_heads: int | None = None  # override the registry head count
-    n_cls_tokens: int | None = None  # override the class-token count (None: 8)
+    source: str = "pixio"  # pixio | transformers | timm (baselines: docs/evaluation.md, Baselines)
+    # pixio: registry name; transformers: vit | vit_mae | dinov2 | dinov2_with_registers (the
+    # folder's model_type); timm: a ViT's model name (hybrids included)
+    name: str = "pixio_vith16"
+    # pixio: .pth / .safetensors / training checkpoint dir / HF folder; transformers: a
+    # from_pretrained folder; timm: a weights file, or a folder holding one
+    checkpoint: str | None = None
+    module: str | None = None  # pixio: trained module of a multi-module training checkpoint
+    img_size: int | None = None  # pixio, timm: position-table size the checkpoint was trained at
+    embed_dim: int | None = None  # pixio: override the registry width (small demo/test encoders)
+    depth: int | None = None  # pixio: override the registry depth
+    num_heads: int | None = None  # pixio: override the registry head count
+    n_cls_tokens: int | None = None  # pixio: override the class-token count (None: 8)
+    # baselines: transformers config fields / timm.create_model arguments (e.g. tiny test sizes)
+    model_kwargs: dict[str, Any] = field(default_factory=dict)
     random_if_missing: bool = False  # demo only: a missing checkpoint gives random weights (logged)
+
+
+PIXIO_ONLY = ("module", "embed_dim", "depth", "num_heads", "n_cls_tokens")
 
 
 def encoder_overrides(cfg: Any) -> dict[str, Any]:
@@ -93,25 +111,66 @@ def encoder_overrides(cfg: Any) -> dict[str, Any]:
     return {k: cfg[k] for k in keys if cfg.get(k) is not None}
 
 
+def baseline_kwargs(cfg: Any) -> dict[str, Any]:
+    """What a baseline is built with: `model_kwargs`, and timm's `img_size` when set."""
+    kwargs = dict(cfg.get("model_kwargs") or {})
+    if cfg.get("img_size") is not None:
+        kwargs["img_size"] = cfg.img_size
+    return kwargs
+
+
+def _has_checkpoint(cfg: Any) -> bool:
+    return cfg.checkpoint is not None and Path(cfg.checkpoint).exists()
+
+
+def build_meta_encoder(cfg: Any) -> FeatureEncoder:
+    """The encoder of an `encoder` node on the meta device: its architecture, no weights, no
+    memory (a transformers folder's config.json gives a baseline's)."""
+    with torch.device("meta"):
+        if cfg.get("source", "pixio") == "pixio":
+            return build_encoder(cfg.name, **encoder_overrides(cfg))
+        folder = cfg.checkpoint if _has_checkpoint(cfg) else None
+        return build_baseline(cfg.source, cfg.name, folder, **baseline_kwargs(cfg))
+
+
+def encoder_patch_size(cfg: Any) -> int:
+    """The patch grid's stride of an `encoder` node's model (a hybrid's: stem stride x patch)."""
+    if cfg.get("source", "pixio") == "pixio":
+        return encoder_kwargs(cfg.name, **encoder_overrides(cfg))["patch_size"]
+    return build_meta_encoder(cfg).patch_size
+
+
 def check_encoder(cfg: Any) -> None:
-    """The `encoder` group: a known name and an existing checkpoint (ConfigError otherwise)."""
+    """The `encoder` group: a known source and model, an existing checkpoint that the model's
+    family accepts (ConfigError naming the key otherwise)."""
     require_set(cfg, "encoder.name")
     e = cfg.encoder
-    require(e.name in list_models(), "encoder.name", f"unknown model {e.name!r}; known: {', '.join(list_models())}")  # fmt: skip
-    if e.random_if_missing and (e.checkpoint is None or not Path(e.checkpoint).exists()):
-        return
-    require(e.checkpoint is not None, "encoder.checkpoint", "is required (a frozen evaluation of random weights says nothing)")  # fmt: skip
-    require(Path(e.checkpoint).exists(), "encoder.checkpoint", f"not found: {e.checkpoint}")
+    check_choice(e, "encoder", "source", SOURCES)
+    if e.source == "pixio":
+        require(e.name in list_models(), "encoder.name", f"unknown model {e.name!r}; known: {', '.join(list_models())}")  # fmt: skip
+        require(not e.model_kwargs, "encoder.model_kwargs", "applies to baselines (encoder.source=transformers|timm); a Pixio encoder takes embed_dim, depth, num_heads, n_cls_tokens")  # fmt: skip
+    else:
+        for key in PIXIO_ONLY:
+            require(e.get(key) is None, f"encoder.{key}", f"applies to encoder.source=pixio only; a {e.source} baseline's architecture comes from its checkpoint and encoder.model_kwargs")  # fmt: skip
+        require(not (e.source == "transformers" and e.img_size is not None), "encoder.img_size", "a transformers folder's config.json sets image_size (or encoder.model_kwargs.image_size)")  # fmt: skip
+    if not (e.random_if_missing and not _has_checkpoint(e)):
+        require(e.checkpoint is not None, "encoder.checkpoint", "is required (a frozen evaluation of random weights says nothing)")  # fmt: skip
+        require(Path(e.checkpoint).exists(), "encoder.checkpoint", f"not found: {e.checkpoint}")
+    if e.source != "pixio":
+        try:
+            build_meta_encoder(e)  # the name, the folder's family, the kwargs
+        except (ValueError, TypeError) as err:
+            key = "encoder.checkpoint" if _has_checkpoint(e) and e.checkpoint in str(err) else "encoder.name"  # fmt: skip
+            raise ConfigError(f"{key}: {err}") from None
 
 
-def load_frozen_encoder(cfg: Any, device: torch.device | None = None) -> PixioEncoder:
+def load_frozen_encoder(cfg: Any, device: torch.device | None = None) -> FeatureEncoder:
     """The encoder of an `encoder` config node on `device` (default CPU), in eval mode with
     gradients off; random weights (with a warning) only when `random_if_missing` and the
     checkpoint is absent. Built on the meta device and filled by rank 0's read of the
     checkpoint, broadcast to the others: one read and one host copy per job, not per rank."""
     device = device or torch.device("cpu")
-    overrides = encoder_overrides(cfg)
-    if cfg.checkpoint is None or not Path(cfg.checkpoint).exists():
+    if not _has_checkpoint(cfg):
         if not cfg.get("random_if_missing", False):
             raise ConfigError(f"encoder.checkpoint: not found: {cfg.checkpoint}")
         log.warning(
@@ -119,14 +178,28 @@ def load_frozen_encoder(cfg: Any, device: torch.device | None = None) -> PixioEn
             cfg.checkpoint,
             cfg.name,
         )
-        encoder = build_encoder(cfg.name, **overrides).to(device)
+        encoder = _random_encoder(cfg).to(device)
     else:
-        with torch.device("meta"):  # no initialisation: the checkpoint fills every value
-            encoder = build_encoder(cfg.name, **overrides)
+        encoder = build_meta_encoder(cfg)  # no initialisation: the checkpoint fills every value
         encoder.to_empty(device=device)
         try:
-            broadcast_encoder_state(encoder, cfg.checkpoint, cfg.get("module"))
+            _fill(encoder, cfg)
         except ValueError as err:  # wrong name / sizes for this file: one line
             raise ConfigError(f"encoder.checkpoint: {err}") from None
     encoder.requires_grad_(False)
     return encoder.eval()
+
+
+def _random_encoder(cfg: Any) -> FeatureEncoder:
+    if cfg.get("source", "pixio") == "pixio":
+        return build_encoder(cfg.name, **encoder_overrides(cfg))
+    return build_baseline(cfg.source, cfg.name, None, **baseline_kwargs(cfg))
+
+
+def _fill(encoder: FeatureEncoder, cfg: Any) -> None:
+    """Rank 0 reads the checkpoint (checked strictly) and broadcasts it."""
+    if cfg.get("source", "pixio") == "pixio":
+        broadcast_encoder_state(encoder, cfg.checkpoint, cfg.get("module"))
+    else:
+        read = lambda: encoder.read_state(cfg.checkpoint)  # noqa: E731
+        broadcast_checked_state(encoder.model, read, str(cfg.checkpoint))

@@ -34,8 +34,15 @@ from PIL import Image
 from torch.nn import functional as F
 from torchvision import datasets, transforms
 
-from evaluation.features import EncoderConfig, check_encoder, load_frozen_encoder
-from pixio.models.encoder import PixioEncoder
+from evaluation.features import (
+    EncoderConfig,
+    check_encoder,
+    encoder_patch_size,
+    load_frozen_encoder,
+    reference_side,
+)
+from pixio.models.baselines import describe
+from pixio.models.features import FeatureEncoder
 from pixio.runtime.config import (
     ConfigError,
     LauncherConfig,
@@ -150,7 +157,7 @@ class KnnDataConfig:
     root: str = MISSING  # ImageNet-style folder with train/<class>/* and val/<class>/*
     num_workers: int = 8  # data-loader processes per rank
     resize: int = 256  # short side after the bicubic resize
-    crop: int = 256  # center crop (a multiple of the patch size)
+    crop: int | None = None  # center crop (None: 256; patch 14: 252, a multiple of the patch)
     build_demo: bool = False  # build the small demo folder at `root` first (experiment=knn_demo)
 
 
@@ -195,7 +202,10 @@ def validate_knn(cfg: Any) -> None:
     require(len(cfg.knn.k) > 0 and all(k >= 1 for k in cfg.knn.k), "knn.k", f"must be a non-empty list of positive integers, got {list(cfg.knn.k)}")  # fmt: skip
     check_positive(cfg.knn, "knn", "temperature", "chunk_size")
     check_positive(cfg.train, "train", "batch_size")
-    check_positive(cfg.data, "data", "resize", "crop")
+    check_positive(cfg.data, "data", "resize")
+    patch = encoder_patch_size(cfg.encoder)
+    crop = cfg.data.crop
+    require(crop is None or (crop > 0 and crop % patch == 0), "data.crop", f"{crop} is not a positive multiple of the encoder's patch size {patch} (null picks {reference_side(patch)})")  # fmt: skip
     require(cfg.data.num_workers >= 0, "data.num_workers", "must be >= 0")
     check_choice(cfg.train, "train", "device", ("auto", "cpu", "cuda"))
     check_choice(cfg.train, "train", "precision", ("bf16", "fp32"))
@@ -263,7 +273,7 @@ def build_demo_folders(
 
 
 # ---- features ---------------------------------------------------------------------------------
-def global_features(encoder: PixioEncoder, images: torch.Tensor) -> torch.Tensor:
+def global_features(encoder: FeatureEncoder, images: torch.Tensor) -> torch.Tensor:
     """(B, 3, H, W) -> (B, D): mean class token of the last block before the final norm,
     L2-normalised (in float32)."""
     cls = encoder.features(images, [-1])[0]["cls_tokens"]  # (B, n_cls, D)
@@ -272,7 +282,7 @@ def global_features(encoder: PixioEncoder, images: torch.Tensor) -> torch.Tensor
 
 @torch.no_grad()
 def extract_features(
-    encoder: PixioEncoder,
+    encoder: FeatureEncoder,
     dataset: Any,
     batch_size: int,
     info: DistInfo,
@@ -351,6 +361,7 @@ def results_record(
         "top1": {str(k): r[0] for k, r in sorted(results.items())},
         "top5": {str(k): r[1] for k, r in sorted(results.items())},
         "encoder": cfg.encoder.name,
+        "encoder_source": cfg.encoder.source,
         "encoder_checkpoint": str(Path(ckpt).resolve()) if exists else None,
         "encoder_module": cfg.encoder.module,
         "checkpoint_sha256": file_sha256(ckpt) if exists else None,
@@ -374,13 +385,22 @@ def save_features(
     )  # fmt: skip
 
 
+def knn_protocol(resize: int, crop: int | None, patch: int) -> dict[str, Any]:
+    """The resize and crop used (crop None: 256, or the patch's largest multiple up to 256),
+    beside the reference's 256 / 256."""
+    used = {"resize": resize, "crop": crop or reference_side(patch)}
+    reference = {"resize": 256, "crop": 256}
+    return {"patch_size": patch, **used, "reference": reference, "as_reference": used == reference}
+
+
 def run_knn(cfg: DictConfig, info: DistInfo) -> dict[str, Any] | None:
     """Extract train and val features over all ranks, classify on rank 0; the record there."""
     if cfg.data.build_demo and info.is_main:
         build_demo_folders(cfg.data.root)
     barrier()
-    train_set, val_set = image_folders(cfg.data.root, cfg.data.resize, cfg.data.crop)
     encoder = load_frozen_encoder(cfg.encoder, info.device)
+    protocol = knn_protocol(cfg.data.resize, cfg.data.crop, encoder.patch_size)
+    train_set, val_set = image_folders(cfg.data.root, protocol["resize"], protocol["crop"])
     start = time.perf_counter()
     args = (cfg.train.batch_size, info, cfg.data.num_workers, cfg.train.precision)
     train_f = extract_features(encoder, train_set, *args)
@@ -398,7 +418,8 @@ def run_knn(cfg: DictConfig, info: DistInfo) -> dict[str, Any] | None:
         save_features(Path(cfg.output_dir) / FEATURES_NAME, train_f, val_f, train_set, val_set)
     sizes = {"n_train": len(train_set), "n_val": len(val_set), "num_classes": len(train_set.classes)}  # fmt: skip
     timing = {"extract_s": round(extract_s, 2), "classify_s": round(time.perf_counter() - start, 2)}  # fmt: skip
-    return results_record(cfg, results, {**sizes, "feature_dim": train_f.shape[1], **timing})
+    about = {"protocol": protocol, "architecture": describe(encoder)}
+    return results_record(cfg, results, {**sizes, "feature_dim": train_f.shape[1], **timing, **about})  # fmt: skip
 
 
 def main(cfg: DictConfig) -> None:

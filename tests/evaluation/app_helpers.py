@@ -4,13 +4,20 @@ overrides, a tiny encoder checkpoint, and small demo datasets in the release lay
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
+import numpy as np
 import torch
+from PIL import Image
 from tests_helpers import CONFIG_DIR
 
 import pixio
 from evaluation.demo_data import build_demo
+
+REPO = Path(__file__).resolve().parents[2]
 
 TINY_ENCODER = dict(embed_dim=32, depth=4, num_heads=2)  # depth 4: the DPT head reads 4 blocks
 SMALL = (64, 96)  # demo image size: a few windows of 64 per validation image
@@ -72,3 +79,26 @@ def compose_eval(app: str, overrides: list[str]):
 
 def read_json(path: Path) -> dict:
     return json.loads(Path(path).read_text())
+
+
+COLOURS = {"blue": (30, 60, 200), "green": (40, 180, 60), "red": (200, 40, 40)}
+
+
+def make_folder(root: Path, per_class: dict[str, int]) -> Path:
+    """ImageFolder with noisy solid-colour images, varied sizes (the transform must cope)."""
+    rng = np.random.default_rng(0)
+    for split, n in per_class.items():
+        for name, rgb in COLOURS.items():
+            (root / split / name).mkdir(parents=True, exist_ok=True)
+            for i in range(n):
+                size = (int(rng.integers(36, 60)), int(rng.integers(36, 60)), 3)
+                noisy = np.clip(np.asarray(rgb) + rng.normal(0, 40, size), 0, 255)
+                Image.fromarray(noisy.astype(np.uint8)).save(root / split / name / f"{i}.png")
+    return root
+
+
+def run_knn_app(*overrides: str, timeout: int = 120) -> subprocess.CompletedProcess:
+    """`python -m evaluation.knn overrides...` in a subprocess (wandb off)."""
+    env = {**os.environ, "WANDB_MODE": "disabled"}
+    cmd = [sys.executable, "-m", "evaluation.knn", *overrides]
+    return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)

@@ -60,8 +60,16 @@ def test_two_epoch_dpt_run_writes_results_with_best_and_final(inputs, tmp_path):
     assert results["final"]["rmse"] == epochs[-1]["rmse"] and results["final"]["epoch"] == 2.0
     assert 0 <= results["final"]["d1"] <= 100 and results["final"]["rmse"] > 0
     sha = hashlib.sha256(checkpoint.read_bytes()).hexdigest()
-    assert results["encoder"] == {"name": "pixio_vitt16", "checkpoint": str(checkpoint),
-                                  "module": None, "sha256": sha}  # fmt: skip
+    assert results["encoder"] == {"source": "pixio", "name": "pixio_vitt16", "sha256": sha,
+                                  "checkpoint": str(checkpoint), "module": None}  # fmt: skip
+    # The sizes asked for (64 / 64 / 42), not the reference's, and so labelled.
+    assert results["protocol"] == {"patch_size": 16, "crop_size": 64, "window": 64, "stride": 42,
+                                   "reference": {"crop_size": 256, "window": 256, "stride": 170},
+                                   "as_reference": False}  # fmt: skip
+    assert (
+        results["architecture"]["n_cls_tokens"] == 8
+        and results["architecture"]["source"] == "pixio"
+    )
     assert results["config"]["optim"]["schedule"] == "poly"
     # Only the head is trained and saved; the pictures of the first validation images exist.
     assert set(checkpointing.load_checkpoint(out / "checkpoint-last", ("model",))["model"]) == {

@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 from app_helpers import compose_eval
 
-from evaluation.common import check_sweep_output, swept_keys, validate_eval
+from evaluation.common import check_sweep_output, resolve_sizes, swept_keys, validate_eval
+from evaluation.features import encoder_patch_size
 from pixio.runtime.config import ConfigError
 
 REPO = Path(__file__).resolve().parents[2]
@@ -44,6 +45,9 @@ def test_every_dataset_and_head_composes_with_the_reference_recipe(app, dataset,
     assert (list(o.betas), o.weight_decay, o.schedule, o.poly_power) == ([0.9, 0.999], 0.01, "poly", 0.9)  # fmt: skip
     assert o.warmup_fraction == (0.1 if app == "depth" else 0.0)
     assert (t.epochs, t.precision, t.iters_per_epoch, t.val_every) == (60, "bf16", None, 1)
+    # Sizes follow the encoder's patch: the reference's 256 / 256 / 170 for a patch-16 encoder.
+    assert (cfg.data.crop_size, cfg.eval.window, cfg.eval.stride) == (None, None, None)
+    assert resolve_sizes(cfg, encoder_patch_size(cfg.encoder))["as_reference"]
     assert (cfg.data.crop_size, cfg.eval.window, cfg.eval.stride) == (256, 256, 170)
     assert (cfg.launcher.gpus_per_node, cfg.launcher.job_name) == (8, "pixio-eval")
     assert cfg.output_dir == f"outputs/eval/pixio_vith16/{dataset}_{head}"

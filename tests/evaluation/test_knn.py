@@ -5,20 +5,15 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from app_helpers import make_folder, run_knn_app
 
 import pixio
 from evaluation.knn import global_features, image_folders, knn_classify, knn_evaluate
-
-REPO = Path(__file__).resolve().parents[2]
 
 
 def unit(angle_deg: float) -> list[float]:
@@ -93,26 +88,6 @@ def test_k_larger_than_the_training_set_is_clamped():
 
 # ---- the app, end to end ----------------------------------------------------------------------
 TINY_ENCODER = dict(embed_dim=32, depth=2, num_heads=2, img_size=32)
-COLOURS = {"blue": (30, 60, 200), "green": (40, 180, 60), "red": (200, 40, 40)}
-
-
-def make_folder(root: Path, per_class: dict[str, int]) -> Path:
-    """ImageFolder with noisy solid-colour images, varied sizes (the transform must cope)."""
-    rng = np.random.default_rng(0)
-    for split, n in per_class.items():
-        for name, rgb in COLOURS.items():
-            (root / split / name).mkdir(parents=True, exist_ok=True)
-            for i in range(n):
-                size = (int(rng.integers(36, 60)), int(rng.integers(36, 60)), 3)
-                noisy = np.clip(np.asarray(rgb) + rng.normal(0, 40, size), 0, 255)
-                Image.fromarray(noisy.astype(np.uint8)).save(root / split / name / f"{i}.png")
-    return root
-
-
-def run_app(*overrides: str, timeout: int = 120) -> subprocess.CompletedProcess:
-    env = {**os.environ, "WANDB_MODE": "disabled"}
-    cmd = [sys.executable, "-m", "evaluation.knn", *overrides]
-    return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
 
 
 @pytest.fixture(scope="module")
@@ -135,7 +110,7 @@ def knn_setup(tmp_path_factory):
 @pytest.fixture(scope="module")
 def one_process_run(knn_setup) -> Path:
     tmp, _, _, _, args = knn_setup
-    proc = run_app(*args, f"output_dir={tmp / 'out'}")
+    proc = run_knn_app(*args, f"output_dir={tmp / 'out'}")
     assert proc.returncode == 0, proc.stderr[-3000:]
     return tmp / "out"
 
@@ -164,7 +139,7 @@ def test_knn_app_end_to_end_matches_in_process_features(knn_setup, one_process_r
 @pytest.mark.slow
 def test_knn_app_two_processes_give_the_one_process_results(knn_setup, one_process_run):
     tmp, _, _, _, args = knn_setup
-    two = run_app(*args, f"output_dir={tmp / 'two'}", "launcher.gpus=2", timeout=180)
+    two = run_knn_app(*args, f"output_dir={tmp / 'two'}", "launcher.gpus=2", timeout=180)
     assert two.returncode == 0, two.stderr[-3000:]
     # 15 train / 9 val images on 2 ranks: padded positions must drop out, order must hold
     a, b = (json.loads((d / "results.json").read_text()) for d in (one_process_run, tmp / "two"))

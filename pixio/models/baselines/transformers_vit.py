@@ -121,10 +121,12 @@ class TransformersEncoder(BaselineEncoder):
 
     def read_state(self, checkpoint: str) -> dict[str, torch.Tensor]:
         config = hf_config(self.name, checkpoint, **self.config_kwargs)
+        # ignore_mismatched_sizes: mis-shaped weights come back in `info` (reported below as
+        # one line) instead of a multi-line RuntimeError; they are never used.
         model, info = type(self.model).from_pretrained(
             checkpoint, config=config, local_files_only=True, output_loading_info=True,
             dtype=torch.float32, ignore_mismatched_sizes=True, **_init_kwargs(self.name),
-        )  # fmt: skip  (mis-shaped weights are reported below, not loaded)
+        )  # fmt: skip
         unexpected = sorted(info.get("unexpected_keys", ()))
         check_keys(
             {

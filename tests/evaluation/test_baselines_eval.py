@@ -1,0 +1,183 @@
+"""Baselines in the evaluation harness: a one-epoch depth run on a tiny transformers ViTMAE
+(patch 14) and a k-NN run on a tiny timm ViT-Hybrid (ResNet stem + ViT) complete and record the
+encoder, its architecture and the protocol's sizes; configuration and checkpoint mistakes are
+one-line errors naming the key."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from app_helpers import compose_eval, cpu_overrides, make_folder, read_json, run_knn_app, small_demo
+from baseline_helpers import TINY_TIMM, save_hf_folder, save_timm_weights, tiny_timm
+
+from evaluation.common import validate_eval
+from evaluation.depth import main as depth_main
+from evaluation.knn import global_features, image_folders
+from pixio.runtime import checkpointing
+from pixio.runtime.config import ConfigError
+
+HYBRID = "vit_base_r50_s16_224"
+
+
+def baseline_overrides(source: str, name: str, checkpoint, root, out, **extra) -> list[str]:
+    """The CPU app overrides with a baseline encoder instead of the tiny Pixio one."""
+    pixio_keys = ("encoder.name=", "encoder.checkpoint=", "encoder.embed_dim=", "encoder.depth=", "encoder.num_heads=")  # fmt: skip
+    base = [o for o in cpu_overrides(checkpoint, root, out, **extra) if not o.startswith(pixio_keys)]  # fmt: skip
+    return [*base, f"encoder.source={source}", f"encoder.name={name}", f"encoder.checkpoint={checkpoint}"]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def mae_folder(tmp_path_factory):
+    return save_hf_folder("vit_mae", tmp_path_factory.mktemp("mae") / "vit_mae_tiny", seed=5)
+
+
+@pytest.mark.slow
+def test_one_epoch_depth_run_on_a_transformers_vit_mae(mae_folder, tmp_path):
+    root = small_demo("kitti", tmp_path / "kitti")
+    out = tmp_path / "run"
+    # Patch 14: crop and window 56 (4 x 4 patches); the stride follows the window (int(56 * 2/3)).
+    extra = {"dataset": "kitti", "head": "linear", "train.epochs": 1, "train.batch_size": 4,
+             "data.crop_size": 56, "eval.window": 56, "eval.stride": "null"}  # fmt: skip
+    depth_main(compose_eval("depth", baseline_overrides("transformers", "vit_mae", mae_folder, root, out, **extra)))  # fmt: skip
+    results = read_json(out / "results.json")
+    assert results["protocol"] == {"patch_size": 14, "crop_size": 56, "window": 56, "stride": 37,
+                                   "reference": {"crop_size": 256, "window": 256, "stride": 170},
+                                   "as_reference": False}  # fmt: skip
+    enc = results["encoder"]
+    assert (enc["source"], enc["name"], enc["checkpoint"]) == ("transformers", "vit_mae", str(mae_folder))  # fmt: skip
+    assert len(enc["sha256"]) == 64
+    arch = results["architecture"]
+    assert (arch["model"], arch["patch_size"], arch["embed_dim"], arch["depth"], arch["n_cls_tokens"]) == ("ViTMAEModel", 14, 32, 4, 1)  # fmt: skip
+    assert [e["epoch"] for e in results["epochs"]] == [1.0] and 0 <= results["final"]["d1"] <= 100
+    # The linear head reads 2 x 32 channels (patch tokens + the class token), 1 output.
+    head = checkpointing.load_checkpoint(out / "checkpoint-last", ("model",))["model"]["head"]
+    assert tuple(head["1.weight"].shape) == (1, 64, 1, 1)
+
+
+@pytest.fixture(scope="module")
+def hybrid_knn(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("hybrid_knn")
+    weights = save_timm_weights(HYBRID, tmp / "hybrid.pth", seed=2, num_classes=7)
+    data = make_folder(tmp / "data", {"train": 4, "val": 2})
+    kwargs = ",".join(f"{k}:{v}" for k, v in TINY_TIMM[HYBRID].items())
+    args = [
+        "encoder.source=timm", f"encoder.name={HYBRID}", f"encoder.checkpoint={weights}",
+        f"+encoder.model_kwargs={{{kwargs}}}", f"data.root={data}", "data.resize=32",
+        "data.num_workers=0", "knn.k=[1,3]", "train.batch_size=4", "train.device=cpu",
+        "train.precision=fp32", "logger=none", "knn.save_features=true",
+    ]  # fmt: skip
+    return tmp, weights, data, args
+
+
+@pytest.mark.slow
+def test_knn_run_on_a_timm_vit_hybrid_matches_in_process_features(hybrid_knn):
+    tmp, weights, data, args = hybrid_knn
+    proc = run_knn_app(*args, "data.crop=32", f"output_dir={tmp / 'out'}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    record = json.loads((tmp / "out" / "results.json").read_text())
+    assert (record["encoder"], record["encoder_source"]) == (HYBRID, "timm")
+    assert record["protocol"] == {"patch_size": 16, "resize": 32, "crop": 32,
+                                  "reference": {"resize": 256, "crop": 256}, "as_reference": False}  # fmt: skip
+    assert record["architecture"]["mean"] == [0.5, 0.5, 0.5] and record["feature_dim"] == 32
+    # The app's features are the class token of the hybrid loaded from the file, in-process.
+    encoder = tiny_timm(HYBRID, seed=0)
+    encoder.model.load_state_dict(encoder.read_state(str(weights)))
+    train_set, val_set = image_folders(data, 32, 32)
+    saved = torch.load(tmp / "out" / "features.pt")
+    with torch.no_grad():
+        for key, dataset in (("train", train_set), ("val", val_set)):
+            expected = global_features(encoder, torch.stack([s[0] for s in dataset]))
+            torch.testing.assert_close(saved[key], expected, rtol=0, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_a_checkpoint_of_another_model_is_a_one_line_error(hybrid_knn):
+    tmp, weights, _, args = hybrid_knn
+    deeper = [a if not a.startswith("+encoder.model_kwargs=") else a.replace("depth:4", "depth:5") for a in args]  # fmt: skip
+    proc = run_knn_app(*deeper, f"output_dir={tmp / 'deeper'}")
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"config error: encoder.checkpoint: {weights} does not match the encoder: missing keys ['blocks.4.")  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["encoder.source=hub"], "^encoder.source: "),
+        (
+            ["encoder.source=transformers", "encoder.name=vit_hybrid"],
+            "^encoder.name: unknown transformers model 'vit_hybrid'",
+        ),  # fmt: skip
+        (
+            ["encoder.source=timm", "encoder.name=vit_bse_patch16_224"],
+            "^encoder.name: unknown timm model",
+        ),  # fmt: skip
+        (
+            ["encoder.source=timm", f"encoder.name={HYBRID}", "encoder.depth=4"],
+            "^encoder.depth: applies to encoder.source=pixio only",
+        ),  # fmt: skip
+        (["+encoder.model_kwargs={depth:4}"], "^encoder.model_kwargs: applies to baselines"),
+        (
+            [
+                "encoder.source=transformers",
+                "encoder.name=vit_mae",
+                "encoder.random_if_missing=true",
+                "encoder.checkpoint=/absent",
+                "+encoder.model_kwargs={patch_size:14}",
+                "data.crop_size=64",
+            ],
+            r"^data.crop_size: 64 is not a positive multiple of the encoder's patch size 14 \(null picks 252\)",
+        ),  # fmt: skip
+    ],
+)
+def test_baseline_config_errors_name_the_key(overrides, message, tmp_path):
+    (tmp_path / "data").mkdir()
+    (tmp_path / "enc.pth").write_bytes(b"")
+    base = [f"data.root={tmp_path / 'data'}", f"encoder.checkpoint={tmp_path / 'enc.pth'}"]
+    with pytest.raises(ConfigError, match=message):
+        validate_eval(compose_eval("depth", [*base, *overrides]), "depth")
+
+
+def test_a_folder_of_another_family_and_a_crop_off_the_patch_grid_are_refused(mae_folder, tmp_path):
+    (tmp_path / "data").mkdir()
+    base = [f"data.root={tmp_path / 'data'}", f"encoder.checkpoint={mae_folder}", "encoder.source=transformers"]  # fmt: skip
+    with pytest.raises(ConfigError, match=f"^encoder.checkpoint: {mae_folder} holds a 'vit_mae' model, not 'dinov2'"):  # fmt: skip
+        validate_eval(compose_eval("depth", [*base, "encoder.name=dinov2"]), "depth")
+    cfg = compose_eval("depth", [*base, "encoder.name=vit_mae", "eval.window=64"])
+    with pytest.raises(ConfigError, match=r"^eval.window: 64 is not a positive multiple of the encoder's patch size 14 \(null picks 252\)"):  # fmt: skip
+        validate_eval(cfg, "depth")
+    cfg = compose_eval("depth", [*base, "encoder.name=vit_mae"])
+    validate_eval(cfg, "depth")  # null sizes: 252 / 252 / 168 for patch 14
+
+
+BASELINES = {  # experiment -> (model class, patch, width, depth, parameters in millions)
+    "baseline_mae_vith14": ("ViTMAEModel", 14, 1280, 32, 631),
+    "baseline_dinov2_vitl14": ("Dinov2Model", 14, 1024, 24, 304),
+    "baseline_vit_b16": ("ViTModel", 16, 768, 12, 86),
+    "baseline_vit_hybrid_b16": ("VisionTransformer", 16, 768, 12, 98),
+}
+
+
+def test_every_baseline_experiment_composes_for_every_app_and_builds_on_meta(tmp_path):
+    from hydra import compose, initialize_config_dir
+
+    from evaluation.features import build_meta_encoder
+    from evaluation.heads import head_block_ids
+    from evaluation.knn import CONFIG_DIR
+    from evaluation.knn import register_configs as register_knn
+
+    found = sorted(p.stem for p in (Path(CONFIG_DIR) / "experiment").glob("baseline_*.yaml"))
+    assert found == sorted(BASELINES)
+    register_knn()
+    for name, (model, patch, width, depth, millions) in BASELINES.items():
+        configs = [compose_eval(app, [f"experiment={name}", f"data.root={tmp_path}"]) for app in ("depth", "semseg")]  # fmt: skip
+        with initialize_config_dir(config_dir=CONFIG_DIR, version_base=None):
+            configs.append(compose("eval_knn", [f"experiment={name}", f"data.root={tmp_path}"]))
+        for cfg in configs:
+            encoder = build_meta_encoder(cfg.encoder)  # the architecture, no memory
+            assert (type(encoder.model).__name__, encoder.patch_size, encoder.embed_dim, encoder.depth) == (model, patch, width, depth)  # fmt: skip
+            assert round(sum(p.numel() for p in encoder.model.parameters()) / 1e6) == millions
+        assert head_block_ids("dpt", depth) == [depth // 4 * k - 1 for k in (1, 2, 3, 4)]
