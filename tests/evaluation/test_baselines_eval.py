@@ -72,11 +72,17 @@ def hybrid_knn(tmp_path_factory):
     return tmp, weights, data, args
 
 
-@pytest.mark.slow
-def test_knn_run_on_a_timm_vit_hybrid_matches_in_process_features(hybrid_knn):
-    tmp, weights, data, args = hybrid_knn
+@pytest.fixture(scope="module")
+def hybrid_knn_run(hybrid_knn):
+    tmp, _, _, args = hybrid_knn
     proc = run_knn_app(*args, "data.crop=32", f"output_dir={tmp / 'out'}")
     assert proc.returncode == 0, proc.stderr[-3000:]
+    return tmp / "out"
+
+
+@pytest.mark.slow
+def test_knn_run_on_a_timm_vit_hybrid_matches_in_process_features(hybrid_knn, hybrid_knn_run):
+    tmp, weights, data, args = hybrid_knn
     record = json.loads((tmp / "out" / "results.json").read_text())
     assert (record["encoder"], record["encoder_source"]) == (HYBRID, "timm")
     assert record["protocol"] == {"patch_size": 16, "resize": 32, "crop": 32,
@@ -91,6 +97,20 @@ def test_knn_run_on_a_timm_vit_hybrid_matches_in_process_features(hybrid_knn):
         for key, dataset in (("train", train_set), ("val", val_set)):
             expected = global_features(encoder, torch.stack([s[0] for s in dataset]))
             torch.testing.assert_close(saved[key], expected, rtol=0, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_two_processes_receive_the_baseline_by_broadcast(hybrid_knn, hybrid_knn_run):
+    # Rank 1 builds the hybrid on the meta device and reads nothing: rank 0's weights arrive by
+    # broadcast, so both ranks' features (and the results) equal the one-process run's.
+    tmp, _, _, args = hybrid_knn
+    two = run_knn_app(*args, "data.crop=32", f"output_dir={tmp / 'two'}", "launcher.gpus=2", timeout=180)  # fmt: skip
+    assert two.returncode == 0, two.stderr[-3000:]
+    one, other = (torch.load(d / "features.pt") for d in (hybrid_knn_run, tmp / "two"))
+    for key in ("train", "val"):
+        torch.testing.assert_close(other[key], one[key], rtol=0, atol=1e-5)
+    a, b = (json.loads((d / "results.json").read_text()) for d in (hybrid_knn_run, tmp / "two"))
+    assert a["top1"] == b["top1"] and a["top5"] == b["top5"]
 
 
 @pytest.mark.slow
