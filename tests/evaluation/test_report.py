@@ -14,18 +14,38 @@ from evaluation.common import write_results
 REPO = Path(__file__).resolve().parents[2]
 
 
-def fake_run(out: Path, app: str, dataset: str, head: str, values: list[float]) -> None:
+def fake_run(
+    out: Path, app: str, dataset: str, head: str, values: list[float],
+    source: str = "pixio", name: str = "pixio_vith16", extra: dict | None = None,
+) -> None:  # fmt: skip
     """A finished run's files as the trainer leaves them (4 iterations per epoch), then
-    results.json through the app's writer."""
+    results.json through the app's writer (`extra`: the protocol, as the apps pass it)."""
     metric = "d1" if app == "depth" else "miou"
     out.mkdir(parents=True)
     rows = [{"step": 4 * (e + 1), "epoch": float(e + 1), f"val/{metric}": v, "val/samples": 3.0}
             for e, v in enumerate(values)]  # fmt: skip
     (out / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     (out / "val_results.json").write_text(json.dumps({"metric": metric, "mode": "max"}))
-    config = {"encoder": {"name": "pixio_vith16", "checkpoint": None},
+    config = {"encoder": {"source": source, "name": name, "checkpoint": None},
               "dataset": {"name": dataset}, "head": {"name": head}}  # fmt: skip
-    write_results(out, app, config, iters_per_epoch=4)
+    write_results(out, app, config, iters_per_epoch=4, extra=extra)
+
+
+def run_lines(lines: list[str]) -> list[str]:
+    """The per-run table's lines (header, rule, rows): it follows the side-by-side table."""
+    start = next(i for i, line in enumerate(lines) if line.split()[:6] == list(report.COLUMNS[:6]))
+    end = next(i for i in range(start + 2, len(lines)) if lines[i].startswith("best = "))
+    return lines[start:end]
+
+
+def comparison(lines: list[str]) -> tuple[list[str], dict[tuple[str, ...], list[str]]]:
+    """The side-by-side table: its header (split on two spaces, as the columns are padded) and
+    its rows by (task, dataset, head)."""
+    start = lines.index(report.COMPARISON_TITLE) + 1
+    end = lines.index(report.COMPARISON_NOTE)
+    header = [c.strip() for c in lines[start].split("  ") if c.strip()]
+    body = [line.split() for line in lines[start + 2 : end]]
+    return header, {tuple(r[:3]): r[3:] for r in body}
 
 
 def test_report_prints_every_run_with_best_final_and_published(tmp_path, capsys):
@@ -43,21 +63,68 @@ def test_report_prints_every_run_with_best_final_and_published(tmp_path, capsys)
     partial = {"metric": "d1", "best": {"d1": 60.0, "epoch": 1.0}, "last": {"d1": 55.0}}
     (tmp_path / "kitti_dpt" / "val_results.json").write_text(json.dumps(partial))
     assert report.main([str(tmp_path)]) == 0
-    lines = capsys.readouterr().out.splitlines()
+    out = capsys.readouterr().out.splitlines()
+    lines = run_lines(out)
     row = {line.split()[-1]: line.split() for line in lines if line.split()[-1:] != []}
     nyu = next(line for line in lines if line.startswith("depth") and "nyuv2" in line).split()
-    assert nyu[:5] == ["depth", "nyuv2", "dpt", "pixio_vith16", "d1"]
-    assert nyu[5:10] == ["93.25", "(2)", "92.50", "95.50", "80.80"]  # best (epoch), final, paper
+    assert nyu[:6] == ["depth", "nyuv2", "dpt", "pixio_vith16", "d1", "-"]  # no protocol: -
+    assert nyu[6:11] == ["93.25", "(2)", "92.50", "95.50", "80.80"]  # best (epoch), final, paper
     loveda = next(line for line in lines if "loveda" in line).split()
-    assert loveda[5:10] == ["51.50", "(2)", "51.50", "53.90", "-"]
+    assert loveda[6:11] == ["51.50", "(2)", "51.50", "53.90", "-"]
     assert "incomplete" in row and row["incomplete"][:3] == ["depth", "kitti", "dpt"]
-    assert row["incomplete"][5:8] == ["60.00", "(1)", "55.00"]
+    assert row["incomplete"][6:9] == ["60.00", "(1)", "55.00"]
     knn_rows = [line.split() for line in lines if line.startswith("knn")]
-    assert [r[2] for r in knn_rows] == ["k=10", "k=20"] and knn_rows[1][7] == "71.25"
+    assert [r[2] for r in knn_rows] == ["k=10", "k=20"] and knn_rows[1][8] == "71.25"
     # Depth rows first, then segmentation, then k-NN; the cells without a run are named.
-    tasks = [line.split()[0] for line in lines[2:] if line.split()[0] in ("depth", "semseg", "knn")]
+    tasks = [line.split()[0] for line in lines[2:]]
     assert tasks == ["depth", "depth", "semseg", "knn", "knn"]
-    assert lines[-1].startswith("no run for: nyuv2/linear, kitti/linear, ade20k/dpt")
+    # The side-by-side table comes first: one Pixio column, the incomplete run starred.
+    header, cells = comparison(out)
+    assert out.index(report.COMPARISON_TITLE) < out.index(lines[0])
+    assert header == ["task", "dataset", "head", "pixio_vith16", *report.PAPER_COLUMNS]
+    assert list(cells) == [("depth", "kitti", "dpt"), ("depth", "nyuv2", "dpt"),
+                           ("semseg", "loveda", "linear"), ("knn", "imagenet", "k=10"),
+                           ("knn", "imagenet", "k=20")]  # fmt: skip
+    assert cells["depth", "kitti", "dpt"] == ["60.00*", "96.70", "-"]
+    assert cells["knn", "imagenet", "k=20"] == ["71.25", "-", "-"]
+    assert out[-1].startswith("no run for: nyuv2/linear, kitti/linear, ade20k/dpt")
+
+
+def test_report_puts_baselines_beside_pixio(tmp_path, capsys):
+    patch14 = {"patch_size": 14, "crop_size": 252, "window": 252, "stride": 168,
+               "reference": {"crop_size": 256, "window": 256, "stride": 170}, "as_reference": False}  # fmt: skip
+    fake_run(tmp_path / "pixio", "depth", "nyuv2", "dpt", [80.0, 93.25])
+    fake_run(tmp_path / "mae", "depth", "nyuv2", "dpt", [70.0, 69.0], "transformers", "vit_mae",
+             extra={"protocol": patch14})  # fmt: skip
+    fake_run(tmp_path / "r50_a", "depth", "nyuv2", "dpt", [60.0], "timm", "vit_base_r50_s16_224")
+    fake_run(tmp_path / "r50_b", "depth", "nyuv2", "dpt", [65.0], "timm", "vit_base_r50_s16_224")
+    knn = {"top1": {"20": 55.5}, "top5": {"20": 77.0}, "encoder": "vit_mae",
+           "encoder_source": "transformers",
+           "protocol": {"patch_size": 14, "resize": 256, "crop": 252,
+                        "reference": {"resize": 256, "crop": 256}, "as_reference": False}}  # fmt: skip
+    (tmp_path / "knn_mae").mkdir()
+    (tmp_path / "knn_mae" / "results.json").write_text(json.dumps(knn))
+    assert report.main([str(tmp_path)]) == 0
+    printed = capsys.readouterr().out
+    print(printed)  # the report, for `pytest -s`
+    out = printed.splitlines()
+    header, cells = comparison(out)
+    mae, r50 = "transformers:vit_mae", "timm:vit_base_r50_s16_224"
+    assert header == ["task", "dataset", "head", "pixio_vith16", r50, mae, *report.PAPER_COLUMNS]
+    # pixio, timm (best of two runs), transformers, Pixio paper, MAE paper
+    assert cells["depth", "nyuv2", "dpt"] == ["93.25", "65.00+", "70.00", "95.50", "80.80"]
+    assert cells["knn", "imagenet", "k=20"] == ["-", "-", "55.50", "-", "-"]
+    assert list(cells) == [("depth", "nyuv2", "dpt"), ("knn", "imagenet", "k=20")]
+    runs = {line.split()[-1]: line.split() for line in run_lines(out)[2:]}
+    assert runs["mae"][3:9] == [mae, "d1", "252/252/168", "70.00", "(1)", "69.00"]
+    assert runs["pixio"][3:6] == ["pixio_vith16", "d1", "-"]
+    assert runs["r50_a"][3:7] == [r50, "d1", "-", "60.00"]
+    assert runs["r50_b"][3:7] == [r50, "d1", "-", "65.00"]
+    assert runs["knn_mae"][:4] == ["knn", "imagenet", "k=20", mae]
+    assert runs["knn_mae"][7:10] == ["256/252", "55.50", "55.50"]  # metric: top1 (top5 77.00)
+    note = "\n".join(out)
+    assert "reference 256/256/170 (k-NN 256/256)" in note and "(patch 14: 252/252/168)" in note
+    assert report.COMPARISON_NOTE.startswith("+ best of several runs; * incomplete run")
 
 
 def test_report_cli_without_results_fails_clearly(tmp_path):
