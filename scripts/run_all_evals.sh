@@ -15,11 +15,13 @@
 # Environment: PARTITION, ACCOUNT, QOS, CONSTRAINT, TIME_MIN (see pretrain_common.sh), PYTHON,
 # WAIT=0 to submit and return without waiting for the report, POLL_S (default 300).
 # Re-running the script with the same OUTPUT_ROOT resumes unfinished runs; finished ones
-# re-validate nothing and only rewrite their results.
+# re-validate nothing and only rewrite their results. A baseline: MODEL is its encoder.name, plus
+# its experiment (scripts/run_all_evals.sh vit_mae /ckpt/vit-mae-huge outputs/eval/mae_vith14
+# experiment=baseline_mae_vith14); docs/evaluation.md, Baselines.
 set -euo pipefail
 source "$(dirname "$0")/pretrain_common.sh"
 if [ $# -lt 2 ]; then
-  sed -n '2,19p' "$0" >&2
+  sed -n '2,20p' "$0" >&2
   exit 2
 fi
 MODEL=$1 CHECKPOINT=$2
