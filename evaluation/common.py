@@ -10,7 +10,6 @@ trainer keeps the best and the last validation in `val_results.json` and every v
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -35,8 +34,8 @@ from evaluation.features import (
 )
 from evaluation.heads import HEAD_KINDS, build_head, convert_sync_bn, head_block_ids
 from evaluation.task import DepthTask, HeadTask, SegmentationTask, Windows
+from pixio.checkpoint import checkpoint_digest
 from pixio.models.baselines import describe
-from pixio.runtime.checkpointing import MANIFEST_NAME
 from pixio.runtime.config import (
     ConfigError,
     LauncherConfig,
@@ -62,11 +61,12 @@ log = logging.getLogger("pixio.eval")
 
 APPS = ("depth", "semseg")
 RESULTS_FILE = "results.json"
-# Keys that fix the head's shape or meaning: a resume cannot change them.
+# Keys that fix the head's shape or meaning: a resume cannot change them (a moved checkpoint,
+# encoder.checkpoint, is allowed and logged).
 SHAPE_KEYS = (
-    "encoder.source", "encoder.name", "encoder.checkpoint", "encoder.module",
-    "encoder.model_kwargs", "encoder.embed_dim", "encoder.depth", "encoder.num_heads",
-    "encoder.n_cls_tokens", "head.name", "dataset.name",
+    "encoder.source", "encoder.name", "encoder.module", "encoder.model_kwargs",
+    "encoder.embed_dim", "encoder.depth", "encoder.num_heads", "encoder.n_cls_tokens",
+    "head.name", "dataset.name",
 )  # fmt: skip
 
 
@@ -97,7 +97,7 @@ class EvalDataConfig:
 
 @dataclass
 class InferenceConfig:
-    window: int | None = None  # sliding-window side (None: as data.crop_size's default)
+    window: int | None = None  # sliding-window side (None: data.crop_size)
     stride: int | None = None  # window stride (None: int(window * 2 / 3), 170 for 256)
     window_batch: int = 16  # windows per encoder call (results do not depend on it)
     vis_images: int = 4  # validation images drawn at each validation (vis/val_<index>.png)
@@ -146,9 +146,10 @@ REFERENCE_SIZES = {"crop_size": 256, "window": 256, "stride": 170}  # SPEC secti
 def protocol_sizes(patch: int, crop: int | None, window: int | None, stride: int | None) -> dict[str, int]:  # fmt: skip
     """Crop, window and stride for an encoder of this patch size: those given, else the
     reference's 256 / 256 / 170 for patch 16, and for another patch the largest multiple of it
-    up to 256 (patch 14: 252 / 252 / 168), the stride two thirds of the window."""
-    side = reference_side(patch)
-    crop, window = crop or side, window or side
+    up to 256 (patch 14: 252 / 252 / 168); the window defaults to the crop, the stride to two
+    thirds of the window."""
+    crop = crop or reference_side(patch)
+    window = window or crop  # a crop chosen for a baseline (e.g. 224) is its window too
     return {"crop_size": crop, "window": window, "stride": stride or int(window * 2 / 3)}
 
 
@@ -298,7 +299,7 @@ def run_eval(cfg: DictConfig, app: str) -> dict[str, Any] | None:
     with run_job(cfg.output_dir, cfg.train.device) as info:
         warn_if_not_reference_sizes(protocol)
         config = to_container(cfg)
-        check_resume(cfg.output_dir, config, SHAPE_KEYS)
+        check_resume(cfg.output_dir, config, SHAPE_KEYS, {"encoder.source": "pixio"})
         if cfg.data.build_demo:
             ensure_demo_data(cfg, info)
         train, val = build_loaders(cfg, info)  # data mistakes stop before the model
@@ -334,24 +335,8 @@ def cli_main(cfg: DictConfig, app: str, main: Any) -> None:
 
 
 # ---- results ------------------------------------------------------------------------------------
-def checkpoint_sha256(path: str | os.PathLike | None) -> str | None:
-    """sha256 of an encoder checkpoint: of the file; of a training checkpoint directory's
-    manifest (which holds every file's digest); of a folder's files in name order otherwise."""
-    if path is None or not Path(path).exists():
-        return None
-    path = Path(path)
-    if path.is_file():
-        files = [path]
-    elif (path / MANIFEST_NAME).is_file():
-        files = [path / MANIFEST_NAME]
-    else:
-        files = sorted(p for p in path.rglob("*") if p.is_file())
-    digest = hashlib.sha256()
-    for file in files:
-        with open(file, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                digest.update(chunk)
-    return digest.hexdigest()
+def _digest(path: str | None) -> str | None:
+    return checkpoint_digest(path) if path is not None and Path(path).exists() else None
 
 
 def validation_history(output_dir: str | os.PathLike, iters_per_epoch: int) -> list[dict[str, Any]]:
@@ -393,7 +378,7 @@ def write_results(
         "final": {"label": "final epoch", **epochs[-1]},
         "epochs": epochs,
         "encoder": {"source": enc.get("source", "pixio"), "name": enc["name"], "checkpoint": enc["checkpoint"],
-                    "module": enc.get("module"), "sha256": checkpoint_sha256(enc["checkpoint"])},
+                    "module": enc.get("module"), "sha256": _digest(enc["checkpoint"])},
         **(extra or {}),
         "config": config,
     }  # fmt: skip

@@ -2,8 +2,9 @@
 
 The encoder is a Pixio one (`encoder.source=pixio`, the registry) or a baseline behind the same
 feature API (`transformers`: ViT, ViTMAE, DINOv2 folders; `timm`: ViTs and hybrids by name), see
-`pixio.models.baselines`. Heads consume, per used block, concat(final-normed patch tokens, mean of the final-normed class
-tokens broadcast to every patch) as a (B, 2D, h, w) map (SPEC section 7; patch tokens first).
+`pixio.models.baselines`. Heads consume, per used block, concat(final-normed patch tokens, mean
+of the final-normed class tokens broadcast to every patch) as a (B, 2D, h, w) map (SPEC section
+7; patch tokens first).
 The DPT head reads blocks depth // 4 * k - 1 for k = 1..4, the linear head the last block.
 """
 
@@ -18,7 +19,7 @@ import torch
 from torch import nn
 
 from pixio.checkpoint import broadcast_checked_state, broadcast_encoder_state
-from pixio.models.baselines import SOURCES, build_baseline
+from pixio.models.baselines import SOURCES, BaselineError, build_baseline
 from pixio.models.features import FeatureEncoder
 from pixio.models.registry import build_encoder, encoder_kwargs, list_models
 from pixio.runtime.config import ConfigError, check_choice, require, require_set
@@ -157,11 +158,11 @@ def check_encoder(cfg: Any) -> None:
         require(e.checkpoint is not None, "encoder.checkpoint", "is required (a frozen evaluation of random weights says nothing)")  # fmt: skip
         require(Path(e.checkpoint).exists(), "encoder.checkpoint", f"not found: {e.checkpoint}")
     if e.source != "pixio":
+        require(not (e.img_size is not None and "img_size" in (e.model_kwargs or {})), "encoder.img_size", "is also set in encoder.model_kwargs.img_size: set one")  # fmt: skip
         try:
-            build_meta_encoder(e)  # the name, the folder's family, the kwargs
-        except (ValueError, TypeError) as err:
-            key = "encoder.checkpoint" if _has_checkpoint(e) and e.checkpoint in str(err) else "encoder.name"  # fmt: skip
-            raise ConfigError(f"{key}: {err}") from None
+            build_meta_encoder(e)  # the name, the folder's family, the arguments
+        except BaselineError as err:
+            raise ConfigError(f"encoder.{err.key}: {err}") from None
 
 
 def load_frozen_encoder(cfg: Any, device: torch.device | None = None) -> FeatureEncoder:
@@ -185,7 +186,8 @@ def load_frozen_encoder(cfg: Any, device: torch.device | None = None) -> Feature
         try:
             _fill(encoder, cfg)
         except ValueError as err:  # wrong name / sizes for this file: one line
-            raise ConfigError(f"encoder.checkpoint: {err}") from None
+            key = err.key if isinstance(err, BaselineError) else "checkpoint"
+            raise ConfigError(f"encoder.{key}: {err}") from None
     encoder.requires_grad_(False)
     return encoder.eval()
 
@@ -201,5 +203,8 @@ def _fill(encoder: FeatureEncoder, cfg: Any) -> None:
     if cfg.get("source", "pixio") == "pixio":
         broadcast_encoder_state(encoder, cfg.checkpoint, cfg.get("module"))
     else:
-        read = lambda: encoder.read_state(cfg.checkpoint)  # noqa: E731
+
+        def read() -> dict[str, torch.Tensor]:
+            return encoder.read_state(cfg.checkpoint)
+
         broadcast_checked_state(encoder.model, read, str(cfg.checkpoint))

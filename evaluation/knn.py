@@ -15,7 +15,6 @@ come from the folders (not a hard-coded 1000), and chunking works for any set si
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import time
@@ -41,6 +40,7 @@ from evaluation.features import (
     load_frozen_encoder,
     reference_side,
 )
+from pixio.checkpoint import checkpoint_digest
 from pixio.models.baselines import describe
 from pixio.models.features import FeatureEncoder
 from pixio.runtime.config import (
@@ -330,19 +330,6 @@ def gather_positions(
 
 
 # ---- the app ----------------------------------------------------------------------------------
-def file_sha256(path: str | Path) -> str:
-    """sha256 of a file, or of a folder's files (relative names and contents, sorted)."""
-    path, digest = Path(path), hashlib.sha256()
-    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
-    for f in files:
-        if path.is_dir():
-            digest.update(str(f.relative_to(path)).encode() + b"\0")
-        with open(f, "rb") as handle:
-            for block in iter(lambda: handle.read(1 << 20), b""):
-                digest.update(block)
-    return digest.hexdigest()
-
-
 def results_table(results: dict[int, tuple[float, float]]) -> str:
     """A plain-text table: one row per k with top-1 and top-5 (percent)."""
     lines = [f"{'k':>5}  {'top-1':>7}  {'top-5':>7}"]
@@ -364,7 +351,7 @@ def results_record(
         "encoder_source": cfg.encoder.source,
         "encoder_checkpoint": str(Path(ckpt).resolve()) if exists else None,
         "encoder_module": cfg.encoder.module,
-        "checkpoint_sha256": file_sha256(ckpt) if exists else None,
+        "checkpoint_sha256": checkpoint_digest(ckpt) if exists else None,
         "random_weights": not exists,
         **extra,
         "config": to_container(cfg),

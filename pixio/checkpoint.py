@@ -16,6 +16,7 @@ name per trained module ("mae" in pre-training, e.g. "student_pixio_vith16" in d
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -38,6 +39,7 @@ from pixio.safe_load import (
 
 __all__ = [
     "UnsafeCheckpointError",
+    "checkpoint_digest",
     "encoder_state",
     "is_dcp_checkpoint",
     "load_encoder",
@@ -143,6 +145,16 @@ def read_state_dict(path: str | Path, module: str | None = None) -> dict[str, to
 
     `module` names the trained module of a training checkpoint to read (None: the only one);
     formats that hold a single state dict (`.safetensors`, HF folder) refuse a name."""
+    sd = read_raw_state(path, module)
+    if any(k.startswith(("embeddings.", "layers.", "pixio.")) for k in sd):
+        sd = hf_to_pixio_state(sd)
+    return sd
+
+
+def read_raw_state(path: str | Path, module: str | None = None) -> dict[str, torch.Tensor]:
+    """`read_state_dict` without renaming Hugging Face Pixio keys: the file's own names, wrapper
+    prefixes (`module.`, `_orig_mod.`) and entries (`model`, `state_dict`) removed. For other
+    models' checkpoints (timm baselines)."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"checkpoint not found: {path}")
@@ -156,10 +168,7 @@ def read_state_dict(path: str | Path, module: str | None = None) -> dict[str, to
         obj = _pth_state(safe_torch_load(path), module, path)
     if not isinstance(obj, dict):
         raise ValueError(f"{path}: expected a state dict, found {type(obj).__name__}")
-    sd = _strip_wrappers(obj)
-    if any(k.startswith(("embeddings.", "layers.", "pixio.")) for k in sd):
-        sd = hf_to_pixio_state(sd)
-    return sd
+    return _strip_wrappers(obj)
 
 
 def encoder_state(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -193,6 +202,12 @@ def state_mismatch(
             k for k in expected if k in state and tuple(state[k].shape) != expected[k]
         ],
     }
+    return mismatch_message(source, problems)
+
+
+def mismatch_message(source: str, problems: dict[str, list[str]]) -> str | None:
+    """One line naming (at most 10 of) each kind of problem key of checkpoint `source`; None
+    when there is none."""
     found = [
         f"{what} {keys[:10]}{' ...' if len(keys) > 10 else ''}"
         for what, keys in problems.items()
@@ -220,8 +235,8 @@ def broadcast_checked_state(
         try:
             state = read()
             problem = state_mismatch(module, state, source)
-        except (OSError, ValueError, KeyError) as err:
-            problem = str(err.args[0] if err.args else err)
+        except Exception as err:  # any failure must reach the ranks waiting for the broadcast
+            problem = _one_line(err, source)
     if is_dist():
         box = [problem]
         dist.broadcast_object_list(box, src=0)
@@ -229,6 +244,14 @@ def broadcast_checked_state(
     if problem is not None:
         raise ValueError(problem)
     load_full_state(module, lambda: state)
+
+
+def _one_line(err: Exception, source: str) -> str:
+    """A reader's error as one line naming the checkpoint (a KeyError without its quotes; an
+    OSError with its reason, not its errno)."""
+    text = str(err.args[0]) if isinstance(err, KeyError) and err.args else str(err)
+    text = " ".join(text.split()) or type(err).__name__
+    return text if source in text else f"{source}: {text}"
 
 
 def broadcast_encoder_state(
@@ -250,6 +273,31 @@ def load_encoder(
     source = str(path) if module is None else f"{path} (module {module!r})"
     load_encoder_state(encoder, encoder_state(read_state_dict(path, module)), source)
     return encoder
+
+
+def checkpoint_digest(path: str | Path) -> str:
+    """sha256 identifying a checkpoint: of the file; of a training checkpoint directory's
+    manifest (which holds every file's digest); of a folder's files otherwise (relative names
+    and contents, in name order; hidden entries such as `.git` left out)."""
+    from pixio.runtime.checkpointing import MANIFEST_NAME
+
+    path, digest = Path(path), hashlib.sha256()
+    if path.is_file():
+        files = [path]
+    elif (path / MANIFEST_NAME).is_file():
+        files = [path / MANIFEST_NAME]
+    else:
+        files = sorted(
+            p for p in path.rglob("*")
+            if p.is_file() and not any(part.startswith(".") for part in p.relative_to(path).parts)
+        )  # fmt: skip
+    for file in files:
+        if file != path:
+            digest.update(str(file.relative_to(path)).encode() + b"\0")
+        with open(file, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):  # noqa: B023
+                digest.update(block)
+    return digest.hexdigest()
 
 
 def save_state_dict(state: dict[str, torch.Tensor], path: str | Path) -> Path:

@@ -51,15 +51,30 @@ def config_changes(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[tuple
     return [(k, a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
 
 
+def is_frozen(key: str, frozen: tuple[str, ...]) -> bool:
+    """`key` is a frozen key or lies inside one (`encoder.model_kwargs.depth` in
+    `encoder.model_kwargs`: dicts are compared leaf by leaf)."""
+    return any(key == f or key.startswith(f"{f}.") for f in frozen)
+
+
 def check_resume_config(
-    old: Mapping[str, Any], new: Mapping[str, Any], frozen: Iterable[str], source: str
+    old: Mapping[str, Any],
+    new: Mapping[str, Any],
+    frozen: Iterable[str],
+    source: str,
+    introduced: Mapping[str, Any] | None = None,
 ) -> list[tuple[str, Any, Any]]:
     """ConfigError on the first changed `frozen` key (those that fix parameter shapes); log the
-    other changes. Returns all changes."""
-    changes = config_changes(old, new)
+    other changes. Returns all changes. `introduced`: keys added to the schema later, with the
+    value that an older run's config (which lacks them) stands for."""
+    introduced = introduced or {}
+    changes = [
+        (k, was, now) for k, was, now in config_changes(old, new)
+        if not (was is None and k in introduced and now == introduced[k])
+    ]  # fmt: skip
     frozen = tuple(frozen)
     for key, was, now in changes:
-        if key in frozen:
+        if is_frozen(key, frozen):
             raise ConfigError(
                 f"{key}: {source} was trained with {was!r}; this run asks for {now!r}. A resume "
                 f"cannot change the model's shape: set it back, or use a new output_dir"
@@ -95,7 +110,10 @@ def write_run_config(
 
 
 def check_resume(
-    output_dir: str | os.PathLike, config: Mapping[str, Any], frozen: Iterable[str]
+    output_dir: str | os.PathLike,
+    config: Mapping[str, Any],
+    frozen: Iterable[str],
+    introduced: Mapping[str, Any] | None = None,
 ) -> None:
     """Before building anything: compare `config` with the newest checkpoint's (ConfigError on a
     shape change; other changes logged). Writes nothing: the trainer records the config once the
@@ -103,7 +121,7 @@ def check_resume(
     found = _newest_meta(output_dir)
     if found is not None:
         path, meta = found
-        check_resume_config(meta.get("config") or {}, config, frozen, str(path))
+        check_resume_config(meta.get("config") or {}, config, frozen, str(path), introduced)
 
 
 def _newest_meta(output_dir: str | os.PathLike) -> tuple[Path, dict[str, Any]] | None:

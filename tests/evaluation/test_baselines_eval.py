@@ -38,12 +38,13 @@ def mae_folder(tmp_path_factory):
 def test_one_epoch_depth_run_on_a_transformers_vit_mae(mae_folder, tmp_path):
     root = small_demo("kitti", tmp_path / "kitti")
     out = tmp_path / "run"
-    # Patch 14: crop and window 56 (4 x 4 patches); the stride follows the window (int(56 * 2/3)).
+    # Null sizes, as a user leaves them: patch 14 gives crop and window 252, stride 168 (the
+    # small demo images are padded to the crop, and fit in one window).
     extra = {"dataset": "kitti", "head": "linear", "train.epochs": 1, "train.batch_size": 4,
-             "data.crop_size": 56, "eval.window": 56, "eval.stride": "null"}  # fmt: skip
+             "data.crop_size": "null", "eval.window": "null", "eval.stride": "null"}  # fmt: skip
     depth_main(compose_eval("depth", baseline_overrides("transformers", "vit_mae", mae_folder, root, out, **extra)))  # fmt: skip
     results = read_json(out / "results.json")
-    assert results["protocol"] == {"patch_size": 14, "crop_size": 56, "window": 56, "stride": 37,
+    assert results["protocol"] == {"patch_size": 14, "crop_size": 252, "window": 252, "stride": 168,
                                    "reference": {"crop_size": 256, "window": 256, "stride": 170},
                                    "as_reference": False}  # fmt: skip
     enc = results["encoder"]
@@ -142,6 +143,33 @@ def test_a_checkpoint_of_another_model_is_a_one_line_error(hybrid_knn):
         (["+encoder.model_kwargs={depth:4}"], "^encoder.model_kwargs: applies to baselines"),
         (
             [
+                "encoder.source=timm",
+                f"encoder.name={HYBRID}",
+                "+encoder.model_kwargs.embed_dimm=32",
+            ],
+            f"^encoder.model_kwargs: timm model '{HYBRID}' does not take these arguments",
+        ),  # fmt: skip
+        (
+            [
+                "encoder.source=timm",
+                f"encoder.name={HYBRID}",
+                "encoder.img_size=64",
+                "+encoder.model_kwargs.img_size=32",
+            ],  # fmt: skip
+            "^encoder.img_size: is also set in encoder.model_kwargs.img_size",
+        ),  # fmt: skip
+        (
+            [
+                "encoder.source=transformers",
+                "encoder.name=vit",
+                "encoder.random_if_missing=true",
+                "encoder.checkpoint=/absent",
+                "+encoder.model_kwargs.hiden_size=8",
+            ],
+            "^encoder.model_kwargs: ViTConfig has no field 'hiden_size'",
+        ),  # fmt: skip
+        (
+            [
                 "encoder.source=transformers",
                 "encoder.name=vit_mae",
                 "encoder.random_if_missing=true",
@@ -173,12 +201,24 @@ def test_a_folder_of_another_family_and_a_crop_off_the_patch_grid_are_refused(ma
     validate_eval(cfg, "depth")  # null sizes: 252 / 252 / 168 for patch 14
 
 
-BASELINES = {  # experiment -> (model class, patch, width, depth, parameters in millions)
-    "baseline_mae_vith14": ("ViTMAEModel", 14, 1280, 32, 631),
-    "baseline_dinov2_vitl14": ("Dinov2Model", 14, 1024, 24, 304),
-    "baseline_vit_b16": ("ViTModel", 16, 768, 12, 86),
-    "baseline_vit_hybrid_b16": ("VisionTransformer", 16, 768, 12, 98),
+BASELINES = {  # experiment -> (source, name, patch, width, depth, DPT blocks)
+    "baseline_mae_vith14": ("transformers", "vit_mae", 14, 1280, 32, [7, 15, 23, 31]),
+    "baseline_dinov2_vitl14": ("transformers", "dinov2", 14, 1024, 24, [5, 11, 17, 23]),
+    "baseline_vit_b16": ("transformers", "vit", 16, 768, 12, [2, 5, 8, 11]),
+    "baseline_vit_hybrid_b16": ("timm", "vit_base_r50_s16_384", 16, 768, 12, [2, 5, 8, 11]),
 }
+# config.json of the released folders the experiments name (facebook/vit-mae-huge,
+# facebook/dinov2-large, google/vit-base-patch16-224-in21k): what validation reads of them.
+# fmt: off
+RELEASED = {  # name -> (hidden_size, num_hidden_layers, num_attention_heads, patch_size)
+    "vit_mae": (1280, 32, 16, 14), "dinov2": (1024, 24, 16, 14), "vit": (768, 12, 12, 16),
+}
+# fmt: on
+
+
+def released_config(name: str) -> dict[str, int]:
+    width, depth, heads, patch = RELEASED[name]
+    return dict(hidden_size=width, num_hidden_layers=depth, num_attention_heads=heads, patch_size=patch)  # fmt: skip
 
 
 def test_every_baseline_experiment_composes_for_every_app_and_builds_on_meta(tmp_path):
@@ -188,16 +228,24 @@ def test_every_baseline_experiment_composes_for_every_app_and_builds_on_meta(tmp
     from evaluation.heads import head_block_ids
     from evaluation.knn import CONFIG_DIR
     from evaluation.knn import register_configs as register_knn
+    from pixio.models.baselines.transformers_vit import model_class
 
     found = sorted(p.stem for p in (Path(CONFIG_DIR) / "experiment").glob("baseline_*.yaml"))
     assert found == sorted(BASELINES)
     register_knn()
-    for name, (model, patch, width, depth, millions) in BASELINES.items():
-        configs = [compose_eval(app, [f"experiment={name}", f"data.root={tmp_path}"]) for app in ("depth", "semseg")]  # fmt: skip
+    for experiment, (source, name, patch, width, depth, dpt) in BASELINES.items():
+        folder = tmp_path / name
+        if source == "transformers":  # only config.json: validation never reads weights
+            folder.mkdir()
+            model_class(name).config_class(**released_config(name)).to_json_file(
+                folder / "config.json"
+            )
+        args = [f"experiment={experiment}", f"data.root={tmp_path}", f"encoder.checkpoint={folder}"]
+        configs = [compose_eval(app, args) for app in ("depth", "semseg")]
         with initialize_config_dir(config_dir=CONFIG_DIR, version_base=None):
-            configs.append(compose("eval_knn", [f"experiment={name}", f"data.root={tmp_path}"]))
+            configs.append(compose("eval_knn", args))
         for cfg in configs:
+            assert (cfg.encoder.source, cfg.encoder.name) == (source, name)
             encoder = build_meta_encoder(cfg.encoder)  # the architecture, no memory
-            assert (type(encoder.model).__name__, encoder.patch_size, encoder.embed_dim, encoder.depth) == (model, patch, width, depth)  # fmt: skip
-            assert round(sum(p.numel() for p in encoder.model.parameters()) / 1e6) == millions
-        assert head_block_ids("dpt", depth) == [depth // 4 * k - 1 for k in (1, 2, 3, 4)]
+            assert (encoder.patch_size, encoder.embed_dim, encoder.depth) == (patch, width, depth)
+            assert head_block_ids("dpt", encoder.depth) == dpt

@@ -7,8 +7,9 @@ import pytest
 import torch
 from baseline_helpers import TINY_HF, save_hf_folder, save_timm_weights, tiny_hf, tiny_timm
 
+from pixio.checkpoint import broadcast_checked_state
 from pixio.constants import IMAGENET_MEAN, IMAGENET_STD
-from pixio.models.baselines import build_baseline
+from pixio.models.baselines import BaselineError, build_baseline
 
 BLOCKS = [0, 2, 3]
 
@@ -114,8 +115,9 @@ def test_transformers_mismatches_are_one_line_errors(tmp_path):
     assert "embeddings.cls_token (1, 1, 32) (the model's: (1, 1, 48))" in message
     with pytest.raises(ValueError, match="unknown transformers model 'vit_hybrid'"):
         build_baseline("transformers", "vit_hybrid")
-    with pytest.raises(ValueError, match="ViTConfig has no field 'hiden_size'"):
+    with pytest.raises(BaselineError, match="ViTConfig has no field 'hiden_size'") as err:
         build_baseline("transformers", "vit", hiden_size=8)
+    assert err.value.key == "model_kwargs"
 
 
 def test_timm_weights_load_with_the_classifier_dropped_and_mismatches_named(tmp_path):
@@ -126,17 +128,58 @@ def test_timm_weights_load_with_the_classifier_dropped_and_mismatches_named(tmp_
     saved = torch.load(path, weights_only=True)
     assert "head.weight" in saved and "head.weight" not in state
     torch.testing.assert_close(encoder.model.blocks[0].attn.qkv.weight, saved["blocks.0.attn.qkv.weight"])  # fmt: skip
-    deeper = tiny_timm("vit_base_r50_s16_224", depth=5)
+    deeper = tiny_timm("vit_base_r50_s16_224", depth=5)  # the strict check is the loader's
     with pytest.raises(ValueError, match=r"hybrid.pth does not match the encoder: missing keys \['blocks.4"):  # fmt: skip
-        deeper.read_state(str(path))
+        broadcast_checked_state(deeper.model, lambda: deeper.read_state(str(path)), str(path))
 
 
 def test_unknown_or_unsupported_timm_models_are_refused():
     with pytest.raises(ValueError, match="unknown timm model 'vit_bse_patch16_224' .*did you mean"):
         build_baseline("timm", "vit_bse_patch16_224")
-    with pytest.raises(ValueError, match=r"timm.create_model\('resnet18'\) failed: .*supported are timm VisionTransformer"):  # fmt: skip
+    with pytest.raises(BaselineError, match="timm model 'resnet18' is not a VisionTransformer") as err:  # fmt: skip
         build_baseline("timm", "resnet18")
+    assert err.value.key == "name"
+    with pytest.raises(BaselineError, match="timm model 'vit_base_patch16_224' does not take these arguments") as err:  # fmt: skip
+        build_baseline("timm", "vit_base_patch16_224", embed_dimm=32)
+    assert err.value.key == "model_kwargs"  # a typo of the user's, not a model that is no ViT
     with pytest.raises(ValueError, match="has no class token"):
         build_baseline("timm", "vit_base_patch16_224", class_token=False, global_pool="avg", embed_dim=32, depth=1, num_heads=2)  # fmt: skip
     with pytest.raises(ValueError, match="unknown baseline source 'hub'"):
         build_baseline("hub", "vit")
+
+
+@pytest.mark.parametrize("head", ["ViTMAEForPreTraining", "ViTForImageClassification"])
+def test_released_folder_layouts_load_without_their_heads(head, tmp_path):
+    """The hub's folders hold the task model (prefixed keys, a decoder or a classifier) and a
+    preprocessor_config.json: the encoder's weights load exactly, the rest is dropped."""
+    import json
+
+    import transformers
+
+    name = "vit_mae" if "MAE" in head else "vit"
+    torch.manual_seed(7)
+    config = build_baseline("transformers", name, **TINY_HF[name]).model.config
+    model = getattr(transformers, head)(config).eval()
+    model.save_pretrained(tmp_path / "release")
+    stats = {"image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5]}
+    (tmp_path / "release" / "preprocessor_config.json").write_text(json.dumps(stats))
+    with torch.device("meta"):
+        encoder = build_baseline("transformers", name, str(tmp_path / "release"))
+    state = encoder.read_state(str(tmp_path / "release"))
+    assert not any(k.startswith(("decoder", "classifier")) for k in state)
+    inner = model.vit.state_dict()  # the encoder inside the task model
+    assert set(state) == set(inner)
+    for key, value in inner.items():
+        torch.testing.assert_close(state[key], value, rtol=0, atol=0)
+    assert (encoder.mean, encoder.std) == ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+
+
+def test_an_unreadable_checkpoint_is_one_line_naming_it(tmp_path):
+    folder = save_hf_folder("vit", tmp_path / "vit")
+    weights = folder / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])  # truncated
+    encoder = tiny_hf("vit")
+    with pytest.raises(ValueError) as err:
+        broadcast_checked_state(encoder.model, lambda: encoder.read_state(str(folder)), str(folder))
+    message = str(err.value)
+    assert "\n" not in message and str(folder) in message

@@ -19,12 +19,19 @@ from __future__ import annotations
 
 from typing import Any
 
-from pixio.models.baselines.common import BaselineEncoder, describe
+from pixio.models.baselines.common import BaselineEncoder, BaselineError, describe
 
 SOURCES = ("pixio", "transformers", "timm")
 BASELINE_SOURCES = ("transformers", "timm")
 
-__all__ = ["BASELINE_SOURCES", "SOURCES", "BaselineEncoder", "build_baseline", "describe"]
+__all__ = [
+    "BASELINE_SOURCES",
+    "SOURCES",
+    "BaselineEncoder",
+    "BaselineError",
+    "build_baseline",
+    "describe",
+]
 
 
 def build_baseline(
@@ -34,8 +41,9 @@ def build_baseline(
     its library's initialisation (use `torch.device("meta")` to skip it when a checkpoint will
     fill it: see `BaselineEncoder.read_state`). `checkpoint` supplies the architecture where the
     format carries it (a transformers folder's config.json); `kwargs` change the architecture
-    (the transformers config's fields; the timm constructor's arguments). ValueError for an
-    unknown source or model, or a checkpoint of another model."""
+    (the transformers config's fields; the timm constructor's arguments). BaselineError (a
+    ValueError naming the `encoder` field at fault) for an unknown model, a checkpoint of another
+    model or arguments the model does not take; ValueError for an unknown source."""
     if source == "transformers":
         from pixio.models.baselines.transformers_vit import build_transformers
 

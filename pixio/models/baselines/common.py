@@ -1,5 +1,5 @@
-"""What the baseline adapters share: input re-normalisation, the strict checkpoint read, and a
-one-line description of the model for logs and results.json."""
+"""What the baseline adapters share: their base class (input re-normalisation), their error
+type, and the description of an encoder that results.json records."""
 
 from __future__ import annotations
 
@@ -11,6 +11,15 @@ from torch import nn
 
 from pixio.constants import IMAGENET_MEAN, IMAGENET_STD
 from pixio.models.features import FeatureEncoder
+
+
+class BaselineError(ValueError):
+    """A baseline that cannot be built or loaded; `key` names the `encoder` field at fault
+    (`name`, `checkpoint` or `model_kwargs`), so a config error can name it."""
+
+    def __init__(self, key: str, message: str) -> None:
+        super().__init__(message)
+        self.key = key
 
 
 class BaselineEncoder(FeatureEncoder):
@@ -48,8 +57,10 @@ class BaselineEncoder(FeatureEncoder):
         raise NotImplementedError
 
     def read_state(self, checkpoint: str) -> dict[str, torch.Tensor]:
-        """The full state dict of `self.model` read from `checkpoint`, checked against the model
-        (ValueError naming the file otherwise). Rank 0 calls it; the others receive a broadcast."""
+        """The full state dict of `self.model` read from `checkpoint` (rank 0 calls it; the others
+        receive a broadcast). The caller checks it strictly against the model
+        (`pixio.checkpoint.broadcast_checked_state`); BaselineError for a file the reader
+        refuses."""
         raise NotImplementedError
 
 
@@ -70,10 +81,3 @@ def describe(encoder: FeatureEncoder) -> dict[str, Any]:
     if isinstance(encoder, BaselineEncoder):
         out.update(mean=list(encoder.mean), std=list(encoder.std), model=type(encoder.model).__name__)  # fmt: skip
     return out
-
-
-def check_keys(problems: dict[str, list[str]], source: str) -> None:
-    """ValueError listing (at most 10 of) each kind of problem key, naming the checkpoint."""
-    found = [f"{what} {keys[:10]}{' ...' if len(keys) > 10 else ''}" for what, keys in problems.items() if keys]  # fmt: skip
-    if found:
-        raise ValueError(f"{source} does not match the encoder: {'; '.join(found)}")

@@ -10,14 +10,17 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from pixio.checkpoint import mismatch_message
 from pixio.constants import IMAGENET_MEAN, IMAGENET_STD
-from pixio.models.baselines.common import BaselineEncoder, check_keys
+from pixio.models.baselines.common import BaselineEncoder, BaselineError
 
 log = logging.getLogger("pixio.baselines")
 
@@ -29,7 +32,7 @@ FAMILIES = {
     "dinov2_with_registers": "Dinov2WithRegistersModel",
 }
 # Weights a frozen encoder does not use: task heads, the MAE decoder, ViT's pooler.
-IGNORED_PREFIXES = ("pooler.", "decoder.", "classifier.", "head.", "mask_token")
+IGNORED_PREFIXES = ("pooler.", "decoder.", "classifier.", "head.")
 
 
 def _transformers() -> Any:
@@ -37,18 +40,20 @@ def _transformers() -> Any:
     try:
         import transformers
     except ImportError:
-        raise ValueError(
-            "encoder.source=transformers needs the transformers package: pip install 'transformers>=5.0'"
+        raise BaselineError(
+            "source",
+            "transformers baselines need the transformers package: pip install 'transformers>=5.0'",
         ) from None
     return transformers
 
 
 def model_class(name: str) -> type[nn.Module]:
-    """The transformers class of family `name`; ValueError for another name."""
+    """The transformers class of family `name`; BaselineError for another name."""
     if name not in FAMILIES:
-        raise ValueError(
+        raise BaselineError(
+            "name",
             f"unknown transformers model {name!r}: one of {', '.join(FAMILIES)} (the model_type of"
-            " the folder's config.json)"
+            " the folder's config.json)",
         )
     return getattr(_transformers(), FAMILIES[name])
 
@@ -59,17 +64,20 @@ def hf_config(name: str, folder: str | None, **kwargs: Any) -> Any:
     config_class = model_class(name).config_class
     unknown = [k for k in kwargs if not hasattr(config_class(), k)]
     if unknown:
-        raise ValueError(f"{config_class.__name__} has no field {unknown[0]!r}")
+        raise BaselineError("model_kwargs", f"{config_class.__name__} has no field {unknown[0]!r}")
     if folder is None:
         config = config_class(**kwargs)
     else:
         path = Path(folder) / "config.json"
         if not path.is_file():
-            raise ValueError(f"{folder}: not a transformers model folder (no config.json)")
+            raise BaselineError(
+                "checkpoint", f"{folder}: not a transformers model folder (no config.json)"
+            )
         saved = json.loads(path.read_text())
         if saved.get("model_type") != name:
-            raise ValueError(
-                f"{folder} holds a {saved.get('model_type')!r} model, not {name!r} (encoder.name)"
+            raise BaselineError(
+                "checkpoint",
+                f"{folder} holds a {saved.get('model_type')!r} model, not {name!r} (encoder.name)",
             )
         config = config_class.from_dict({**saved, **kwargs})
     if name == "vit_mae":
@@ -92,14 +100,16 @@ class TransformersEncoder(BaselineEncoder):
 
     source = "transformers"
 
-    def __init__(self, model: nn.Module, name: str, folder: str | None = None) -> None:
+    def __init__(
+        self, model: nn.Module, name: str, folder: str | None, config_kwargs: dict[str, Any]
+    ) -> None:
         super().__init__(model, name, *_statistics(folder))
+        self.config_kwargs = dict(config_kwargs)  # applied again to the folder's config on read
         config = model.config
         self.patch_size = int(config.patch_size)
         self.embed_dim = int(config.hidden_size)
         self.n_cls_tokens = 1
         self.n_register_tokens = int(getattr(config, "num_register_tokens", 0) or 0)
-        self.config_kwargs: dict[str, Any] = {}
 
     @property
     def blocks(self) -> nn.ModuleList:  # ViT / ViTMAE: model.layers; DINOv2: model.encoder.layer
@@ -115,31 +125,46 @@ class TransformersEncoder(BaselineEncoder):
             return embeddings(x, interpolate_pos_encoding=True)
         if self.name == "vit_mae":  # ascending noise: the identity order, nothing masked
             h, w = self.patch_grid(x)
-            noise = torch.arange(h * w, device=x.device, dtype=x.dtype).expand(x.shape[0], -1)
+            # float32 whatever the images' dtype: bf16 has too few values for 324+ distinct ranks
+            noise = torch.arange(h * w, device=x.device, dtype=torch.float32).expand(x.shape[0], -1)
             return embeddings(x, noise=noise, interpolate_pos_encoding=True)[0]
         return embeddings(x)  # DINOv2 always interpolates
 
     def read_state(self, checkpoint: str) -> dict[str, torch.Tensor]:
+        """`from_pretrained(checkpoint)` offline, then strict: transformers initialises missing
+        weights at random and skips mis-shaped ones, so both are errors here; weights of heads a
+        frozen encoder does not use (the MAE decoder, ViT's pooler, classifiers) are dropped."""
         config = hf_config(self.name, checkpoint, **self.config_kwargs)
-        # ignore_mismatched_sizes: mis-shaped weights come back in `info` (reported below as
-        # one line) instead of a multi-line RuntimeError; they are never used.
-        model, info = type(self.model).from_pretrained(
-            checkpoint, config=config, local_files_only=True, output_loading_info=True,
-            dtype=torch.float32, ignore_mismatched_sizes=True, **_init_kwargs(self.name),
-        )  # fmt: skip
+        with _quiet_transformers():  # its load report and progress bars; the outcome is below
+            model, info = type(self.model).from_pretrained(
+                checkpoint, config=config, local_files_only=True, output_loading_info=True,
+                dtype=torch.float32, ignore_mismatched_sizes=True, **_init_kwargs(self.name),
+            )  # fmt: skip
         unexpected = sorted(info.get("unexpected_keys", ()))
-        check_keys(
-            {
-                "missing keys": sorted(info.get("missing_keys", ())),
-                "other shapes": sorted(_shape_change(k) for k in info.get("mismatched_keys", ())),
-                "unexpected keys": [k for k in unexpected if not k.startswith(IGNORED_PREFIXES)],
-            },
-            checkpoint,
-        )
+        problem = mismatch_message(checkpoint, {
+            "missing keys": sorted(info.get("missing_keys", ())),
+            "unexpected keys": [k for k in unexpected if not k.startswith(IGNORED_PREFIXES)],
+            "other shapes": sorted(_shape_change(k) for k in info.get("mismatched_keys", ())),
+        })  # fmt: skip
+        if problem is not None:
+            raise BaselineError("checkpoint", problem)
         if unexpected:
             log.info("%s: ignored %d weights of heads a frozen encoder does not use (%s)",
                      checkpoint, len(unexpected), ", ".join(sorted({k.split(".")[0] for k in unexpected})))  # fmt: skip
         return model.state_dict()
+
+
+@contextmanager
+def _quiet_transformers() -> Iterator[None]:
+    logging_ = _transformers().utils.logging
+    level = logging_.get_verbosity()
+    logging_.set_verbosity_error()
+    logging_.disable_progress_bar()
+    try:
+        yield
+    finally:
+        logging_.set_verbosity(level)
+        logging_.enable_progress_bar()
 
 
 def _shape_change(entry: Any) -> str:
@@ -159,6 +184,4 @@ def build_transformers(name: str, folder: str | None = None, **kwargs: Any) -> T
     config), `kwargs` applied to the config; weights initialised by transformers."""
     config = hf_config(name, folder, **kwargs)
     model = model_class(name)(config, **_init_kwargs(name))
-    encoder = TransformersEncoder(model.eval(), name, folder)
-    encoder.config_kwargs = dict(kwargs)
-    return encoder
+    return TransformersEncoder(model.eval(), name, folder, kwargs)
