@@ -33,6 +33,7 @@ from evaluation.features import (
     reference_side,
 )
 from evaluation.heads import HEAD_KINDS, build_head, convert_sync_bn, head_block_ids
+from evaluation.report import encoder_label
 from evaluation.task import DepthTask, HeadTask, SegmentationTask, Windows
 from pixio.checkpoint import checkpoint_digest
 from pixio.models.baselines import describe
@@ -398,9 +399,9 @@ TABLE_KEYS = {
 def results_table(results: dict[str, Any]) -> str:
     """One line per validation, then the best and the final ones, labelled."""
     keys = TABLE_KEYS[results["task"]]
-    title = (
-        f"{results['task']} {results['dataset']} {results['head']} ({results['encoder']['name']})"
-    )
+    enc = results["encoder"]
+    label = encoder_label(enc.get("source", "pixio"), enc["name"])
+    title = f"{results['task']} {results['dataset']} {results['head']} ({label})"
     lines = [title, "  ".join(f"{h:>10}" for h in ("", "epoch", *keys))]
     rows = [("", r) for r in results["epochs"]] + [("best", results["best"]), ("final", results["final"])]  # fmt: skip
     for label, r in rows:
