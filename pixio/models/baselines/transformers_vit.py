@@ -156,15 +156,17 @@ class TransformersEncoder(BaselineEncoder):
 
 @contextmanager
 def _quiet_transformers() -> Iterator[None]:
+    """transformers' warnings and progress bars off for the block, as they were after it."""
     logging_ = _transformers().utils.logging
-    level = logging_.get_verbosity()
+    level, bars = logging_.get_verbosity(), logging_.is_progress_bar_enabled()
     logging_.set_verbosity_error()
     logging_.disable_progress_bar()
     try:
         yield
     finally:
         logging_.set_verbosity(level)
-        logging_.enable_progress_bar()
+        if bars:
+            logging_.enable_progress_bar()
 
 
 def _shape_change(entry: Any) -> str:
