@@ -28,7 +28,6 @@ from evaluation.features import (
     EncoderConfig,
     FrozenFeatures,
     check_encoder,
-    encoder_patch_size,
     load_frozen_encoder,
     reference_side,
 )
@@ -36,7 +35,6 @@ from evaluation.heads import HEAD_KINDS, build_head, convert_sync_bn, head_block
 from evaluation.report import encoder_label
 from evaluation.task import DepthTask, HeadTask, SegmentationTask, Windows
 from pixio.checkpoint import checkpoint_digest
-from pixio.models.baselines import describe
 from pixio.runtime.config import (
     ConfigError,
     LauncherConfig,
@@ -125,8 +123,9 @@ def register_configs() -> None:
 
 
 # ---- validation ---------------------------------------------------------------------------------
-def validate_eval(cfg: Any, app: str) -> None:
-    """Check values, then paths, before anything is built; ConfigError names the first bad key."""
+def validate_eval(cfg: Any, app: str) -> int:
+    """Check values, then paths, before anything is built; ConfigError names the first bad key.
+    Returns the encoder's patch size (the null sizes follow it)."""
     require_set(cfg, "encoder.name", "dataset.name", "head.name", "data.root", "output_dir")
     check_choice(cfg.head, "head", "name", HEAD_KINDS)  # before optim.lr, which reads it
     _check_dataset(cfg, app)
@@ -136,9 +135,10 @@ def validate_eval(cfg: Any, app: str) -> None:
     require(cfg.data.num_workers >= 0, "data.num_workers", f"must be >= 0, got {cfg.data.num_workers}")  # fmt: skip
     check_positive(cfg.eval, "eval", "window_batch")
     require(cfg.eval.vis_images >= 0, "eval.vis_images", f"must be >= 0, got {cfg.eval.vis_images}")  # fmt: skip
-    check_encoder(cfg)
-    check_sizes(cfg, encoder_patch_size(cfg.encoder))
+    patch = check_encoder(cfg)
+    check_sizes(cfg, patch)
     _check_paths(cfg.data)
+    return patch
 
 
 REFERENCE_SIZES = {"crop_size": 256, "window": 256, "stride": 170}  # SPEC section 7, patch 16
@@ -295,8 +295,7 @@ def warn_if_not_reference_sizes(protocol: dict[str, Any]) -> None:
 def run_eval(cfg: DictConfig, app: str) -> dict[str, Any] | None:
     """Train and validate one head on the frozen encoder; returns results.json's content on
     rank 0 (None elsewhere)."""
-    validate_eval(cfg, app)
-    protocol = resolve_sizes(cfg, encoder_patch_size(cfg.encoder))
+    protocol = resolve_sizes(cfg, validate_eval(cfg, app))
     with run_job(cfg.output_dir, cfg.train.device) as info:
         warn_if_not_reference_sizes(protocol)
         config = to_container(cfg)
@@ -314,7 +313,7 @@ def run_eval(cfg: DictConfig, app: str) -> dict[str, Any] | None:
             log.info("stopped at iteration %d of %d (train.max_iters): results.json is written "
                      "when the schedule completes", trainer.progress.iteration, trainer.total_iters)  # fmt: skip
             return None
-        extra = {"protocol": protocol, "architecture": describe(task.features.encoder)}
+        extra = {"protocol": protocol, "architecture": task.features.encoder.describe()}
         results = write_results(cfg.output_dir, app, config, trainer.iters_per_epoch, extra)
         print(results_table(results), flush=True)
         log.info("done: results.json, metrics.jsonl, vis/ in %s", Path(cfg.output_dir).resolve())

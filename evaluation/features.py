@@ -141,9 +141,9 @@ def encoder_patch_size(cfg: Any) -> int:
     return build_meta_encoder(cfg).patch_size
 
 
-def check_encoder(cfg: Any) -> None:
+def check_encoder(cfg: Any) -> int:
     """The `encoder` group: a known source and model, an existing checkpoint that the model's
-    family accepts (ConfigError naming the key otherwise)."""
+    family accepts (ConfigError naming the key otherwise). Returns the model's patch size."""
     require_set(cfg, "encoder.name")
     e = cfg.encoder
     check_choice(e, "encoder", "source", SOURCES)
@@ -157,12 +157,13 @@ def check_encoder(cfg: Any) -> None:
     if not (e.random_if_missing and not _has_checkpoint(e)):
         require(e.checkpoint is not None, "encoder.checkpoint", "is required (a frozen evaluation of random weights says nothing)")  # fmt: skip
         require(Path(e.checkpoint).exists(), "encoder.checkpoint", f"not found: {e.checkpoint}")
-    if e.source != "pixio":
-        require(not (e.img_size is not None and "img_size" in (e.model_kwargs or {})), "encoder.img_size", "is also set in encoder.model_kwargs.img_size: set one")  # fmt: skip
-        try:
-            build_meta_encoder(e)  # the name, the folder's family, the arguments
-        except BaselineError as err:
-            raise ConfigError(f"encoder.{err.key}: {err}") from None
+    if e.source == "pixio":
+        return encoder_patch_size(e)
+    require(not (e.img_size is not None and "img_size" in (e.model_kwargs or {})), "encoder.img_size", "is also set in encoder.model_kwargs.img_size: set one")  # fmt: skip
+    try:  # the meta build checks the name, the folder's family and the arguments
+        return build_meta_encoder(e).patch_size
+    except BaselineError as err:
+        raise ConfigError(f"encoder.{err.key}: {err}") from None
 
 
 def load_frozen_encoder(cfg: Any, device: torch.device | None = None) -> FeatureEncoder:

@@ -36,12 +36,10 @@ from torchvision import datasets, transforms
 from evaluation.features import (
     EncoderConfig,
     check_encoder,
-    encoder_patch_size,
     load_frozen_encoder,
     reference_side,
 )
 from pixio.checkpoint import checkpoint_digest
-from pixio.models.baselines import describe
 from pixio.models.features import FeatureEncoder
 from pixio.runtime.config import (
     ConfigError,
@@ -198,12 +196,11 @@ def validate_knn(cfg: Any) -> None:
     """Check values and paths before anything is built; ConfigError names the first bad key."""
     require_set(cfg, "data.root", "output_dir")
     require(bool(cfg.output_dir), "output_dir", "is empty")
-    check_encoder(cfg)
+    patch = check_encoder(cfg)
     require(len(cfg.knn.k) > 0 and all(k >= 1 for k in cfg.knn.k), "knn.k", f"must be a non-empty list of positive integers, got {list(cfg.knn.k)}")  # fmt: skip
     check_positive(cfg.knn, "knn", "temperature", "chunk_size")
     check_positive(cfg.train, "train", "batch_size")
     check_positive(cfg.data, "data", "resize")
-    patch = encoder_patch_size(cfg.encoder)
     crop = cfg.data.crop
     require(crop is None or (crop > 0 and crop % patch == 0), "data.crop", f"{crop} is not a positive multiple of the encoder's patch size {patch} (null picks {reference_side(patch)})")  # fmt: skip
     require(cfg.data.num_workers >= 0, "data.num_workers", "must be >= 0")
@@ -405,7 +402,7 @@ def run_knn(cfg: DictConfig, info: DistInfo) -> dict[str, Any] | None:
         save_features(Path(cfg.output_dir) / FEATURES_NAME, train_f, val_f, train_set, val_set)
     sizes = {"n_train": len(train_set), "n_val": len(val_set), "num_classes": len(train_set.classes)}  # fmt: skip
     timing = {"extract_s": round(extract_s, 2), "classify_s": round(time.perf_counter() - start, 2)}  # fmt: skip
-    about = {"protocol": protocol, "architecture": describe(encoder)}
+    about = {"protocol": protocol, "architecture": encoder.describe()}
     return results_record(cfg, results, {**sizes, "feature_dim": train_f.shape[1], **timing, **about})  # fmt: skip
 
 

@@ -12,6 +12,8 @@ tokens (which no feature exposes), then the patches in row-major order.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 
@@ -36,7 +38,20 @@ class FeatureEncoder(nn.Module):
         """One block on the token sequence (B, N, D) -> (B, N, D)."""
         return block(x)
 
+    source: str = "pixio"  # where the model comes from (pixio.models.baselines.SOURCES)
+
     # ---- the API ---------------------------------------------------------------------------
+    def describe(self) -> dict[str, Any]:
+        """What results.json records about the encoder's architecture."""
+        return {
+            "source": self.source,
+            "patch_size": self.patch_size,
+            "embed_dim": self.embed_dim,
+            "depth": self.depth,
+            "n_cls_tokens": self.n_cls_tokens,
+            "n_register_tokens": self.n_register_tokens,
+        }
+
     @property
     def depth(self) -> int:
         return len(self.blocks)

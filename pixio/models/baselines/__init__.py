@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from pixio.models.baselines.common import BaselineEncoder, BaselineError, describe
+from pixio.models.baselines.common import BaselineEncoder, BaselineError
 
 SOURCES = ("pixio", "transformers", "timm")
 BASELINE_SOURCES = ("transformers", "timm")
@@ -30,7 +30,6 @@ __all__ = [
     "BaselineEncoder",
     "BaselineError",
     "build_baseline",
-    "describe",
 ]
 
 

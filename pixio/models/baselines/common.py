@@ -1,5 +1,5 @@
-"""What the baseline adapters share: their base class (input re-normalisation), their error
-type, and the description of an encoder that results.json records."""
+"""What the baseline adapters share: their base class (input re-normalisation, the description
+results.json records) and their error type."""
 
 from __future__ import annotations
 
@@ -27,9 +27,7 @@ class BaselineEncoder(FeatureEncoder):
 
     Subclasses set `patch_size`, `embed_dim`, `n_cls_tokens`, `n_register_tokens`, give `blocks`
     and `norm` as properties over `model` (never as attributes: the state dict keeps the model's
-    own key names), `embed_tokens` and `read_state`."""
-
-    source: str = ""  # transformers | timm
+    own key names), `source`, `embed_tokens` and `read_state`."""
 
     def __init__(
         self, model: nn.Module, name: str, mean: Sequence[float], std: Sequence[float]
@@ -52,6 +50,16 @@ class BaselineEncoder(FeatureEncoder):
     def tokens(self, x: torch.Tensor) -> torch.Tensor:
         return self.embed_tokens(self.renormalize(x))
 
+    def describe(self) -> dict[str, Any]:
+        """The FeatureEncoder record, plus the wrapped class and the input statistics."""
+        model = type(self.model).__name__
+        return {
+            **super().describe(),
+            "mean": list(self.mean),
+            "std": list(self.std),
+            "model": model,
+        }
+
     def embed_tokens(self, x: torch.Tensor) -> torch.Tensor:
         """Images in the model's normalisation -> (B, n_cls + n_reg + h*w, D)."""
         raise NotImplementedError
@@ -66,18 +74,3 @@ class BaselineEncoder(FeatureEncoder):
 
 def _column(values: Sequence[float], like: torch.Tensor) -> torch.Tensor:
     return torch.tensor(values, dtype=like.dtype, device=like.device).view(1, -1, 1, 1)
-
-
-def describe(encoder: FeatureEncoder) -> dict[str, Any]:
-    """What results.json records about an encoder's architecture and input statistics."""
-    out = {
-        "source": getattr(encoder, "source", "") or "pixio",
-        "patch_size": encoder.patch_size,
-        "embed_dim": encoder.embed_dim,
-        "depth": encoder.depth,
-        "n_cls_tokens": encoder.n_cls_tokens,
-        "n_register_tokens": encoder.n_register_tokens,
-    }
-    if isinstance(encoder, BaselineEncoder):
-        out.update(mean=list(encoder.mean), std=list(encoder.std), model=type(encoder.model).__name__)  # fmt: skip
-    return out
