@@ -118,8 +118,9 @@ def build_timm(name: str, **kwargs: Any) -> TimmEncoder:
 
 
 def _create_error(name: str, kwargs: dict[str, Any], err: TypeError) -> BaselineError:
-    """Which field is at fault when `create_model` refuses an argument: `model_kwargs` when the
-    model builds without our ViT arguments but not with the user's, else `name` (not a ViT)."""
+    """Which field is at fault when `create_model` refuses an argument. Built again with the
+    user's arguments alone: if that fails too, `model_kwargs`; if it works, the model refused
+    our ViT arguments, so `name` (not a VisionTransformer)."""
     try:
         with torch.device("meta"):
             timm.create_model(name, pretrained=False, **kwargs)
