@@ -8,10 +8,12 @@ groups around these; its validation calls `validate_common` and the helpers belo
 
 from __future__ import annotations
 
+import dataclasses
+import difflib
 from dataclasses import dataclass, field
 from typing import Any
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from pixio.runtime.launcher import LauncherConfig, launcher_config
 from pixio.runtime.optim import SCHEDULES
@@ -149,6 +151,39 @@ def check_launcher(node: Any) -> LauncherConfig:
         return launcher_config(node)
     except ValueError as err:  # launcher_config's messages already start with the key
         raise ConfigError(str(err)) from None
+
+
+def check_known_keys(node: Any, path: str = "") -> None:
+    """Every key of a schema-typed group is a field of its dataclass, at any depth.
+
+    Hydra opens a structured (struct-mode) node for a `+key=value` or `++key=value` override, so
+    `+train.epoch=1` composes, and nothing ever reads it. Dict-typed fields (`model_kwargs`,
+    `dataset.lr`, `teacher.overrides`) take any key. ConfigError names the first unknown key and
+    the field closest to it."""
+    if not isinstance(node, (DictConfig, ListConfig)):
+        return
+    if node._is_none() or node._is_missing() or node._is_interpolation():
+        return
+    if isinstance(node, ListConfig):
+        for index in range(len(node)):
+            check_known_keys(node._get_node(index), f"{path}[{index}]")
+        return
+    schema = OmegaConf.get_type(node)
+    fields = [f.name for f in dataclasses.fields(schema)] if dataclasses.is_dataclass(schema) else None  # fmt: skip
+    for key in node.keys():
+        dotted = f"{path}.{key}" if path else str(key)
+        if fields is not None and key not in fields:
+            raise ConfigError(f"{dotted}: unknown key (a '+' override adds it, but nothing reads it){_closest(str(key), fields, path)}")  # fmt: skip
+        check_known_keys(node._get_node(key), dotted)
+
+
+def _closest(key: str, fields: list[str], path: str) -> str:
+    """ "; did you mean <group>.<field>?" for the nearest field, else the group's fields."""
+    near = difflib.get_close_matches(key, fields, n=1, cutoff=0.6)
+    group = f"{path}." if path else ""
+    if near:
+        return f"; did you mean {group}{near[0]}?"
+    return f"; the keys of {path or 'the config'} are {', '.join(fields)}"
 
 
 def validate_common(cfg: Any) -> None:

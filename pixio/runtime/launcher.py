@@ -96,11 +96,14 @@ def under_process_launcher() -> bool:
 def validate_and_launch(
     main: Callable[[DictConfig], Any], cfg: DictConfig, validate: Callable[[DictConfig], Any]
 ) -> Any:
-    """Every job's Hydra entry: `validate(cfg)` (a ConfigError prints one `config error: <key>:
-    ...` line and exits 2, before anything is built), then `launch(main, cfg)`."""
-    from pixio.runtime.config import ConfigError  # config imports this module
+    """Every job's Hydra entry: refuse keys the schema does not have (`check_known_keys`: Hydra
+    adds a `+key=value` even to a structured group), `validate(cfg)` (a ConfigError prints one
+    `config error: <key>: ...` line and exits 2, before anything is built), then
+    `launch(main, cfg)`."""
+    from pixio.runtime.config import ConfigError, check_known_keys  # config imports this module
 
     try:
+        check_known_keys(cfg)
         validate(cfg)
     except ConfigError as err:
         print(f"config error: {err}", file=sys.stderr)

@@ -8,11 +8,12 @@ import sys
 from pathlib import Path
 
 import pytest
+from config_helpers import UNKNOWN_EPOCH, refusal
 from distill_helpers import compose_distill
 
 from distillation.config import shape_keys, validate_distill
 from distillation.train import ensure_demo_teacher
-from pixio.runtime.config import ConfigError
+from pixio.runtime.config import ConfigError, check_known_keys
 
 REPO = Path(__file__).resolve().parents[2]
 EXPERIMENTS = sorted(p.stem for p in (REPO / "configs" / "experiment").glob("distill_*.yaml"))
@@ -128,3 +129,12 @@ def test_cli_prints_one_line_and_exits_2(tmp_path, teacher_path):
     assert result.returncode == 2
     assert result.stderr.strip().splitlines()[-1].startswith("config error: loss.fuse: must be")
     assert not list((tmp_path / "out").glob("*"))  # nothing written (Hydra may make the folder)
+
+
+def test_unknown_plus_keys_are_refused_and_dict_fields_still_take_new_keys(distill_config, capsys):
+    cfg = distill_config()  # adds the students' sizes to student.overrides with `++`
+    check_known_keys(cfg)
+    assert cfg.student.overrides.pixio_vits16.depth == 2
+    assert refusal(distill_config("+train.epoch=1"), validate_distill, capsys) == UNKNOWN_EPOCH
+    line = refusal(distill_config("+loss.fuze=sum"), validate_distill, capsys)
+    assert line.startswith("config error: loss.fuze: unknown key") and line.endswith("did you mean loss.fuse?\n")  # fmt: skip

@@ -10,10 +10,12 @@ from pathlib import Path
 
 import pytest
 from app_helpers import compose_eval
+from config_helpers import UNKNOWN_EPOCH, refusal
 
 from evaluation.common import check_sweep_output, resolve_sizes, swept_keys, validate_eval
 from evaluation.features import encoder_patch_size
-from pixio.runtime.config import ConfigError
+from pixio.runtime.config import ConfigError, check_known_keys
+from pixio.runtime.launcher import validate_and_launch
 
 REPO = Path(__file__).resolve().parents[2]
 DEPTH = {"nyuv2": 4, "kitti": 4}  # dataset -> batch per GPU
@@ -113,3 +115,36 @@ def test_cli_config_error_is_one_line_with_exit_code_2(tmp_path, required):
         "writes output_root/<dataset>_<head>)"
     )
     assert not out.exists() and not list(root.rglob("train.log"))  # nothing was started
+
+
+@pytest.mark.parametrize("app", ["depth", "semseg"])
+def test_unknown_plus_keys_are_refused_by_the_app_entry(app, required, tmp_path, capsys):
+    validate = lambda cfg: validate_eval(cfg, app)  # noqa: E731 (what cli_main validates)
+    assert refusal(compose_eval(app, [*required, "+train.epoch=1"]), validate, capsys) == UNKNOWN_EPOCH  # fmt: skip
+    line = refusal(compose_eval(app, [*required, "+data.label_fromat=raw"]), validate, capsys)
+    assert line.startswith("config error: data.label_fromat: unknown key")
+    assert line.endswith("did you mean data.label_format?\n")
+    # A dict-typed field takes new keys: the entry goes on to run main.
+    cfg = compose_eval(app, [*required, "+dataset.lr.extra=3e-4", f"output_dir={tmp_path / 'o'}"])
+    assert validate_and_launch(lambda c: c.dataset.lr.extra, cfg, validate) == 3e-4
+
+
+def test_knn_refuses_unknown_plus_keys_and_takes_model_kwargs(tmp_path, capsys):
+    from hydra import compose, initialize_config_dir
+
+    from evaluation.knn import CONFIG_DIR, validate_knn
+
+    def config(*overrides: str):
+        with initialize_config_dir(config_dir=CONFIG_DIR, version_base=None):
+            return compose("eval_knn", [f"data.root={tmp_path}", f"output_dir={tmp_path}", *overrides])  # fmt: skip
+
+    assert refusal(config("+train.epoch=1"), validate_knn, capsys) == (
+        "config error: train.epoch: unknown key (a '+' override adds it, but nothing reads it); "
+        "the keys of train are batch_size, device, precision\n"  # k-NN has no epochs
+    )
+    line = refusal(config("+knn.temprature=0.1"), validate_knn, capsys)
+    assert line.startswith("config error: knn.temprature: unknown key")
+    assert line.endswith("did you mean knn.temperature?\n")
+    cfg = config("encoder.source=timm", "+encoder.model_kwargs.drop_path_rate=0")
+    check_known_keys(cfg)  # a dict field: its keys are the model's to check (baselines)
+    assert cfg.encoder.model_kwargs.drop_path_rate == 0

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from config_helpers import UNKNOWN_EPOCH, refusal
 from tests_helpers import CONFIG_DIR, compose_pretrain
 
 from pixio.runtime.config import ConfigError
@@ -194,6 +195,7 @@ def test_existing_paths_pass(required, tmp_path):
         (["train.max_iters=0"], "train.max_iters"),
         (["data.json_root={tmp}/nowhere", "data.kind=web"], "data.json_root"),
         (["data=demo", "data.root={tmp}/theirs"], "data.root"),
+        (["+train.epoch=1"], "train.epoch"),  # Hydra's own suggestion for `train.epoch=1`
     ],
 )
 def test_cli_refuses_in_one_line_with_exit_code_2(overrides, key, required, tmp_path):
@@ -330,3 +332,18 @@ def test_recipe_scripts_pass_valid_overrides(script, dirs, tmp_path):
     validate_pretrain(cfg)
     assert cfg.train.epochs == 100 and cfg.data.root == str(paths["DATA_ROOT"])
     assert cfg.launcher.nodes * cfg.launcher.gpus_per_node * cfg.train.batch_size in (8192, 16384)
+
+
+@pytest.mark.parametrize(
+    "override, line",
+    [
+        ("+train.epoch=1", UNKNOWN_EPOCH),
+        ("++train.epoch=1", UNKNOWN_EPOCH),
+        ("+model.drop_pth=0.1", "config error: model.drop_pth: unknown key (a '+' override adds it, but nothing reads it); did you mean model.drop_path?\n"),
+        ("+seed=1", "config error: seed: unknown key (a '+' override adds it, but nothing reads it); the keys of the config are model, data, optim, train, launcher, logger, output_dir\n"),
+    ],
+)  # fmt: skip
+def test_keys_the_schema_lacks_are_refused_even_with_plus(override, line, required, capsys):
+    # Hydra opens the structured group for a `+` override: the key composes, nothing reads it.
+    cfg = compose_pretrain([*required, override])
+    assert refusal(cfg, validate_pretrain, capsys) == line
