@@ -25,6 +25,7 @@ from torch import nn
 from evaluation.features import FrozenFeatures
 from evaluation.inference import sliding_window
 from evaluation.metrics import (
+    MIN_VALID_PIXELS,
     depth_metric_sums,
     depth_valid_mask,
     segmentation_stats,
@@ -33,6 +34,7 @@ from evaluation.metrics import (
     summarize_segmentation,
 )
 from evaluation.vis import depth_picture, segmentation_picture
+from pixio.runtime.job import DataError
 from pixio.runtime.task import ModuleSpec, OptimizerSpec, StepOutput, Task, Validation
 from pixio.runtime.vis import save_png
 
@@ -77,10 +79,12 @@ class HeadTask(Task):
         windows: Windows,
         vis_dir: str | Path | None = None,
         vis_images: int = 0,
+        val_source: str = "the validation split",
     ) -> None:
         self.features, self.head, self.optim, self.windows = features, head, optim, windows
         self.vis_dir = None if vis_dir is None else Path(vis_dir)
         self.vis_images = vis_images
+        self.val_source = val_source  # names the split in errors, e.g. "kitti val split (<list>)"
 
     def modules(self) -> dict[str, ModuleSpec]:
         # Replicated, never sharded: validation ranks run different window counts, and an FSDP
@@ -176,6 +180,15 @@ class DepthTask(HeadTask):
         return depth_metric_sums(pred[None], target[None], self.min_depth, self.max_depth)
 
     def summarize(self, totals: dict[str, torch.Tensor]) -> dict[str, float]:
+        """Per-image means; DataError when no image has a valid target (every metric would be
+        NaN, and so would the best result)."""
+        if not float(totals["count"]):
+            raise DataError(
+                f"{self.val_source}: none of its {int(totals['samples'])} images has "
+                f"{MIN_VALID_PIXELS} or more valid depth pixels (in [{self.min_depth}, "
+                f"{self.max_depth}] m): its depth pngs are empty or in another unit; check them "
+                "with python -m evaluation.prepare DATASET ROOT --verify"
+            )
         return {**summarize_depth(totals), "samples": float(totals["samples"])}
 
     def picture(self, sample: dict, pred: torch.Tensor) -> np.ndarray:
@@ -208,6 +221,14 @@ class SegmentationTask(HeadTask):
         return segmentation_stats(labels[None], sample["mask"][None], self.num_classes)
 
     def summarize(self, totals: dict[str, torch.Tensor]) -> dict[str, float]:
+        """mIoU over the set; DataError when no pixel of any mask is labelled (mIoU is NaN)."""
+        if not float(totals["target_area"].sum()):
+            raise DataError(
+                f"{self.val_source}: every pixel of its {int(totals['samples'])} masks is "
+                f"{IGNORE_INDEX} (ignored) once read: the masks are empty or data.label_format "
+                "does not match them; check them with python -m evaluation.prepare DATASET ROOT "
+                "--verify"
+            )
         return {**summarize_segmentation(totals), "samples": float(totals["samples"])}
 
     def picture(self, sample: dict, pred: torch.Tensor) -> np.ndarray:

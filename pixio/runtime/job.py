@@ -10,8 +10,9 @@ logging, one-line errors, and clean-up.
   the process dies, so a killed or requeued job leaves no stale lock. Where the file system has
   no working flock, the lock falls back to the holder recorded in the file: a dead process on
   this host, or the same SLURM job (a requeue), is taken over with a warning.
-- Errors a user can act on (configuration, checkpoints, the lock, an unwritable or full disk)
-  end as one `error: ...` line on stderr and in `train.log`, exit code 1 (2 for configuration).
+- Errors a user can act on (configuration, input data, checkpoints, the lock, an unwritable or
+  full disk) end as one `error: ...` line on stderr and in `train.log`, exit code 1 (2 for
+  configuration).
 """
 
 from __future__ import annotations
@@ -54,7 +55,13 @@ class OutputDirError(RuntimeError):
     """The output directory cannot be created or written."""
 
 
-JOB_ERRORS = (ConfigError, CheckpointError, UnsafeCheckpointError, RunLockedError, OutputDirError)
+class DataError(RuntimeError):
+    """Input data the user must fix; the message names the file, list or split."""
+
+
+JOB_ERRORS = (
+    ConfigError, CheckpointError, UnsafeCheckpointError, RunLockedError, OutputDirError, DataError,
+)  # fmt: skip
 
 
 def _holder() -> dict[str, object]:
