@@ -4,6 +4,7 @@ Public API: `build_encoder`, `build_mae`, `load_encoder`, `save_encoder`, `expor
 `patchify`, `unpatchify`, `list_models`.
 """
 
+from pixio import timm_models as _timm_models  # noqa: F401  (registers Pixio's encoders with timm)
 from pixio.checkpoint import load_encoder, read_state_dict, save_encoder
 from pixio.hf import export_hf
 from pixio.models import (

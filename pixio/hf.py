@@ -1,7 +1,15 @@
 """Hugging Face `transformers` Pixio format: key mapping and folder export.
 
 Writing the folder needs only `safetensors` (no `transformers` import), so an exported folder can be
-produced anywhere; `transformers.PixioModel.from_pretrained(folder)` loads it.
+produced anywhere. It loads as `transformers.PixioModel.from_pretrained(folder)` and as the
+backbone `transformers.PixioBackbone.from_pretrained(folder, out_indices=[...])`.
+
+Layout of `model.safetensors`: the encoder under `PixioBackbone`'s names, `pixio.` + the
+`PixioModel` names (`pixio.embeddings.*`, `pixio.layers.{i}.*`, `pixio.layernorm.*`), plus a copy
+of the final norm as the backbone's own `layernorm.*`, which it applies to every feature map.
+`PixioModel` strips the `pixio.` prefix when it loads the file. With `PixioModel` names only (no
+prefix), the backbone would leave its `layernorm` at its initial value (weight 1, bias 0) and its
+feature maps would differ from the encoder's normed tokens.
 """
 
 from __future__ import annotations
@@ -64,12 +72,30 @@ _REVERSE = [
 ]
 
 
+BACKBONE_PREFIX = "pixio."  # PixioBackbone holds the PixioModel under `pixio`
+BACKBONE_NORM = "layernorm."  # the backbone's own norm of its feature maps
+
+
+def to_backbone_layout(hf_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """`PixioModel` names -> `PixioBackbone` names: `pixio.` prefix, and the final norm copied
+    to the backbone's feature-map norm `layernorm.*` (a copy: safetensors refuses shared memory)."""
+    out = {BACKBONE_PREFIX + k: v for k, v in hf_state.items()}
+    for key, value in hf_state.items():
+        if key.startswith(BACKBONE_NORM):
+            out[key] = value.clone()
+    return out
+
+
 def hf_to_pixio_state(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """transformers `PixioModel` names (optionally prefixed `pixio.`) -> reference names."""
+    """transformers `PixioModel` names (optionally prefixed `pixio.`, as in `PixioBackbone`) ->
+    reference names. With the prefix, the unprefixed `layernorm.*` is the backbone's feature-map
+    norm, not the encoder's final norm (`pixio.layernorm.*`), and is left out."""
+    if any(k.startswith(BACKBONE_PREFIX) for k in sd):
+        sd = {k: v for k, v in sd.items() if not k.startswith(BACKBONE_NORM)}
     out: dict[str, torch.Tensor] = {}
     qkv: dict[tuple[str, str], dict[str, torch.Tensor]] = {}
     for key, value in sd.items():
-        key = key.removeprefix("pixio.")
+        key = key.removeprefix(BACKBONE_PREFIX)
         m = _HF_QKV.match(key)
         if m:
             qkv.setdefault((m[1], m[3]), {})[m[2]] = value
@@ -128,12 +154,14 @@ def image_processor_config(size: int) -> dict:
 
 
 def export_hf(encoder: PixioEncoder, out_dir: str | Path) -> Path:
-    """Write a folder that `transformers.PixioModel.from_pretrained(out_dir)` loads."""
+    """Write a folder that `transformers.PixioModel.from_pretrained(out_dir)` and
+    `transformers.PixioBackbone.from_pretrained(out_dir, out_indices=[...])` load."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     config = hf_config(encoder)
     state = {k: v.detach().float().cpu() for k, v in encoder.state_dict().items()}
-    save_file(pixio_to_hf_state(state), str(out / "model.safetensors"), metadata={"format": "pt"})
+    hf_state = to_backbone_layout(pixio_to_hf_state(state))
+    save_file(hf_state, str(out / "model.safetensors"), metadata={"format": "pt"})
     (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     processor = image_processor_config(config["image_size"])
     (out / "preprocessor_config.json").write_text(json.dumps(processor, indent=2) + "\n")

@@ -1,9 +1,11 @@
-"""Pictures written by the trainer (each task draws its own; see `Task.pictures`)."""
+"""Pictures: what the trainer's tasks (`Task.pictures`) and `pixio.visualize` share, from
+de-normalisation, grid tiling and PNG writing to the PCA colouring of patch features."""
 
 from __future__ import annotations
 
 import os
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -43,3 +45,48 @@ def save_png(array: np.ndarray, path: str | os.PathLike) -> Path:
     Image.fromarray(np.ascontiguousarray(array, dtype=np.uint8)).save(tmp, format="PNG")
     os.replace(tmp, path)
     return path
+
+
+def pca_basis(features: torch.Tensor, k: int = 3) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean (D,), components (D, k)) of `features` (N, D): the top-k principal directions."""
+    mean = features.mean(0)
+    _, _, v = torch.linalg.svd(features - mean, full_matrices=False)  # v: (min(N, D), D)
+    comps = v[:k].T
+    if comps.shape[1] < k:  # fewer samples than components: pad with zero directions
+        comps = torch.cat([comps, comps.new_zeros(comps.shape[0], k - comps.shape[1])], 1)
+    return mean, comps
+
+
+def to_colors(projected: torch.Tensor, low: torch.Tensor, high: torch.Tensor) -> torch.Tensor:
+    """(N, 3) projections -> [0, 1] colours, each channel scaled from [low, high]."""
+    return ((projected - low) / (high - low).clamp_min(1e-6)).clamp(0.0, 1.0)
+
+
+@dataclass(frozen=True)
+class PCAColors:
+    """Patch features shown as colours: their first three principal components (fitted on one
+    set of features), each scaled by the range the fitting set spans. Features coloured with
+    the same `PCAColors` are comparable: matching colours mean matching features."""
+
+    mean: torch.Tensor  # (D,)
+    comps: torch.Tensor  # (D, 3)
+    low: torch.Tensor  # (3,) smallest projection of the fitting set, per component
+    high: torch.Tensor  # (3,) largest
+
+    @classmethod
+    def fit(cls, features: torch.Tensor) -> PCAColors:
+        """Fit on features (N, D) (float32 on the CPU)."""
+        features = features.detach().float().cpu()
+        mean, comps = pca_basis(features)
+        projected = (features - mean) @ comps  # (N, 3)
+        return cls(mean, comps, projected.min(0).values, projected.max(0).values)
+
+    def colors(self, features: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+        """Patch features (h*w, D), row-major -> a (3, h, w) [0, 1] colour map."""
+        projected = (features.detach().float().cpu() - self.mean) @ self.comps  # (h*w, 3)
+        return to_colors(projected, self.low, self.high).T.reshape(3, *grid)
+
+
+def upsample_nearest(panel: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """(C, h, w) -> (C, H, W) by repeating each patch value over its pixels."""
+    return torch.nn.functional.interpolate(panel[None], size=(height, width), mode="nearest")[0]
