@@ -13,6 +13,7 @@ import torch
 from PIL import Image
 
 from pixio.constants import IMAGENET_MEAN, IMAGENET_STD
+from pixio.models.patchify import patchify, unpatchify
 
 
 def to_pixels(
@@ -90,3 +91,25 @@ class PCAColors:
 def upsample_nearest(panel: torch.Tensor, height: int, width: int) -> torch.Tensor:
     """(C, h, w) -> (C, H, W) by repeating each patch value over its pixels."""
     return torch.nn.functional.interpolate(panel[None], size=(height, width), mode="nearest")[0]
+
+
+MASK_GREY = 0.5  # pixel value (0-1) shown for masked patches
+
+
+def mae_reconstruction(
+    imgs: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor, patch: int, norm_pix_loss: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """An MAE's reconstruction in normalised image units (B, 3, H, W): masked patches from the
+    prediction (B, L, p*p*3) (with `norm_pix_loss` brought back to image units with each
+    original patch's mean and unbiased variance, the loss's statistics), visible patches from
+    `imgs`; and the mask per pixel (B, 3, H, W), 1 = masked. mask (B, L), 1 = masked."""
+    h, w = imgs.shape[2] // patch, imgs.shape[3] // patch
+    target = patchify(imgs, patch)  # (B, L, p*p*3)
+    if norm_pix_loss:
+        mean = target.mean(dim=-1, keepdim=True)
+        var = target.var(dim=-1, keepdim=True, unbiased=True)
+        pred = pred * (var + 1e-6).sqrt() + mean
+    masked = mask.bool().unsqueeze(-1).expand_as(target)
+    # torch.where, not a blend: visible patches stay bit-identical even if pred holds NaN/inf
+    recon = unpatchify(torch.where(masked, pred, target), patch, h, w)
+    return recon, unpatchify(masked.to(imgs.dtype), patch, h, w)
