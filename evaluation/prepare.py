@@ -10,7 +10,9 @@ lines whose target is "None", i.e. without ground truth, are dropped and counted
 `--target-dir` name the folders under ROOT its relative paths start from). The lists go
 to `--out` (default ROOT/splits/{train,val}.txt) as "image target" lines relative to ROOT; a list
 there that this command did not write is kept unless `--force`. Data files are never modified.
-`--verify` decodes every pair and reports each unreadable file. Exit status 1 on any error.
+`--verify` decodes every pair and reports each unreadable file (a depth png that is not 16-bit or
+holds metres, a label out of range, ...); for segmentation it also prints the stored label values
+of each split and the `--label-format`s they fit. Exit status 1 on any error.
 """
 
 from __future__ import annotations
@@ -20,9 +22,17 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
+
 from evaluation.datasets import get_info, scan_layout, split_list_path, write_split_list
-from evaluation.datasets.base import LABEL_FORMATS, check_pairs, dataset_from_pairs
+from evaluation.datasets.base import LABEL_FORMATS, SegDataset, check_pairs, dataset_from_pairs
 from evaluation.datasets.info import DATASETS, VOC_PLAIN_TRAIN_SIZE, DatasetInfo
+from evaluation.datasets.labels import (
+    describe_values,
+    fitting_formats,
+    format_ranges,
+    reduced_without_ignore,
+)
 from evaluation.datasets.splits import LIST_HEADER, SPLITS, Pair, parse_split_lines
 from evaluation.datasets.transforms import UnreadableImageError
 
@@ -88,16 +98,36 @@ def write_list(path: Path, root: Path, pairs: list[Pair], force: bool) -> str:
     return f"wrote {path}"
 
 
-def verify(name: str, pairs: list[Pair], label_format: str) -> list[str]:
-    """Decode every pair as validation does (no augmentation); one message per bad pair."""
-    dataset = dataset_from_pairs(name, pairs, "val", label_format=label_format)
-    errors = []
+def verify(info: DatasetInfo, split: str, pairs: list[Pair], label_format: str) -> list[str]:
+    """Decode every pair as validation does (no augmentation): one `unreadable:` note per bad
+    pair, and for segmentation the stored label values and the formats they fit."""
+    dataset = dataset_from_pairs(info.name, pairs, "val", label_format=label_format)
+    if isinstance(dataset, SegDataset):
+        dataset.seen_labels = np.zeros(2**16, dtype=bool)  # masks are 8- or 16-bit
+    notes = []
     for index in range(len(pairs)):
         try:
             dataset[index]
         except UnreadableImageError as err:
-            errors.append(str(err))
-    return errors
+            notes.append(f"unreadable: {err}")
+    if isinstance(dataset, SegDataset):
+        values = np.flatnonzero(dataset.seen_labels)
+        notes += label_notes(info, split, values, label_format, len(pairs))
+    return notes
+
+
+def label_notes(
+    info: DatasetInfo, split: str, values: np.ndarray, label_format: str, masks: int
+) -> list[str]:
+    """`<split>: label values 0-150 fit label_format=raw`, and a warning for a reduced set
+    without 255 (see evaluation/datasets/labels.py)."""
+    fits = " and ".join(fitting_formats(values, info))
+    fits = f"label_format={fits}" if fits else f"no label_format ({format_ranges(info)})"
+    notes = [f"{split}: label values {describe_values(values)} fit {fits}"]
+    if label_format == "reduced" and info.reduce_zero_label and 255 not in values:
+        where = f"any of its {masks} masks"
+        notes.append(f"warning: {reduced_without_ignore(info, split, where)}")
+    return notes
 
 
 def prepare_split(args: argparse.Namespace, info: DatasetInfo, split: str) -> tuple[str, list[str]]:
@@ -113,7 +143,7 @@ def prepare_split(args: argparse.Namespace, info: DatasetInfo, split: str) -> tu
     else:
         notes.append(write_list(out, args.root, pairs, args.force))
     if args.verify:
-        notes += [f"unreadable: {e}" for e in verify(info.name, pairs, args.label_format)]
+        notes += verify(info, split, pairs, args.label_format)
     expected = expected_size(info, split, pairs)
     return f"{info.name:<8} {split:<6} {len(pairs):>7} {expected:>9}", notes
 

@@ -20,6 +20,7 @@ from torch.utils.data import Dataset
 
 from evaluation.datasets import transforms as T
 from evaluation.datasets.info import EIGEN_CROP, DatasetInfo, get_info
+from evaluation.datasets.labels import is_first_rank, warn_if_reduced_without_ignore
 from evaluation.datasets.splits import (
     SPLITS,
     Pair,
@@ -58,10 +59,11 @@ class DepthDataset(PairDataset):
     """RGB + 16-bit png depth (value / `info.depth_scale` = metres; 0 = no measurement)."""
 
     def read_depth(self, index: int) -> np.ndarray:
+        """(H, W) metres of the pair's 16-bit png; a png that cannot hold the release's encoding
+        (1- or 8-bit, or values that are metres rather than metres x scale) names the file."""
         path = str(self.pairs[index][1])
         raw = T.read_plane(path)
-        if raw.dtype == np.uint8:  # 8-bit: not the release's 16-bit format, the scale would be off
-            raise T.UnreadableImageError(f"{path}: expected a 16-bit depth png, got 8-bit")
+        check_depth_encoding(raw, self.info, path)
         return raw.astype(np.float32) / np.float32(self.info.depth_scale)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
@@ -79,6 +81,23 @@ class DepthDataset(PairDataset):
         return {"image": T.normalize(image), "depth": depth_t, "index": index}
 
 
+def check_depth_encoding(raw: np.ndarray, info: DatasetInfo, path: str) -> None:
+    """A stored depth png must be 16-bit (metres x `info.depth_scale`). A 1- or 8-bit png cannot
+    hold that range; one whose largest value is at most `info.max_depth` would mean every depth
+    under max_depth / scale (1 cm for NYUv2, 31 cm for KITTI): depth written in metres. One max
+    over the pixels (about 0.1 ms for a 480 x 640 frame)."""
+    if raw.dtype.kind not in "ui" or raw.dtype.itemsize < 2:  # bool = 1-bit, uint8 = 8-bit
+        bits = {"b": "1-bit", "u": "8-bit"}.get(raw.dtype.kind, str(raw.dtype))
+        raise T.UnreadableImageError(f"{path}: expected a 16-bit depth png, got {bits}")
+    largest = int(raw.max(initial=0))
+    if 0 < largest <= info.max_depth:
+        raise T.UnreadableImageError(
+            f"{path}: its largest value is {largest}, so every depth would be under "
+            f"{info.max_depth / info.depth_scale:.3g} m: depth stored in metres? {info.name} depth "
+            f"pngs hold metres x {info.depth_scale:g}"
+        )
+
+
 class SegDataset(PairDataset):
     """RGB + single-channel mask (palette indices or grey values), remapped to 0..K-1 / 255."""
 
@@ -86,10 +105,15 @@ class SegDataset(PairDataset):
         super().__init__(*args, **kwargs)
         self.reduce_zero = reduce_zero
         self.scale_range = T.SEG_SCALE_RANGE  # of the training resize (tests pin it)
+        # Stored values seen, when a caller asks (`prepare --verify`: np.zeros(65536, bool)).
+        self.seen_labels: np.ndarray | None = None
 
     def read_mask(self, index: int) -> np.ndarray:
         path = str(self.pairs[index][1])
-        return T.remap_labels(T.read_plane(path), self.info.num_classes, self.reduce_zero, path)
+        raw = T.read_plane(path)
+        if self.seen_labels is not None:  # before the remap, which refuses bad values
+            self.seen_labels[np.flatnonzero(np.bincount(raw.ravel()))] = True
+        return T.remap_labels(raw, self.info.num_classes, self.reduce_zero, path)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         image, mask = self.read_image(index), self.read_mask(index)
@@ -124,7 +148,10 @@ def build_dataset(
     root = require_dir(Path(root), f"{info.name} root")
     pairs = read_split_list(split_file, root) if split_file else scan_layout(info.name, root, split)
     check_pairs(pairs, split_file or root)
-    return dataset_from_pairs(info.name, pairs, split, crop_size, label_format=label_format)
+    dataset = dataset_from_pairs(info.name, pairs, split, crop_size, label_format=label_format)
+    if label_format == "reduced" and info.reduce_zero_label and is_first_rank():
+        warn_if_reduced_without_ignore(info, split, split_file or root, pairs)
+    return dataset
 
 
 def dataset_from_pairs(

@@ -40,15 +40,25 @@ def read_split_list(path: str | Path, root: str | Path) -> list[Pair]:
 
 def parse_split_lines(lines: Iterable[str], root: str | Path, source: str | Path) -> list[Pair]:
     """Pairs of "image target [ignored...]" lines; errors name `source` and the line number."""
-    root, pairs = Path(root), []
+    root, pairs, seen = Path(root), [], {}
     for number, line in enumerate(lines, 1):
         tokens = line.split()
         if not tokens or tokens[0].startswith("#"):
             continue
         if len(tokens) < 2 or tokens[1] == "None":
             raise ValueError(f"{source}:{number}: expected 'image target', got {line.strip()!r}")
-        pairs.append((_resolve(root, tokens[0]), _resolve(root, tokens[1])))
+        pair = (_resolve(root, tokens[0]), _resolve(root, tokens[1]))
+        refuse_repeat(seen, pair, number, source, f"{tokens[0]} {tokens[1]}")
+        pairs.append(pair)
     return pairs
+
+
+def refuse_repeat(seen: dict, key: object, number: int, source: str | Path, shown: str) -> None:
+    """ValueError naming `source`, the line and the first one when `key` was seen before: a
+    repeated pair would count twice in every epoch and in the validation metrics."""
+    first = seen.setdefault(key, number)
+    if first != number:
+        raise ValueError(f"{source}:{number}: {shown} is listed twice (first on line {first})")
 
 
 def write_split_list(path: str | Path, root: str | Path, pairs: Iterable[Pair]) -> int:
@@ -144,7 +154,11 @@ def _scan_pascal(root: Path, split: str) -> list[Pair]:
     ids_file = sets / names[0]
     if not ids_file.is_file():
         raise FileNotFoundError(f"VOC split file not found: {ids_file}")
-    ids = [line.split()[0] for line in ids_file.read_text().splitlines() if line.strip()]
+    ids, seen = [], {}
+    for number, line in enumerate(ids_file.read_text().splitlines(), 1):
+        if line.strip():
+            ids.append(line.split()[0])
+            refuse_repeat(seen, ids[-1], number, ids_file, ids[-1])
     pairs = [(root / "JPEGImages" / f"{i}.jpg", masks / f"{i}.png") for i in ids]
     for path in (p for pair in pairs for p in pair):
         if not path.is_file():

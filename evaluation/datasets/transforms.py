@@ -13,6 +13,7 @@ import torch
 from PIL import Image
 
 from pixio.constants import IMAGENET_MEAN, IMAGENET_STD
+from pixio.runtime.job import DataError
 
 IGNORE_INDEX = 255
 SEG_SCALE_RANGE: tuple[float, float] = (0.5, 2.0)
@@ -21,8 +22,19 @@ _MEAN = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
 _STD = torch.tensor(IMAGENET_STD).view(3, 1, 1)
 
 
-class UnreadableImageError(RuntimeError):
-    """An image, depth map or mask that cannot be decoded or is not what the dataset expects."""
+class UnreadableImageError(DataError):
+    """An image, depth map or mask that cannot be decoded or is not what the dataset expects.
+    A job error (`pixio.runtime.job.JOB_ERRORS`): the app ends with one line naming the file."""
+
+    def __init__(self, message: str) -> None:
+        # A DataLoader worker's error reaches the main process rebuilt from a message holding
+        # the worker's traceback; its last line is this class's name and the original message.
+        if message.startswith("Caught ") and "\nOriginal Traceback" in message:
+            last = message.rstrip().rsplit("\n", 1)[-1]
+            name, found, original = last.partition(": ")
+            if found and name.endswith(type(self).__name__):
+                message = original
+        super().__init__(message)
 
 
 def read_rgb(path: str) -> np.ndarray:

@@ -338,3 +338,123 @@ def test_loveda_with_one_domain_only(tmp_path):
         (root / "Val" / "Val" / "Urban").rglob("*.png")
     )
     assert len(build_dataset("loveda", root, "val")) == 1
+
+
+# ---- data checks: encodings, repeated pairs, label formats -------------------------------------
+def _one_pair_kitti(root: Path, depth: np.ndarray) -> Path:
+    """A KITTI-layout pair with `depth` stored as given; returns the list naming it."""
+    save(halves(*depth.shape, 10), root / "images/a.png")
+    save(depth, root / "annotations/a.png")  # bool: a 1-bit png
+    (root / "list.txt").write_text("images/a.png annotations/a.png\n")
+    return root / "list.txt"
+
+
+@pytest.mark.parametrize(
+    "depth, why",
+    [
+        (np.ones((20, 30), dtype=bool), "expected a 16-bit depth png, got 1-bit"),
+        (np.full((20, 30), 80, dtype=np.uint16), "its largest value is 80, so every depth would be under 0.312 m: depth stored in metres? kitti depth pngs hold metres x 256"),
+        (np.full((20, 30), 3, dtype=np.uint16), "its largest value is 3, so every depth"),
+    ],
+)  # fmt: skip
+def test_depth_pngs_that_cannot_hold_the_encoding_name_the_file(tmp_path, depth, why):
+    listed = _one_pair_kitti(tmp_path, depth)
+    with pytest.raises(UnreadableImageError) as caught:
+        build_dataset("kitti", tmp_path, "val", listed)[0]
+    assert str(caught.value).startswith(f"{tmp_path / 'annotations/a.png'}: {why}")
+
+
+def test_depth_pngs_just_above_the_metre_range_or_empty_are_read(tmp_path):
+    depth = np.zeros((20, 30), dtype=np.uint16)
+    listed = _one_pair_kitti(tmp_path, depth)
+    assert build_dataset("kitti", tmp_path, "val", listed)[0]["depth"].max() == 0  # no error
+    depth[3, 4] = 81  # 0.32 m: one value above the metre range is enough
+    _one_pair_kitti(tmp_path, depth)
+    assert build_dataset("kitti", tmp_path, "val", listed)[0]["depth"][0, 3, 4] == 81 / 256
+
+
+def test_nyuv2_depth_in_metres_is_refused_naming_the_file(tmp_path):
+    root = tmp_path / "nyu"
+    write_nyu_frame(root, "official_splits/test")
+    target = root / "official_splits/test/scene_0001/sync_depth_00000.png"
+    save((stored(target) > 0).astype(np.uint16) * 3, target)  # 3 "metres" where mm are expected
+    with pytest.raises(UnreadableImageError, match=f"^{target}: .* under 0.01 m: .* x 1000$"):
+        build_dataset("nyuv2", root, "val")[0]
+
+
+def test_a_pair_listed_twice_is_an_error_naming_the_list_and_lines(eval_demo, tmp_path):
+    root = eval_demo("ade20k")
+    rel = [f"{i.relative_to(root)} {t.relative_to(root)}" for i, t in scan_layout("ade20k", root, "val")]  # fmt: skip
+    (tmp_path / "val.txt").write_text("\n".join(["# header", *rel, "", rel[1]]) + "\n")
+    with pytest.raises(ValueError) as caught:
+        build_dataset("ade20k", root, "val", tmp_path / "val.txt")
+    assert str(caught.value) == f"{tmp_path / 'val.txt'}:6: {rel[1]} is listed twice (first on line 3)"  # fmt: skip
+
+
+def test_a_voc_id_listed_twice_is_an_error_naming_the_file(eval_demo_copy):
+    root = eval_demo_copy("pascal")
+    ids_file = root / "ImageSets/Segmentation/val.txt"
+    first = ids_file.read_text().split()[0]
+    ids_file.write_text(ids_file.read_text() + f"{first}\n")
+    with pytest.raises(ValueError, match=f"^{ids_file}:4: {first} is listed twice \\(first on line 1\\)$"):  # fmt: skip
+        build_dataset("pascal", root, "val")
+
+
+def _without_flag(root: Path) -> list[Path]:
+    """Raw ADE20K masks with no 150 (so nothing refuses them when read as reduced)."""
+    targets = [t for split in ("train", "val") for _, t in scan_layout("ade20k", root, split)]
+    for target in targets:
+        save(np.minimum(stored(target), 149), target)
+    return targets
+
+
+def _count_reads(monkeypatch) -> list[str]:
+    from evaluation.datasets import transforms
+
+    reads, read_plane = [], transforms.read_plane
+    monkeypatch.setattr(transforms, "read_plane", lambda p: reads.append(p) or read_plane(p))
+    return reads
+
+
+def test_raw_masks_read_as_reduced_warn_once_naming_the_split(eval_demo_copy, caplog, monkeypatch):
+    root = eval_demo_copy("ade20k")
+    _without_flag(root)
+    reads = _count_reads(monkeypatch)
+    with caplog.at_level("WARNING", logger="pixio.eval"):
+        build_dataset("ade20k", root, "train", label_format="reduced")
+    assert [r.getMessage() for r in caplog.records] == [
+        f"ade20k train split: no 255 in the 8 masks sampled from {root}, but a reduced ade20k set "
+        "marks other / no-data pixels 255: if these are the release's raw masks, every class is "
+        "off by one (mIoU near 0); set data.label_format=raw (python -m evaluation.prepare ade20k "
+        "ROOT --verify lists the stored values)"
+    ]
+    assert len(reads) == 8  # at most REDUCED_SAMPLE (16) masks, evenly spaced
+
+
+def test_reduced_masks_cost_one_read_and_raw_reading_none(
+    eval_demo, eval_demo_copy, caplog, monkeypatch
+):
+    root = eval_demo_copy("ade20k")
+    for target in _without_flag(root):  # now re-encode: 0 (other) -> 255, k -> k - 1
+        raw = stored(target)
+        save(np.where(raw == 0, 255, raw - 1).astype(np.uint8), target)
+    reads = _count_reads(monkeypatch)
+    with caplog.at_level("WARNING", logger="pixio.eval"):
+        build_dataset("ade20k", root, "val", label_format="reduced")
+        assert len(reads) == 1  # the first sampled mask holds 255: done
+        build_dataset("loveda", eval_demo("loveda"), "val")  # raw: nothing sampled
+        build_dataset("pascal", eval_demo("pascal"), "val", label_format="reduced")
+    assert len(reads) == 1 and not caplog.records
+
+
+def test_a_worker_error_reaches_the_main_process_as_its_one_line(tmp_path):
+    from torch.utils.data import DataLoader
+
+    from pixio.runtime.job import error_line
+
+    listed = _one_pair_kitti(tmp_path, np.ones((20, 30), dtype=bool))
+    loader = DataLoader(build_dataset("kitti", tmp_path, "val", listed), num_workers=1)
+    with pytest.raises(UnreadableImageError) as caught:
+        next(iter(loader))
+    expected = f"{tmp_path / 'annotations/a.png'}: expected a 16-bit depth png, got 1-bit"
+    assert str(caught.value) == expected and error_line(caught.value) == expected

@@ -109,3 +109,27 @@ def test_segmentation_summary_names_the_split_when_no_pixel_is_labelled():
         seg.summarize({**stats, "samples": torch.tensor(2.0)})
     stats["target_area"][1] = stats["union"][1] = 4  # four labelled pixels, none predicted
     assert seg.summarize({**stats, "samples": torch.tensor(2.0)})["miou"] == 0.0
+
+
+def test_a_1_bit_depth_png_stops_training_with_one_line_naming_it(built, tmp_path, capsys):
+    encoder, root = _copy(built, "kitti", tmp_path)
+    target = read_split_list(root / "splits" / "train.txt", root)[0][1]
+    Image.fromarray(np.asarray(Image.open(target)) > 0).save(target)  # a 1-bit png
+    out = tmp_path / "run"  # read first by a DataLoader worker, in the first training batch
+    err = _run(depth_main, "depth", encoder, root, out, capsys, **{"dataset": "kitti", "data.num_workers": 2})  # fmt: skip
+    assert _only_error_line(err) == f"error: {target}: expected a 16-bit depth png, got 1-bit"
+
+
+def test_raw_masks_read_as_reduced_are_announced_once_per_split(built, tmp_path):
+    encoder, root = _copy(built, "ade20k", tmp_path)
+    for split in ("train", "val"):
+        for _, target in scan_layout("ade20k", root, split):  # no 150: nothing refuses them
+            Image.fromarray(np.minimum(np.asarray(Image.open(target)), 149)).save(target)
+    out = tmp_path / "run"
+    values = {"dataset": "ade20k", "head": "linear", "train.epochs": 1, "train.batch_size": 4,
+              "data.label_format": "reduced"}  # fmt: skip
+    semseg_main(compose_eval("semseg", cpu_overrides(encoder, root, out, **values)))
+    log = (out / "train.log").read_text()
+    for split in ("train", "val"):
+        assert log.count(f"ade20k {split} split: no 255 in the") == 1
+    assert (out / "results.json").exists()  # a warning, not an error: the masks may be right

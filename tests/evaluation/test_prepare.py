@@ -7,7 +7,9 @@ import runpy
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
+from PIL import Image
 
 from evaluation.datasets import read_split_list, scan_layout
 from evaluation.datasets.splits import LIST_HEADER
@@ -99,3 +101,51 @@ def test_prepare_runs_as_a_module(tmp_path, monkeypatch, capsys):
         runpy.run_module("evaluation.prepare", run_name="__main__")
     assert exit_info.value.code == 1
     assert f"dataset root not found: {tmp_path / 'missing'}" in capsys.readouterr().err
+
+
+def test_verify_prints_the_label_values_of_each_split_and_the_formats_they_fit(
+    eval_demo_copy, capsys
+):
+    root = eval_demo_copy("ade20k")
+    assert main(["ade20k", str(root), "--verify"]) == 0
+    out = capsys.readouterr().out
+    for split in ("train", "val"):  # the demo's raw masks: 0 = other, ids 1, 5, 12, 77, 150
+        values = set()
+        for _, target in scan_layout("ade20k", root, split):
+            values |= set(np.unique(np.asarray(Image.open(target))).tolist())
+        assert values == {0, 1, 5, 12, 77, 150}
+        assert f"{split}: label values 0-1, 5, 12, 77, 150 fit label_format=raw\n" in out
+    for _, target in scan_layout("ade20k", root, "val"):  # no 150 any more: fits both formats
+        Image.fromarray(np.minimum(np.asarray(Image.open(target)), 149)).save(target)
+    assert main(["ade20k", str(root), "--verify", "--label-format", "reduced"]) == 1  # train: 150
+    out = capsys.readouterr().out
+    assert "\nval: label values 0-1, 5, 12, 77, 149 fit label_format=raw and reduced\n" in out
+    assert "\nwarning: ade20k val split: no 255 in any of its 3 masks, but a reduced" in out
+
+
+def test_verify_names_labels_that_fit_no_format(eval_demo_copy, capsys):
+    root = eval_demo_copy("loveda")
+    target = scan_layout("loveda", root, "val")[0][1]
+    mask = np.asarray(Image.open(target)).copy()
+    mask[0, 0] = 200
+    Image.fromarray(mask).save(target)
+    assert main(["loveda", str(root), "--verify"]) == 1
+    out = capsys.readouterr().out
+    assert f"unreadable: {target}: raw label 200 > 7" in out
+    assert (
+        "val: label values 0-7, 200 fit no label_format (raw: 0..7, reduced: 0..6 and 255)" in out
+    )
+
+
+def test_verify_finds_depth_in_metres_and_lists_repeat_pairs(eval_demo_copy, tmp_path, capsys):
+    root = eval_demo_copy("kitti")
+    target = read_split_list(root / "splits" / "val.txt", root)[1][1]
+    metres = np.asarray(Image.open(target)) // 256  # what a png written in metres holds
+    Image.fromarray(metres.astype(np.uint16)).save(target)
+    assert main(["kitti", str(root), "--verify"]) == 1
+    assert f"unreadable: {target}: its largest value is {metres.max()}, so every depth would be under" in capsys.readouterr().out  # fmt: skip
+    listed = (root / "splits" / "val.txt").read_text().splitlines()
+    (tmp_path / "val.txt").write_text("\n".join([*listed, listed[2]]) + "\n")
+    assert main(["kitti", str(root), "--val-list", str(tmp_path / "val.txt")]) == 1
+    line = f"error: {tmp_path / 'val.txt'}:{len(listed) + 1}: {listed[2]} is listed twice (first on line 3)"  # fmt: skip
+    assert capsys.readouterr().err == line + "\n"
