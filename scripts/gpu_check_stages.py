@@ -1,0 +1,594 @@
+"""The stages of scripts/gpu_check.py, each run in its own process by `run(name, ...)`.
+
+A stage fills `m` (its metrics, kept even when it fails) and raises on a failed check. The jobs
+run through their real entry points (`python -m pretraining.train ...`) with their output in
+the check's log. `PLANS` holds the sizes: the GPU's (ViT-H/16 at batch 64, the demos as they
+ship, shorter schedules) and the CPU mode's (tiny models, a few iterations).
+"""
+
+from __future__ import annotations
+
+import collections
+import io
+import json
+import os
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+MASK_RATIO = 0.75
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What each stage runs, per mode."""
+
+    mae: dict[str, Any]  # build_mae arguments of the MAE benchmark
+    batch: int  # its batch
+    warmup: int  # untimed steps after the first
+    steps: int  # timed steps (the median is reported)
+    fsdp_mae: dict[str, Any]  # build_mae arguments of the FSDP2 stage
+    fsdp_batch: int
+    compile: bool  # compile in the FSDP2 and trainer stages (CPU: inductor's C++ build is slow)
+    bf16: bool  # bf16 autocast over fp32 weights, as training runs (CPU: fp32, bf16 is emulated)
+    demo_data: dict[str, int] | None  # None: the shipped demo set; else a small one (samples, ...)
+    demo_encoder: dict[str, int]  # img_size and depth of the pre-training demo's encoder
+    pretrain: list[str]  # overrides of experiment=demo (shorter schedule; CPU: tiny model)
+    stop_at: int  # train.max_iters of the stopped run
+    eval_extra: list[str]  # overrides of the depth and segmentation demos
+    knn_extra: list[str]
+    distill: list[str]
+    jpeg: tuple[int, int, int]  # images, height, width
+    tolerance: float  # resumed vs uninterrupted: max |loss| and |weight| difference
+
+
+TINY_MAE = dict(name="pixio_vitt16", depth=2, img_size=128, decoder_embed_dim=64, decoder_depth=2, decoder_num_heads=4)  # fmt: skip
+PLANS = {
+    "cuda": Plan(
+        mae=dict(name="pixio_vith16"), batch=64, warmup=3, steps=10,
+        fsdp_mae=dict(name="pixio_vitb16", depth=4, decoder_depth=4), fsdp_batch=32, compile=True, bf16=True,
+        demo_data=None, demo_encoder=dict(img_size=128, depth=6),
+        pretrain=["train.iters_per_epoch=50", "train.epochs=2", "train.save_every_iters=50", "train.log_every=10", "train.vis_every=50"],  # fmt: skip
+        stop_at=60, eval_extra=[], knn_extra=[],
+        distill=["train.epochs=2", "train.log_every=10"],
+        jpeg=(128, 384, 512), tolerance=1e-4,
+    ),
+    "cpu": Plan(
+        mae=TINY_MAE, batch=4, warmup=1, steps=3,
+        fsdp_mae=dict(TINY_MAE, img_size=64, decoder_depth=1), fsdp_batch=4, compile=False, bf16=False,
+        demo_data=dict(samples=48, shard_size=12), demo_encoder=dict(img_size=64, depth=4),
+        pretrain=["model.depth=4", "model.img_size=64", "model.mask_grid=2", "model.decoder_depth=1", "train.batch_size=4", "train.iters_per_epoch=3", "train.epochs=2", "train.save_every_iters=3", "train.log_every=1", "train.vis_every=3", "data.num_workers=0"],  # fmt: skip
+        stop_at=4,
+        eval_extra=["data.crop_size=64", "eval.window=64", "eval.stride=64", "train.epochs=1", "data.demo_train=4", "data.demo_val=1", "eval.vis_images=1"],  # fmt: skip
+        knn_extra=["data.resize=64", "data.crop=64"],
+        distill=["img_size=64", "mask_grid=2", "train.batch_size=4", "train.iters_per_epoch=3", "train.epochs=1", "train.save_every_iters=3", "train.log_every=1", "train.vis_every=3", "data.num_workers=0"],  # fmt: skip
+        jpeg=(16, 192, 256), tolerance=1e-4,
+    ),
+}  # fmt: skip
+
+
+@dataclass
+class Ctx:
+    device: str  # "cuda" or "cpu"
+    out: Path  # the check's output folder
+    plan: Plan
+
+    def autocast(self) -> Any:
+        """bf16 autocast (the trainer's default precision) or, in fp32 plans, nothing."""
+        import contextlib
+
+        import torch
+
+        if not self.plan.bf16:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device, dtype=torch.bfloat16)
+
+    def dir(self, name: str) -> Path:
+        """A fresh folder for `name` under the output folder (a re-run starts clean)."""
+        path = self.out / name
+        shutil.rmtree(path, ignore_errors=True)
+        return path
+
+
+# ---- helpers ---------------------------------------------------------------------------------
+def job(module: str, overrides: list[str], timeout: float = 600) -> float:
+    """Run `python -m module overrides` in the repo, its output into ours (the log); seconds.
+    RuntimeError with the job's last line when it fails."""
+    cmd = [sys.executable, "-m", module, *overrides]
+    print(f"$ {' '.join(cmd)}", flush=True)
+    start, tail = time.perf_counter(), collections.deque(maxlen=5)
+    with subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as p:  # fmt: skip
+        for line in p.stdout:  # type: ignore[union-attr]
+            sys.stdout.write(line)
+            tail.append(line.strip())
+        code = p.wait(timeout=timeout)
+    if code != 0:
+        last = next((t for t in reversed(tail) if t), "")
+        raise RuntimeError(f"{module} exited with {code}: {last}")
+    return round(time.perf_counter() - start, 1)
+
+
+def sync(device: str) -> None:
+    import torch
+
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_steps(step: Callable[[], Any], n: int, device: str) -> list[float]:
+    """Milliseconds of each of `n` calls: CUDA events on the GPU (device time, launch gaps
+    included), wall clock on the CPU."""
+    import torch
+
+    if device != "cuda":
+        out = []
+        for _ in range(n):
+            t = time.perf_counter()
+            step()
+            out.append((time.perf_counter() - t) * 1e3)
+        return out
+    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(n)]  # fmt: skip
+    for start, end in events:
+        start.record()
+        step()
+        end.record()
+    torch.cuda.synchronize()
+    return [s.elapsed_time(e) for s, e in events]
+
+
+def spread(ms: list[float]) -> dict[str, float]:
+    return {"median": round(statistics.median(ms), 3), "min": round(min(ms), 3), "max": round(max(ms), 3)}  # fmt: skip
+
+
+def device_name(device: str) -> str:
+    import torch
+
+    return torch.cuda.get_device_name() if device == "cuda" else "cpu"
+
+
+def metrics_by_step(output_dir: Path) -> dict[int, dict[str, Any]]:
+    """metrics.jsonl of a run (a resumed run's rewound file), by step."""
+    rows = [json.loads(ln) for ln in (output_dir / "metrics.jsonl").read_text().splitlines() if ln.strip()]  # fmt: skip
+    return {r["step"]: r for r in rows if "loss" in r}
+
+
+# ---- env ---------------------------------------------------------------------------------------
+def nvidia_smi(field_name: str) -> str | None:
+    try:
+        out = subprocess.run(["nvidia-smi", f"--query-gpu={field_name}", "--format=csv,noheader"], capture_output=True, text=True, timeout=20)  # fmt: skip
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return out.stdout.strip().splitlines()[0] if out.returncode == 0 and out.stdout.strip() else None  # fmt: skip
+
+
+def stage_env(ctx: Ctx, m: dict[str, Any]) -> None:
+    import platform
+
+    import torch
+    import torchvision
+
+    from pixio.models.flops import peak_bf16_tflops
+
+    git = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)  # fmt: skip
+    m.update(python=platform.python_version(), platform=platform.platform(), torch=torch.__version__,
+             torchvision=torchvision.__version__, cuda_build=torch.version.cuda,
+             cudnn=torch.backends.cudnn.version(), cpu_count=os.cpu_count(),
+             git_commit=git.stdout.strip() or None, cuda_available=torch.cuda.is_available())  # fmt: skip
+    try:
+        import triton
+
+        m["triton"] = triton.__version__
+    except ImportError:
+        m["triton"] = None
+    if torch.cuda.is_available():
+        p = torch.cuda.get_device_properties(0)
+        nccl = torch.cuda.nccl.version()
+        m.update(device=p.name, devices=torch.cuda.device_count(), capability=f"{p.major}.{p.minor}",
+                 memory_gib=round(p.total_memory / 2**30, 1), sms=p.multi_processor_count,
+                 nccl=".".join(map(str, nccl)) if isinstance(nccl, tuple) else str(nccl),
+                 driver=nvidia_smi("driver_version"), peak_bf16_tflops=peak_bf16_tflops(p.name))  # fmt: skip
+    if ctx.device == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"CUDA is not available to torch {torch.__version__}: for the CPU mode run scripts/gpu_check.sh --cpu")  # fmt: skip
+
+
+# ---- the MAE benchmark -----------------------------------------------------------------------
+def kernel_count(step: Callable[[], Any], device: str) -> dict[str, int]:
+    """Events of one profiled step: GPU kernels (memcpy / memset included) and CPU-side ops."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+    with profile(activities=acts) as prof:
+        step()
+        sync(device)
+    events = prof.events()
+    counts = {"cpu_ops": sum(1 for e in events if e.device_type == DeviceType.CPU)}
+    if device == "cuda":
+        counts["gpu_kernels"] = sum(1 for e in events if e.device_type == DeviceType.CUDA)
+    return counts
+
+
+def forward_split(model: Any, x: Any, ctx: Ctx) -> dict[str, Any]:
+    """Median forward ms of the encoder (visible tokens) and of the decoder (all tokens), eager,
+    without gradients."""
+    import torch
+
+    enc, dec = [], []
+    with torch.no_grad(), ctx.autocast():
+        for i in range(ctx.plan.warmup + ctx.plan.steps):
+            state: dict[str, Any] = {}
+
+            def encode(state: dict[str, Any] = state) -> None:
+                state["enc"] = model.forward_encoder(x, MASK_RATIO, None)
+
+            def decode(state: dict[str, Any] = state) -> None:
+                latent, _, ids_restore, grid = state["enc"]
+                model.forward_decoder(latent, ids_restore, grid)
+
+            e, d = time_steps(encode, 1, ctx.device), time_steps(decode, 1, ctx.device)
+            if i >= ctx.plan.warmup:
+                enc += e
+                dec += d
+    return {"encoder_forward_ms": spread(enc), "decoder_forward_ms": spread(dec)}
+
+
+def adamw_step_ms(model: Any, ctx: Ctx) -> dict[str, float]:
+    """Median ms of the project's AdamW step (fused on CUDA) over the MAE's gradients."""
+    import torch
+
+    from pixio.runtime.optim import build_optimizer
+
+    opt = build_optimizer(model, lr=1e-4, weight_decay=0.05)
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    for _ in range(2):
+        opt.step()
+    sync(ctx.device)
+    ms = spread(time_steps(opt.step, ctx.plan.steps, ctx.device))
+    model.zero_grad(set_to_none=True)
+    return {"fused": bool(opt.defaults.get("fused")), **ms}
+
+
+def mae_bench(ctx: Ctx, m: dict[str, Any], compiled: str) -> None:
+    """fwd+bwd of the MAE: `compiled` none (eager), model (torch.compile of the whole model, what
+    train.compile does) or blocks (each block compiled apart: one graph per block shape)."""
+    import torch
+
+    from pixio import build_mae
+    from pixio.models.flops import mae_model_flops, utilization
+    from pixio.runtime.parallel import materialize
+
+    plan, dev = ctx.plan, ctx.device
+    torch.manual_seed(0)
+    kwargs, start = dict(plan.mae), time.perf_counter()
+    with torch.device("meta"):  # as the trainer builds it: seeded init on the device
+        model = build_mae(kwargs.pop("name"), **kwargs)
+    model = materialize(model, torch.device(dev)).train()
+    m["build_s"] = round(time.perf_counter() - start, 1)
+    size = model.grid_size[0] * model.patch_size
+    x = torch.randn(plan.batch, 3, size, size, device=dev)
+    flops = mae_model_flops(model, mask_ratio=MASK_RATIO)
+    m.update(model=plan.mae, batch=plan.batch, img_size=size, mask_ratio=MASK_RATIO,
+             precision="bf16 autocast, fp32 weights" if plan.bf16 else "fp32",
+             gflops_per_image={"train": flops.train / 1e9, "encoder_forward": flops.encoder / 1e9, "decoder_forward": flops.decoder / 1e9})  # fmt: skip
+    net = torch.compile(model) if compiled == "model" else model
+    if compiled == "blocks":
+        for block in [*model.blocks, *model.decoder_blocks]:
+            block.compile()
+    m["compiled"] = compiled
+
+    def step() -> None:
+        with ctx.autocast():
+            loss = net(x, mask_ratio=MASK_RATIO).loss
+        loss.backward()
+        model.zero_grad(set_to_none=True)
+
+    start = time.perf_counter()
+    step()
+    sync(dev)
+    m["first_step_s"] = round(time.perf_counter() - start, 2)  # compilation included
+    for _ in range(plan.warmup):
+        step()
+    if dev == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    ms = spread(time_steps(step, plan.steps, dev))
+    util = utilization(flops.train * plan.batch, ms["median"] / 1e3, 1, device_name(dev))
+    m.update(step_ms=ms, images_per_s=round(plan.batch / (ms["median"] / 1e3), 1), tflops=round(util.tflops, 2),
+             mfu=None if util.mfu is None else round(util.mfu, 4), peak_tflops=util.peak_tflops)  # fmt: skip
+    if dev == "cuda":
+        m["peak_memory_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+    m["profile"] = kernel_count(step, dev)
+    if compiled == "none":
+        m.update(forward_split(model, x, ctx), adamw_step_ms=adamw_step_ms(model, ctx))
+
+
+# ---- pre-training demo: stopped + resumed vs uninterrupted ---------------------------------------
+def demo_data_overrides(ctx: Ctx, m: dict[str, Any]) -> list[str]:
+    """The demo shards, built here first (in parallel): the shipped set under data/demo on the
+    GPU (what `make demo` uses), a small one under the output folder on the CPU."""
+    from pixio.data.demo import ensure_demo_data
+
+    workers = max(1, min(8, os.cpu_count() or 1))
+    if ctx.plan.demo_data is None:
+        built = ensure_demo_data(ROOT / "data" / "demo", workers=workers)
+        m["demo_data"] = {"root": "data/demo", "built_s": built["seconds"]}
+        return []
+    built = ensure_demo_data(ctx.out / "demo_data", workers=1, **ctx.plan.demo_data)
+    m["demo_data"] = {"root": str(ctx.out / "demo_data"), "built_s": built["seconds"]}
+    return ["data.build_demo=false", f"data.root={built['shards']}", f"data.json_root={built['json_root']}"]  # fmt: skip
+
+
+def resume_check(ctx: Ctx, m: dict[str, Any], name: str, extra: list[str], tol: float) -> None:
+    """Three runs of the demo: A stopped at `stop_at` then resumed, B uninterrupted; every logged
+    loss and the exported encoder of A must equal B's within `tol`."""
+    base = ["experiment=demo", f"train.device={ctx.device}", *ctx.plan.pretrain, *demo_data_overrides(ctx, m), *extra]  # fmt: skip
+    a, b = ctx.dir(f"{name}_a"), ctx.dir(f"{name}_b")
+    stop = ctx.plan.stop_at
+    m["stopped_s"] = job("pretraining.train", [*base, f"output_dir={a}", f"train.max_iters={stop}"])
+    m["resumed_s"] = job("pretraining.train", [*base, f"output_dir={a}"])
+    m["uninterrupted_s"] = job("pretraining.train", [*base, f"output_dir={b}"])
+    log = (a / "train.log").read_text()
+    if f"at iteration {stop}" not in log:
+        raise AssertionError(f"{a}/train.log: no 'resumed from ... at iteration {stop}' line")
+    m["parallel"] = next((ln.split("parallel: ")[1].split(",")[0] for ln in log.splitlines() if "parallel: " in ln), None)  # fmt: skip
+    ra, rb = metrics_by_step(a), metrics_by_step(b)
+    steps = sorted(rb)
+    if sorted(ra) != steps:
+        raise AssertionError(f"logged steps differ: resumed {sorted(ra)}, uninterrupted {steps}")
+    loss = max(abs(ra[s]["loss"] - rb[s]["loss"]) for s in steps)
+    from safetensors.torch import load_file
+
+    wa, wb = load_file(a / "encoder.safetensors"), load_file(b / "encoder.safetensors")
+    weights = max(float((wa[k].float() - wb[k].float()).abs().max()) for k in wb)
+    m.update(steps=steps[-1], loss_max_diff=loss, weight_max_diff=weights, bit_identical=loss == 0 and weights == 0,
+             final_loss=rb[steps[-1]]["loss"], images_per_s=rb[steps[-1]].get("images_per_s"),
+             checkpoints=sorted(p.name for p in a.glob("checkpoint-0*")))  # fmt: skip
+    if loss > tol or weights > tol:
+        raise AssertionError(f"resumed run differs from the uninterrupted one: loss {loss:.3g}, weights {weights:.3g} (tolerance {tol:g})")  # fmt: skip
+
+
+def stage_pretrain_resume(ctx: Ctx, m: dict[str, Any]) -> None:
+    resume_check(ctx, m, "pretrain", ["train.async_save=true"], ctx.plan.tolerance)
+
+
+def stage_trainer_keys(ctx: Ctx, m: dict[str, Any]) -> None:
+    """The trainer with the keys of a large run. One process: the trainer places the module
+    without a wrapper (FSDP needs more than one rank there); stage fsdp2 checks FSDP2 itself."""
+    keys = ["train.parallel=fsdp", f"train.compile={str(ctx.plan.compile).lower()}",
+            "train.activation_checkpointing=true", f"train.precision={'bf16' if ctx.plan.bf16 else 'fp32'}", "train.async_save=true"]  # fmt: skip
+    m["keys"] = keys
+    resume_check(ctx, m, "trainer_keys", keys, 1e-3)  # bf16: allow for kernel differences
+
+
+# ---- FSDP2 on a one-rank process group ----------------------------------------------------------
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class ShardedMAE:
+    """An MAE built on meta, sharded with FSDP2 (pixio.runtime.parallel), materialised from its
+    seeds, with activation checkpointing, optionally compiled, and the project's AdamW."""
+
+    def __init__(self, ctx: Ctx, seed: int) -> None:
+        import torch
+
+        from pixio import build_mae
+        from pixio.runtime.optim import build_optimizer
+        from pixio.runtime.parallel import fully_shard_model, materialize
+
+        self.ctx, kwargs = ctx, dict(ctx.plan.fsdp_mae)
+        torch.manual_seed(seed)
+        with torch.device("meta"):
+            self.model = build_mae(kwargs.pop("name"), **kwargs)
+        units = [*self.model.blocks, *self.model.decoder_blocks]
+        fully_shard_model(self.model, units, torch.bfloat16 if ctx.plan.bf16 else None)
+        materialize(self.model, torch.device(ctx.device))
+        self.model.set_grad_checkpointing(True)
+        self.net = torch.compile(self.model) if ctx.plan.compile else self.model
+        self.opt = build_optimizer(self.model, lr=1e-3, weight_decay=0.05)
+
+    def step(self, i: int) -> float:
+        """One step on batch `i` (a fixed function of i); the masking draws from the global RNG."""
+        import torch
+
+        size = self.model.grid_size[0] * self.model.patch_size
+        g = torch.Generator().manual_seed(1000 + i)
+        x = torch.randn(self.ctx.plan.fsdp_batch, 3, size, size, generator=g).to(self.ctx.device)
+        with self.ctx.autocast():
+            loss = self.net(x, mask_ratio=MASK_RATIO).loss
+        loss.backward()
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        return float(loss)
+
+    def state(self) -> dict[str, Any]:
+        from torch.distributed.checkpoint.state_dict import (
+            get_model_state_dict,
+            get_optimizer_state_dict,
+        )
+
+        return {"model": get_model_state_dict(self.model), "optimizer": get_optimizer_state_dict(self.model, self.opt)}  # fmt: skip
+
+    def load(self, state: dict[str, Any]) -> None:
+        from torch.distributed.checkpoint.state_dict import (
+            set_model_state_dict,
+            set_optimizer_state_dict,
+        )
+
+        set_model_state_dict(self.model, state["model"])
+        set_optimizer_state_dict(self.model, self.opt, state["optimizer"])
+
+    def weights(self) -> list[Any]:
+        return [p.detach().to_local().float().clone() for p in self.model.parameters()]
+
+
+def stage_fsdp2(ctx: Ctx, m: dict[str, Any]) -> None:
+    import torch
+    import torch.distributed as dist
+
+    from pixio.runtime.checkpointing import CheckpointManager, capture_rng_state, restore_rng_state
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
+    dist.init_process_group("nccl" if ctx.device == "cuda" else "gloo", rank=0, world_size=1)
+    try:
+        m.update(backend=dist.get_backend(), model=ctx.plan.fsdp_mae, compile=ctx.plan.compile, activation_checkpointing=True)  # fmt: skip
+        a = ShardedMAE(ctx, seed=0)
+        m["losses_before_save"] = [a.step(i) for i in range(2)]
+        manager = CheckpointManager(ctx.dir("fsdp2_checkpoints"), async_save=ctx.device == "cuda")
+        rng = capture_rng_state()
+        start = time.perf_counter()
+        manager.save(2, a.state(), {"rng": rng})
+        manager.wait()
+        m["save_s"] = round(time.perf_counter() - start, 2)
+        expected, after = [a.step(i) for i in (2, 3)], a.weights()
+        b = ShardedMAE(ctx, seed=1)  # other initial weights: the load must replace them all
+        state = b.state()
+        _, meta = manager.load_latest(state)
+        b.load(state)
+        restore_rng_state(meta["rng"])
+        m["rng_round_trip"] = torch.equal(torch.get_rng_state(), rng["torch"]) and (
+            ctx.device != "cuda" or torch.equal(torch.cuda.get_rng_state(), rng["cuda"][0]))  # fmt: skip
+        got = [b.step(i) for i in (2, 3)]
+        diff = max(float((x - y).abs().max()) for x, y in zip(after, b.weights(), strict=True))
+        m.update(losses_uninterrupted=expected, losses_resumed=got, weight_max_diff=diff)
+        loss = max(abs(x - y) for x, y in zip(expected, got, strict=True))
+        if not m["rng_round_trip"] or loss > ctx.plan.tolerance or diff > ctx.plan.tolerance:
+            raise AssertionError(f"resume after DCP load differs: rng restored {m['rng_round_trip']}, loss {loss:.3g}, weights {diff:.3g}")  # fmt: skip
+        manager.close()
+    finally:
+        dist.destroy_process_group()
+
+
+# ---- the evaluation and distillation demos -----------------------------------------------------
+def demo_encoder(ctx: Ctx, group: str = "encoder") -> list[str]:
+    """`<group>.checkpoint` (the pre-training stage's encoder when it ran, else an absent path:
+    the demos then say they use random weights) and that encoder's size overrides."""
+    path = ctx.out / "pretrain_b" / "encoder.safetensors"
+    return [f"{group}.checkpoint={path}", *(f"{group}.{k}={v}" for k, v in ctx.plan.demo_encoder.items())]  # fmt: skip
+
+
+def eval_demo(ctx: Ctx, m: dict[str, Any], app: str, experiment: str, dataset: str) -> None:
+    out = ctx.dir(experiment)
+    overrides = [f"experiment={experiment}", f"train.device={ctx.device}", f"output_dir={out}",
+                 f"data.root={ctx.out / 'eval_data' / dataset}", *demo_encoder(ctx), *ctx.plan.eval_extra]  # fmt: skip
+    m["seconds"] = job(f"evaluation.{app}", overrides)
+    results = json.loads((out / "results.json").read_text())
+    m.update(final=results["final"], random_weights=results["encoder"]["random_weights"])
+
+
+def stage_depth_demo(ctx: Ctx, m: dict[str, Any]) -> None:
+    eval_demo(ctx, m, "depth", "depth_demo", "nyuv2")
+
+
+def stage_semseg_demo(ctx: Ctx, m: dict[str, Any]) -> None:
+    eval_demo(ctx, m, "semseg", "semseg_demo", "ade20k")
+
+
+def stage_knn_demo(ctx: Ctx, m: dict[str, Any]) -> None:
+    out = ctx.dir("knn_demo")
+    overrides = ["experiment=knn_demo", f"train.device={ctx.device}", f"output_dir={out}",
+                 f"data.root={ctx.out / 'knn_data'}", *demo_encoder(ctx), *ctx.plan.knn_extra]  # fmt: skip
+    m["seconds"] = job("evaluation.knn", overrides)
+    results = json.loads((out / "results.json").read_text())
+    m.update(top1=results["top1"], random_weights=results["random_weights"])
+
+
+def stage_distill_demo(ctx: Ctx, m: dict[str, Any]) -> None:
+    """The distillation demo with the pre-training stage's encoder as teacher, or a random one
+    of the demo teacher's shape when that stage did not run."""
+    teacher = demo_encoder(ctx, "teacher")
+    if not (ctx.out / "pretrain_b" / "encoder.safetensors").exists():
+        import torch
+
+        from pixio import build_encoder, save_encoder
+
+        torch.manual_seed(0)
+        path = ctx.dir("random_teacher") / "encoder.safetensors"
+        save_encoder(build_encoder("pixio_vitt16", **ctx.plan.demo_encoder), path)
+        teacher[0] = f"teacher.checkpoint={path}"
+        m["teacher"] = "random weights (pretrain_resume did not run)"
+    out = ctx.dir("distill_demo")
+    overrides = ["experiment=distill_demo", f"train.device={ctx.device}", f"output_dir={out}",
+                 *teacher, *ctx.plan.distill, *demo_data_overrides(ctx, m)]  # fmt: skip
+    m["seconds"] = job("distillation.train", overrides)
+    rows = metrics_by_step(out)
+    last = rows[max(rows)]
+    m.update(steps=max(rows), losses={k: v for k, v in last.items() if k.startswith("loss")},
+             exports=sorted(p.name for p in out.glob("encoder-*.safetensors")))  # fmt: skip
+    if len(m["exports"]) != 2:
+        raise AssertionError(f"{out}: expected two student exports, found {m['exports']}")
+
+
+# ---- JPEG decoding -----------------------------------------------------------------------------
+def jpeg_set(n: int, height: int, width: int) -> list[bytes]:
+    """`n` JPEGs (quality 90) of the bundled demo photos, resized to height x width."""
+    from pixio.data.demo import source_images
+
+    _, photos, _ = source_images()
+    photos = [p for p in photos if p.mode == "RGB"]
+    out = []
+    for i in range(n):
+        buf = io.BytesIO()
+        photos[i % len(photos)].resize((width, height)).save(buf, "JPEG", quality=90)
+        out.append(buf.getvalue())
+    return out
+
+
+def rate(fn: Callable[[], Any], images: int, device: str, repeats: int = 3) -> float:
+    """Images per second of `fn` (which decodes `images`), best of `repeats` after a warm-up."""
+    fn()
+    sync(device)
+    best = min(time_steps(fn, repeats, device))
+    return round(images / (best / 1e3), 1)
+
+
+def stage_jpeg(ctx: Ctx, m: dict[str, Any]) -> None:
+    import numpy as np
+    import torch
+    from PIL import Image
+    from torchvision.io import decode_jpeg
+
+    n, h, w = ctx.plan.jpeg
+    data = jpeg_set(n, h, w)
+    tensors = [torch.frombuffer(bytearray(b), dtype=torch.uint8) for b in data]
+    m.update(images=n, size=f"{w}x{h}", mean_kb=round(sum(map(len, data)) / n / 1024, 1), cpu_threads=torch.get_num_threads())  # fmt: skip
+    m["pil_img_s"] = rate(lambda: [np.asarray(Image.open(io.BytesIO(b)).convert("RGB")) for b in data], n, "cpu")  # fmt: skip
+    m["torchvision_cpu_img_s"] = rate(lambda: [decode_jpeg(t) for t in tensors], n, "cpu")
+    if ctx.device != "cuda":
+        m["torchvision_gpu_img_s"] = None  # the CPU mode has no GPU decoder
+        return
+    m["torchvision_gpu_img_s"] = rate(lambda: decode_jpeg(tensors, device="cuda"), n, "cuda")
+    cpu, gpu = decode_jpeg(tensors[0]), decode_jpeg(tensors[0], device="cuda").cpu()
+    m["gpu_vs_cpu_mean_abs_diff"] = round(float((cpu.float() - gpu.float()).abs().mean()), 3)
+
+
+# ---- dispatch ----------------------------------------------------------------------------------
+STAGE_FUNCS: dict[str, Callable[[Ctx, dict[str, Any]], None]] = {
+    "env": stage_env,
+    "mae_eager": lambda ctx, m: mae_bench(ctx, m, compiled="none"),
+    "mae_compiled": lambda ctx, m: mae_bench(ctx, m, compiled="model"),
+    "mae_compiled_blocks": lambda ctx, m: mae_bench(ctx, m, compiled="blocks"),
+    "pretrain_resume": stage_pretrain_resume,
+    "fsdp2": stage_fsdp2,
+    "trainer_keys": stage_trainer_keys,
+    "depth_demo": stage_depth_demo,
+    "semseg_demo": stage_semseg_demo,
+    "knn_demo": stage_knn_demo,
+    "distill_demo": stage_distill_demo,
+    "jpeg": stage_jpeg,
+}
+
+
+def run(name: str, device: str, out: Path, metrics: dict[str, Any]) -> None:
+    """Run stage `name` on `device` ("cuda" or "cpu"), filling `metrics`."""
+    STAGE_FUNCS[name](Ctx(device, Path(out), PLANS[device]), metrics)
