@@ -20,7 +20,7 @@ from torch.utils.data import Dataset
 
 from evaluation.datasets import transforms as T
 from evaluation.datasets.info import EIGEN_CROP, DatasetInfo, get_info
-from evaluation.datasets.labels import is_first_rank, warn_if_reduced_without_ignore
+from evaluation.datasets.labels import warn_if_reduced_without_ignore
 from evaluation.datasets.splits import (
     SPLITS,
     Pair,
@@ -29,6 +29,7 @@ from evaluation.datasets.splits import (
     require_dir,
     scan_layout,
 )
+from pixio.runtime.distributed import is_main
 
 LABEL_FORMATS = ("raw", "reduced")
 
@@ -149,7 +150,7 @@ def build_dataset(
     pairs = read_split_list(split_file, root) if split_file else scan_layout(info.name, root, split)
     check_pairs(pairs, split_file or root)
     dataset = dataset_from_pairs(info.name, pairs, split, crop_size, label_format=label_format)
-    if label_format == "reduced" and info.reduce_zero_label and is_first_rank():
+    if label_format == "reduced" and info.reduce_zero_label and is_main():  # rank 0 reads
         warn_if_reduced_without_ignore(info, split, split_file or root, pairs)
     return dataset
 

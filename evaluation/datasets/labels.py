@@ -14,7 +14,6 @@ import logging
 from pathlib import Path
 
 import numpy as np
-import torch.distributed as dist
 
 from evaluation.datasets import transforms as T
 from evaluation.datasets.info import DatasetInfo
@@ -25,11 +24,6 @@ log = logging.getLogger("pixio.eval")
 # Masks read when a reduced set is built: evenly spaced over the split, stopping at the first
 # one that holds 255 (so one read when the set is right).
 REDUCED_SAMPLE = 16
-
-
-def is_first_rank() -> bool:
-    """True outside a process group and on its rank 0 (the one that logs)."""
-    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
 
 
 def fitting_formats(values: np.ndarray, info: DatasetInfo) -> list[str]:
