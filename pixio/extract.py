@@ -291,8 +291,9 @@ def encode(
 
 
 class UnitWriter:
-    """Collects one unit's rows; writes a part every `shard_size` rows (or more: whole
-    batches), then the manifest. Every file is written to a temporary name and renamed."""
+    """Collects one unit's rows; writes a part of `shard_size` rows whenever it has that many
+    (the last part holds the rest), then the manifest. Every file is written to a temporary
+    name and renamed."""
 
     def __init__(self, out: Path, unit: Unit, shard_size: int, digest: str) -> None:
         self.out, self.unit, self.shard_size, self.digest = out, unit, shard_size, digest
@@ -309,31 +310,34 @@ class UnitWriter:
         self.feats.append(
             {k: v.flatten(0, 1) if k.startswith("patch.") else v for k, v in feats.items()}
         )
-        if len(self.keys) >= self.shard_size:
-            self.flush()
+        while len(self.keys) >= self.shard_size:
+            self.flush(self.shard_size)
 
-    def flush(self) -> None:
-        """Write the rows collected so far as the next part."""
+    def flush(self, n: int) -> None:
+        """Write the first `n` rows collected as the next part; keep the others."""
         name = part_name(self.unit.index, len(self.parts))
-        tensors = {k: torch.cat([f[k] for f in self.feats]) for k in self.feats[0]}
         grid = torch.tensor(self.grids, dtype=torch.int64)  # (N, 2)
-        tensors["grid"] = grid.to(torch.int32)
-        tensors["offsets"] = torch.cat([grid.new_zeros(1), (grid[:, 0] * grid[:, 1]).cumsum(0)])
-        metadata = {"keys": json.dumps(self.keys), "settings": self.digest, "format": FORMAT}
+        offsets = torch.cat([grid.new_zeros(1), (grid[:, 0] * grid[:, 1]).cumsum(0)])  # (N + 1,)
+        merged = {k: torch.cat([f[k] for f in self.feats]) for k in self.feats[0]}
+        cut = {k: int(offsets[n]) if k.startswith("patch.") else n for k in merged}
+        tensors = {k: v[: cut[k]].contiguous() for k, v in merged.items()}
+        tensors.update(grid=grid[:n].to(torch.int32), offsets=offsets[: n + 1].clone())
+        metadata = {"keys": json.dumps(self.keys[:n]), "settings": self.digest, "format": FORMAT}
         tmp = self.out / f".{name}.tmp-{os.getpid()}"
-        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+        save_file(tensors, str(tmp), metadata=metadata)
         os.replace(tmp, self.out / name)
-        self.rows.update({key: [name, row] for row, key in enumerate(self.keys)})
+        self.rows.update({key: [name, row] for row, key in enumerate(self.keys[:n])})
         self.parts.append(name)
-        self.keys, self.grids, self.feats = [], [], []
+        self.keys, self.grids = self.keys[n:], self.grids[n:]
+        self.feats = [{k: v[cut[k] :] for k, v in merged.items()}] if self.keys else []
 
     def finish(self, skipped: dict[str, str]) -> dict[str, Any]:
         """Write the last part and the manifest (the unit's completion mark)."""
         if self.keys:
-            self.flush()
+            self.flush(len(self.keys))
         manifest = {
             "unit": self.unit.index, "source": self.unit.source, "settings": self.digest,
-            "parts": self.parts, "rows": self.rows, "skipped": skipped,
+            "rank": rd.get_rank(), "parts": self.parts, "rows": self.rows, "skipped": skipped,
         }  # fmt: skip
         write_json_atomic(self.out / manifest_name(self.unit.index), manifest)
         return manifest

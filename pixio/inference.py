@@ -60,15 +60,16 @@ class Resize:
     """How an image becomes the encoder's input.
 
     "short": aspect kept, the shorter side resized to `size[0]` (bicubic), then a centre crop of
-    the longer side to a multiple of the patch. "fixed": resized to exactly `size` = (H, W).
-    Sizes are multiples of the patch."""
+    the longer side to a multiple of `multiple`. "fixed": resized to exactly `size` = (H, W).
+    Sizes are multiples of `multiple`: the patch size for an encoder, patch size x mask grid
+    for the pre-training model (its masking groups tile the image)."""
 
     policy: str
     size: tuple[int, int]  # "short": (S, S); "fixed": (H, W)
-    patch: int
+    multiple: int
 
     @classmethod
-    def parse(cls, text: str, policy: str, patch: int) -> Resize:
+    def parse(cls, text: str, policy: str, multiple: int, what: str = "the patch size") -> Resize:
         """`--size 256` or `--size 224x320` (fixed only); ValueError naming the problem."""
         if policy not in POLICIES:
             raise ValueError(f"--resize {policy!r}: one of {', '.join(POLICIES)}")
@@ -78,9 +79,9 @@ class Resize:
         size = (int(parts[0]), int(parts[-1]))
         if len(parts) == 2 and policy == "short":
             raise ValueError(f"--size {text}: --resize short takes one side (the shorter one)")
-        if size[0] % patch or size[1] % patch:
-            raise ValueError(f"--size {text}: not a multiple of the patch size {patch}")
-        return cls(policy, size, patch)
+        if size[0] % multiple or size[1] % multiple:
+            raise ValueError(f"--size {text}: not a multiple of {what} {multiple}")
+        return cls(policy, size, multiple)
 
     def place(self, width: int, height: int) -> Placement:
         """The resize and crop of a (width, height) image."""
@@ -90,7 +91,7 @@ class Resize:
         factor = self.size[0] / min(width, height)
         w, h = max(1, round(width * factor)), max(1, round(height * factor))
         w, h = (self.size[0], h) if width <= height else (w, self.size[0])  # short side exact
-        cw, ch = w // self.patch * self.patch, h // self.patch * self.patch
+        cw, ch = w // self.multiple * self.multiple, h // self.multiple * self.multiple
         left, top = (w - cw) // 2, (h - ch) // 2
         return Placement((width, height), (w, h), (left, top, left + cw, top + ch))
 
@@ -101,7 +102,7 @@ class Resize:
         return torch.from_numpy(np.array(out, dtype=np.uint8)).permute(2, 0, 1), placement
 
     def describe(self) -> dict[str, Any]:
-        return {"policy": self.policy, "size": list(self.size), "patch": self.patch}
+        return {"policy": self.policy, "size": list(self.size), "multiple": self.multiple}
 
 
 def normalize(images: torch.Tensor) -> torch.Tensor:

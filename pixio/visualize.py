@@ -42,7 +42,7 @@ from pixio.inference import (
     load_frozen_encoder,
     normalize,
 )
-from pixio.models.registry import MAE_OVERRIDES, encoder_kwargs
+from pixio.models.registry import encoder_kwargs
 from pixio.runtime.vis import (
     MASK_GREY,
     PCAColors,
@@ -290,30 +290,36 @@ def output_path(out: Path, command: str) -> Path:
 
 def visualize(args: argparse.Namespace) -> Path:
     """Draw the picture of `args.command` and write it; returns the PNG's path."""
-    overrides = dict(args.override)
-    arch = {k: v for k, v in overrides.items() if k not in MAE_OVERRIDES}  # decoder sizes aside
-    patch = encoder_kwargs(args.model, **arch)["patch_size"]
     if args.max_images < 1:
         raise ValueError(f"--max-images {args.max_images}: at least 1")
-    resize = Resize.parse(args.size, args.resize, patch)
     device = pick_device(args.device)
-    images = load_images(args.images, resize, args.max_images)
     if args.command == "reconstruct":
-        mae = load_mae(args.model, args.checkpoint, args.module, **overrides).to(device).eval()
-        rows = reconstruct_rows(mae, images, args.mask_ratio, args.seed, device)
-        title = f"{args.model} reconstructions ({args.checkpoint})"
+        return _reconstruct(args, device)
+    overrides = dict(args.override)
+    patch = encoder_kwargs(args.model, **overrides)["patch_size"]
+    images = load_images(args.images, Resize.parse(args.size, args.resize, patch), args.max_images)
+    encoder = load_frozen_encoder(args.model, args.checkpoint, args.module, device, **overrides)
+    feats = patch_features(encoder, images, args.block, args.norm, device)
+    what = f"block {args.block % encoder.depth}{'' if args.norm else ', before the final norm'}"
+    if args.command == "pca":
+        rows = pca_rows(images, feats, args.basis, patch)
     else:
-        encoder = load_frozen_encoder(args.model, args.checkpoint, args.module, device, **overrides)
-        feats = patch_features(encoder, images, args.block, args.norm, device)
-        what = f"block {args.block % encoder.depth}{'' if args.norm else ', before the final norm'}"
-        if args.command == "pca":
-            rows = pca_rows(images, feats, args.basis, patch)
-        else:
-            query = _query_index(images, args.query)
-            rc = query_patch(args, images[query], patch)
-            rows = similarity_rows(images, feats, query, rc, patch)
-            what += f", patch {rc[0]},{rc[1]} of {images[query].name}"
-        title = f"{args.model} {args.command} ({what})"
+        query = _query_index(images, args.query)
+        rc = query_patch(args, images[query], patch)
+        rows = similarity_rows(images, feats, query, rc, patch)
+        what += f", patch {rc[0]},{rc[1]} of {images[query].name}"
+    title = f"{args.model} {args.command} ({what})"
+    return save_png(render(rows, title), output_path(args.out, args.command))
+
+
+def _reconstruct(args: argparse.Namespace, device: torch.device) -> Path:
+    """The pre-training model's pictures: images cropped to whole masking groups."""
+    mae = load_mae(args.model, args.checkpoint, args.module, **dict(args.override))
+    multiple = mae.patch_size * mae.mask_grid
+    resize = Resize.parse(args.size, args.resize, multiple, "patch size x mask grid")
+    images = load_images(args.images, resize, args.max_images)
+    rows = reconstruct_rows(mae.to(device).eval(), images, args.mask_ratio, args.seed, device)
+    title = f"{args.model} reconstructions ({args.checkpoint})"
     return save_png(render(rows, title), output_path(args.out, args.command))
 
 
