@@ -156,7 +156,8 @@ def check_launcher(node: Any) -> LauncherConfig:
 def check_known_keys(node: Any, path: str = "") -> None:
     """Every key of a schema-typed group is a field of its dataclass, at any depth.
 
-    Hydra opens a structured (struct-mode) node for a `+key=value` or `++key=value` override, so
+    Hydra applies a `+key=value` or `++key=value` override with `OmegaConf.update(...,
+    force_add=True)`, which adds the key even to a struct-mode structured node, so
     `+train.epoch=1` composes, and nothing ever reads it. Dict-typed fields (`model_kwargs`,
     `dataset.lr`, `teacher.overrides`) take any key. ConfigError names the first unknown key and
     the field closest to it."""
