@@ -5,7 +5,9 @@ data, the run itself (`run_eval`), and `output_dir/results.json` with its printe
 One run = one dataset x head: `python -m evaluation.depth dataset=kitti head=linear ...`. The
 trainer keeps the best and the last validation in `val_results.json` and every validation in
 `metrics.jsonl` (both rewound correctly on resume); at the end, rank 0 gathers them into
-`results.json` with the config and the encoder checkpoint's sha256.
+`results.json` with the config and the encoder checkpoint's sha256, hashed once at the start
+(rank 0) and kept in the run's config (`encoder.sha256`), so a resume with another file is
+refused.
 """
 
 from __future__ import annotations
@@ -28,13 +30,16 @@ from evaluation.features import (
     EncoderConfig,
     FrozenFeatures,
     check_encoder,
+    check_random_weights,
+    encoder_digest,
     load_frozen_encoder,
     reference_side,
 )
 from evaluation.heads import HEAD_KINDS, build_head, convert_sync_bn, head_block_ids
 from evaluation.report import encoder_label
+from evaluation.results import RESULTS_FILE, app_identity, is_random, owner_problem
 from evaluation.task import DepthTask, HeadTask, SegmentationTask, Windows
-from pixio.checkpoint import checkpoint_digest
+from pixio.runtime.atomic import write_text_atomic
 from pixio.runtime.config import (
     ConfigError,
     LauncherConfig,
@@ -52,6 +57,7 @@ from pixio.runtime.distributed import DistInfo, barrier
 from pixio.runtime.job import run_job
 from pixio.runtime.launcher import validate_and_launch
 from pixio.runtime.maploader import EvalLoader, MapLoader
+from pixio.runtime.rank0 import rank0_result
 from pixio.runtime.runconfig import check_resume
 from pixio.runtime.trainer import Trainer
 from pixio.runtime.validation import RESULTS_NAME
@@ -59,7 +65,6 @@ from pixio.runtime.validation import RESULTS_NAME
 log = logging.getLogger("pixio.eval")
 
 APPS = ("depth", "semseg")
-RESULTS_FILE = "results.json"
 # Keys that fix the head's shape or meaning: a resume cannot change them (a moved checkpoint,
 # encoder.checkpoint, is allowed and logged).
 SHAPE_KEYS = (
@@ -67,6 +72,9 @@ SHAPE_KEYS = (
     "encoder.embed_dim", "encoder.depth", "encoder.num_heads", "encoder.n_cls_tokens",
     "head.name", "dataset.name",
 )  # fmt: skip
+# The checkpoint's digest, recorded in the run's config at the start: a resume must use the same
+# file (it may have moved: the path is not compared, the digest is).
+ENCODER_FILE = {"encoder.sha256": "encoder.checkpoint"}
 
 
 # ---- schema -------------------------------------------------------------------------------------
@@ -138,7 +146,17 @@ def validate_eval(cfg: Any, app: str) -> int:
     patch = check_encoder(cfg)
     check_sizes(cfg, patch)
     _check_paths(cfg.data)
+    check_random_weights(cfg)
+    check_output_owner(cfg, app)
     return patch
+
+
+def check_output_owner(cfg: Any, app: str, **digest: str | None) -> None:
+    """ConfigError unless output_dir is free for this run's results.json: no results there, or
+    its own (same task, dataset, head, encoder; with `sha256=`, the same checkpoint file)."""
+    identity = app_identity(app, cfg.encoder, cfg.dataset.name, cfg.head.name, **digest)
+    problem = owner_problem(cfg.output_dir, identity)
+    require(problem is None, "output_dir", str(problem))
 
 
 REFERENCE_SIZES = {"crop_size": 256, "window": 256, "stride": 170}  # SPEC section 7, patch 16
@@ -299,7 +317,11 @@ def run_eval(cfg: DictConfig, app: str) -> dict[str, Any] | None:
     with run_job(cfg.output_dir, cfg.train.device) as info:
         warn_if_not_reference_sizes(protocol)
         config = to_container(cfg)
-        check_resume(cfg.output_dir, config, SHAPE_KEYS, {"encoder.source": "pixio"})
+        # Hashed once per start, on rank 0; kept in the config (checkpoints, config.yaml) for
+        # the resume check and results.json.
+        config["encoder"]["sha256"] = rank0_result(lambda: encoder_digest(cfg.encoder))
+        check_resume(cfg.output_dir, config, SHAPE_KEYS, {"encoder.source": "pixio"}, ENCODER_FILE)  # fmt: skip
+        check_output_owner(cfg, app, sha256=config["encoder"]["sha256"])
         if cfg.data.build_demo:
             ensure_demo_data(cfg, info)
         train, val = build_loaders(cfg, info)  # data mistakes stop before the model
@@ -335,10 +357,6 @@ def cli_main(cfg: DictConfig, app: str, main: Any) -> None:
 
 
 # ---- results ------------------------------------------------------------------------------------
-def _digest(path: str | None) -> str | None:
-    return checkpoint_digest(path) if path is not None and Path(path).exists() else None
-
-
 def validation_history(output_dir: str | os.PathLike, iters_per_epoch: int) -> list[dict[str, Any]]:
     """The end-of-epoch validations of the run (metrics.jsonl): epoch, iteration, metrics. A
     validation at a `train.max_iters` stop in mid-epoch is left out, so a run stopped and resumed
@@ -360,9 +378,10 @@ def write_results(
     iters_per_epoch: int,
     extra: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """`results.json`: every end-of-epoch validation, the best over epochs and the final one
-    (both labelled), the encoder (source, name, checkpoint with its sha256), `extra` (the
-    protocol's sizes, the encoder's architecture) and the config."""
+    """`results.json`, written atomically: every end-of-epoch validation, the best over epochs
+    and the final one (both labelled), the encoder (source, name, checkpoint, its sha256 as the
+    config records it, random_weights), `extra` (the protocol's sizes, the encoder's
+    architecture) and the config."""
     metric = json.loads((Path(output_dir) / RESULTS_NAME).read_text())["metric"]
     epochs = validation_history(output_dir, iters_per_epoch)
     best = max(
@@ -378,14 +397,11 @@ def write_results(
         "final": {"label": "final epoch", **epochs[-1]},
         "epochs": epochs,
         "encoder": {"source": enc.get("source", "pixio"), "name": enc["name"], "checkpoint": enc["checkpoint"],
-                    "module": enc.get("module"), "sha256": _digest(enc["checkpoint"])},
+                    "module": enc.get("module"), "sha256": enc.get("sha256"), "random_weights": is_random(enc)},
         **(extra or {}),
         "config": config,
     }  # fmt: skip
-    path = Path(output_dir) / RESULTS_FILE
-    tmp = path.with_name(f".{RESULTS_FILE}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(results, indent=2) + "\n")
-    os.replace(tmp, path)
+    write_text_atomic(Path(output_dir) / RESULTS_FILE, json.dumps(results, indent=2) + "\n")
     return results
 
 

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from pixio.checkpoint import broadcast_checked_state, broadcast_encoder_state
+from pixio.checkpoint import broadcast_checked_state, broadcast_encoder_state, checkpoint_digest
 from pixio.models.baselines import SOURCES, BaselineError, build_baseline
 from pixio.models.features import FeatureEncoder
 from pixio.models.registry import build_encoder, encoder_kwargs, list_models
@@ -164,6 +164,28 @@ def check_encoder(cfg: Any) -> int:
         return build_meta_encoder(e).patch_size
     except BaselineError as err:
         raise ConfigError(f"encoder.{err.key}: {err}") from None
+
+
+def check_random_weights(cfg: Any) -> None:
+    """Random weights (`encoder.random_if_missing` without a checkpoint) are for the demo
+    experiments only, which build their own data (`data.build_demo`); anywhere else a missing
+    checkpoint is a ConfigError naming it, so a typo never evaluates random weights."""
+    e = cfg.encoder
+    if e.random_if_missing and not _has_checkpoint(e):
+        found = "is null" if e.checkpoint is None else f"not found: {e.checkpoint}"
+        require(cfg.data.build_demo, "encoder.checkpoint", f"{found} (random weights, encoder.random_if_missing, are for the demo experiments only, which set data.build_demo=true)")  # fmt: skip
+
+
+def encoder_digest(cfg: Any) -> str | None:
+    """The checkpoint's sha256 (`pixio.checkpoint.checkpoint_digest`) for the run's record and
+    its resume check; None for a demo's random weights. Reads the whole file (a 5B checkpoint's
+    22 GB: about 45 s at 500 MB/s; a training checkpoint directory: its manifest only): call it
+    once per job, on rank 0 (`pixio.runtime.rank0.rank0_result`)."""
+    if _has_checkpoint(cfg):
+        return checkpoint_digest(cfg.checkpoint)
+    if not cfg.get("random_if_missing", False):
+        raise ConfigError(f"encoder.checkpoint: not found: {cfg.checkpoint}")
+    return None
 
 
 def load_frozen_encoder(cfg: Any, device: torch.device | None = None) -> FeatureEncoder:

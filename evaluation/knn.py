@@ -10,7 +10,15 @@ cosine similarity to every training image, the k nearest vote with weight exp(si
 (T = 0.07), top-1 / top-5 accuracy in percent for k in {10, 20, 100, 200}.
 
 Unlike the reference, every image is extracted once over all ranks (`EvalLoader`), the classes
-come from the folders (not a hard-coded 1000), and chunking works for any set size.
+come from the folders (not a hard-coded 1000), chunking works for any set size, and the votes
+are summed in log space, so a small T cannot overflow exp(sim / T) (float32 overflows for
+sim / T > 88.7: at T = 0.01, for sim > 0.887).
+
+The output folder's `results.json` is this run's alone: a folder holding another task's or
+another encoder's results is refused; a re-run of the same k-NN (same encoder, same checkpoint
+digest) replaces its own. results.json is written first (atomically), the optional features
+after it. An unreadable image stops the run with one line naming it (no sample is skipped: the
+bank and the accuracy's denominator would change).
 """
 
 from __future__ import annotations
@@ -20,6 +28,7 @@ import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from itertools import chain
 from pathlib import Path
 from typing import Any
 
@@ -31,16 +40,22 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig
 from PIL import Image
 from torch.nn import functional as F
+from torch.utils.data import default_collate
 from torchvision import datasets, transforms
 
+from evaluation.datasets import UnreadableImageError
+from evaluation.datasets.transforms import read_rgb
 from evaluation.features import (
     EncoderConfig,
     check_encoder,
+    check_random_weights,
+    encoder_digest,
     load_frozen_encoder,
     reference_side,
 )
-from pixio.checkpoint import checkpoint_digest
+from evaluation.results import RESULTS_FILE, app_identity, owner_problem
 from pixio.models.features import FeatureEncoder
+from pixio.runtime.atomic import atomic_path, write_text_atomic
 from pixio.runtime.config import (
     ConfigError,
     LauncherConfig,
@@ -54,16 +69,16 @@ from pixio.runtime.config import (
     to_container,
 )
 from pixio.runtime.distributed import DistInfo, barrier, is_dist, reduce_device
-from pixio.runtime.job import run_job
+from pixio.runtime.job import DataError, OutputDirError, run_job
 from pixio.runtime.launcher import validate_and_launch
 from pixio.runtime.logging import WandbLogger
 from pixio.runtime.maploader import EvalLoader
+from pixio.runtime.rank0 import rank0_result
 
 log = logging.getLogger("pixio.knn")
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-RESULTS_NAME = "results.json"
 FEATURES_NAME = "features.pt"
 
 
@@ -82,7 +97,8 @@ def knn_evaluate(
 
     Features (N, D) are L2-normalised here (idempotent for normalised inputs). k larger than the
     training set is clamped to its size; a class without votes never counts as a top-5 hit.
-    Memory: one chunk of chunk_size x N_train similarities at a time."""
+    Votes are exact for any temperature > 0 (log space, `_log_votes`). Memory: one chunk of
+    chunk_size x N_train similarities at a time."""
     _check_knn_inputs(train_features, train_labels, test_features, test_labels, ks)
     train = F.normalize(train_features.float(), dim=1)
     test = F.normalize(test_features.float(), dim=1)
@@ -94,23 +110,32 @@ def knn_evaluate(
         sims, idx = (chunk @ train.T).topk(k_max, dim=1)  # (c, k_max), sorted descending
         labels = test_labels[start : start + chunk_size].to(train.device).long()
         for k in ks:
-            votes = _votes(sims[:, :k], train_labels[idx[:, :k]], temperature, num_classes)
+            votes = _log_votes(sims[:, :k], train_labels[idx[:, :k]], temperature, num_classes)
             correct[k] += _hits(votes, labels)
     n = test.shape[0]
     return {k: (float(c[0]) * 100 / n, float(c[1]) * 100 / n) for k, c in correct.items()}
 
 
-def _votes(sims: torch.Tensor, labels: torch.Tensor, temperature: float, num_classes: int) -> torch.Tensor:  # fmt: skip
-    """Class scores (c, num_classes): each neighbour adds exp(sim / T) to its class."""
-    votes = torch.zeros(sims.shape[0], num_classes, device=sims.device, dtype=sims.dtype)
-    return votes.scatter_add_(1, labels, (sims / temperature).exp())
+def _log_votes(sims: torch.Tensor, labels: torch.Tensor, temperature: float, num_classes: int) -> torch.Tensor:  # fmt: skip
+    """Class scores (c, num_classes): log of the sum of exp(sim / T) over the class's neighbours
+    (sims, labels: (c, k)), -inf for a class without one. Each class's largest sim / T is taken
+    out before the exp (log-sum-exp), so every exp is in (0, 1]: nothing overflows (a plain
+    exp(sim / T) is inf in float32 above 88.7) and no class's votes vanish, for any T > 0."""
+    logits = sims / temperature  # (c, k)
+    shape = (sims.shape[0], num_classes)
+    peak = torch.full(shape, -torch.inf, device=sims.device, dtype=sims.dtype)
+    peak.scatter_reduce_(1, labels, logits, "amax")  # (c, K): each class's largest sim / T
+    sums = torch.zeros(shape, device=sims.device, dtype=sims.dtype)
+    sums.scatter_add_(1, labels, (logits - peak.gather(1, labels)).exp())  # each class in [1, k]
+    return peak + sums.log()  # -inf + log 0 = -inf where a class got no vote
 
 
 def _hits(votes: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """(top-1 hits, top-5 hits) of one chunk. A class no neighbour voted for is never a hit,
-    even when fewer than 5 classes got votes (which zero-vote class topk returns is arbitrary)."""
+    """(top-1 hits, top-5 hits) of one chunk from log-votes. A class no neighbour voted for is
+    never a hit, even when fewer than 5 classes got votes (which zero-vote class topk returns
+    is arbitrary)."""
     top = votes.topk(min(5, votes.shape[1]), dim=1)  # (c, 5)
-    match = (top.indices == labels[:, None]) & (top.values > 0)
+    match = (top.indices == labels[:, None]) & top.values.isfinite()
     return torch.stack([match[:, 0].sum(), match.any(dim=1).sum()]).cpu()
 
 
@@ -212,6 +237,15 @@ def validate_knn(cfg: Any) -> None:
         for split in ("train", "val"):
             folder = Path(cfg.data.root) / split
             require(folder.is_dir(), "data.root", f"{folder} is not a directory (expected train/ and val/ class folders)")  # fmt: skip
+    check_random_weights(cfg)
+    check_output_owner(cfg)
+
+
+def check_output_owner(cfg: Any, **digest: str | None) -> None:
+    """ConfigError unless output_dir is free for this k-NN's results.json: no results there,
+    or those of a k-NN of the same encoder (with `sha256=`, the same checkpoint file)."""
+    problem = owner_problem(cfg.output_dir, app_identity("knn", cfg.encoder, **digest))
+    require(problem is None, "output_dir", str(problem))
 
 
 # ---- data -------------------------------------------------------------------------------------
@@ -227,10 +261,41 @@ def knn_transform(resize: int = 256, crop: int = 256) -> transforms.Compose:
     )
 
 
+class Unreadable:
+    """What `KnnImageFolder` gives for an image it cannot read: the reason, naming the file
+    (a worker's exception would reach the main process as a multi-line traceback)."""
+
+    def __init__(self, message: str) -> None:
+        self.message = message
+
+
+def read_image(path: str) -> Image.Image:
+    """The RGB image ImageFolder's default loader gives; UnreadableImageError naming the file
+    (truncated, not an image)."""
+    return Image.fromarray(read_rgb(path))
+
+
+class KnnImageFolder(datasets.ImageFolder):
+    """An ImageFolder whose unreadable images come back as (`Unreadable`, -1) samples."""
+
+    def __getitem__(self, index: int) -> tuple[Any, int]:
+        try:
+            return super().__getitem__(index)
+        except UnreadableImageError as err:
+            return Unreadable(str(err)), -1
+
+
+def collate_images(items: list[tuple[Any, int]]) -> tuple[Any, Any]:
+    """(images (B, 3, H, W), labels (B,)); a batch holding an unreadable image collates to
+    (its `Unreadable` messages, None)."""
+    bad = [x.message for x, _ in items if isinstance(x, Unreadable)]
+    return (bad, None) if bad else default_collate(items)
+
+
 def image_folders(root: str | Path, resize: int, crop: int) -> tuple[Any, Any]:
     """train/ and val/ ImageFolders; ConfigError unless both hold the same classes."""
     tf = knn_transform(resize, crop)
-    train, val = (datasets.ImageFolder(str(Path(root) / s), transform=tf) for s in ("train", "val"))
+    train, val = (KnnImageFolder(str(Path(root) / s), transform=tf, loader=read_image) for s in ("train", "val"))  # fmt: skip
     if train.classes != val.classes:
         only = sorted(set(train.classes) ^ set(val.classes))[:5]
         raise ConfigError(f"data.root: train/ and val/ hold different classes (e.g. {only})")
@@ -287,16 +352,40 @@ def extract_features(
     precision: str = "fp32",
 ) -> torch.Tensor | None:
     """Features (N, D) of `dataset` in its order, each image extracted once over all ranks and
-    gathered on rank 0 (CPU); None on the other ranks."""
-    loader = EvalLoader(dataset, batch_size, info.rank, info.world_size, num_workers)
+    gathered on rank 0 (CPU); None on the other ranks. Unreadable images: every rank reads on
+    to the end, then all raise one DataError naming them (rank 0 logs each), so the whole set
+    is checked in one run and no rank waits in the gather for one that stopped."""
+    loader = EvalLoader(dataset, batch_size, info.rank, info.world_size, num_workers, collate_images)  # fmt: skip
     autocast = info.device.type == "cuda" and precision == "bf16"
-    feats, real = [], []
+    feats, real, unreadable = [], [], []
     for (images, _), is_real in loader:
+        if isinstance(images, list):  # a batch with unreadable images (collate_images)
+            unreadable += images
+            continue
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
             feats.append(global_features(encoder, images.to(info.device, non_blocking=True)))
         real.append(is_real)
+    raise_unreadable(unreadable, info)
     local = torch.cat(feats)  # (m, D): positions rank, rank + W, ... of the padded set
     return gather_positions(local, torch.cat(real), len(dataset), info)
+
+
+def raise_unreadable(local: list[str], info: DistInfo) -> None:
+    """Every rank's unreadable-image messages; if there are any, rank 0 logs each and every
+    rank raises one DataError naming the first and counting the rest."""
+    found = local
+    if is_dist():
+        everyone: list[list[str] | None] = [None] * info.world_size
+        dist.all_gather_object(everyone, local)
+        found = list(chain.from_iterable(m or [] for m in everyone))
+    found = sorted(set(found))  # the padding repeats an image on several ranks
+    if not found:
+        return
+    if info.is_main:
+        for message in found:
+            log.error("%s", message)
+    more = f" (and {len(found) - 1} more, each in train.log)" if len(found) > 1 else ""
+    raise DataError(f"{found[0]}{more}; replace or remove it: k-NN counts every image, and a skipped one would change the bank and the accuracy")  # fmt: skip
 
 
 def gather_positions(
@@ -335,38 +424,51 @@ def results_table(results: dict[int, tuple[float, float]]) -> str:
 
 
 def results_record(
-    cfg: DictConfig, results: dict[int, tuple[float, float]], extra: dict[str, Any]
+    cfg: DictConfig,
+    results: dict[int, tuple[float, float]],
+    digest: str | None,
+    extra: dict[str, Any],
 ) -> dict[str, Any]:
-    """What results.json holds: accuracies by k, the encoder and its checkpoint hash, sizes,
-    timings and the resolved config."""
-    ckpt = cfg.encoder.checkpoint
-    exists = ckpt is not None and Path(ckpt).exists()
+    """What results.json holds: accuracies by k, the encoder and its checkpoint's digest (taken
+    at the start; None: random weights), sizes, timings and the resolved config."""
+    random = digest is None
     return {
+        "task": "knn",
         "top1": {str(k): r[0] for k, r in sorted(results.items())},
         "top5": {str(k): r[1] for k, r in sorted(results.items())},
         "encoder": cfg.encoder.name,
         "encoder_source": cfg.encoder.source,
-        "encoder_checkpoint": str(Path(ckpt).resolve()) if exists else None,
+        "encoder_checkpoint": None if random else str(Path(cfg.encoder.checkpoint).resolve()),
         "encoder_module": cfg.encoder.module,
-        "checkpoint_sha256": checkpoint_digest(ckpt) if exists else None,
-        "random_weights": not exists,
+        "checkpoint_sha256": digest,
+        "random_weights": random,
         **extra,
         "config": to_container(cfg),
     }
 
 
-def save_features(
-    path: Path, train_f: torch.Tensor, val_f: torch.Tensor, train_set: Any, val_set: Any
-) -> None:
-    """features.pt: train / val features (N, D), their labels and the class names."""
-    torch.save(
-        {
-            "train": train_f.cpu(), "train_labels": torch.tensor(train_set.targets),
-            "val": val_f.cpu(), "val_labels": torch.tensor(val_set.targets),
-            "classes": list(train_set.classes),
-        },
-        path,
-    )  # fmt: skip
+def features_record(
+    train_f: torch.Tensor, val_f: torch.Tensor, train_set: Any, val_set: Any
+) -> dict[str, Any]:
+    """What features.pt holds: train / val features (N, D), their labels and the class names."""
+    return {
+        "train": train_f.cpu(), "train_labels": torch.tensor(train_set.targets),
+        "val": val_f.cpu(), "val_labels": torch.tensor(val_set.targets),
+        "classes": list(train_set.classes),
+    }  # fmt: skip
+
+
+def save_features(path: Path, features: dict[str, Any]) -> None:
+    """features.pt, atomically (a failed write leaves no partial file); OutputDirError naming
+    it when it cannot be written (a full disk: results.json, written before, is complete)."""
+    try:
+        with atomic_path(path) as tmp:
+            torch.save(features, tmp)
+    except OSError as err:
+        raise OutputDirError(
+            f"cannot write {path}: {err.strerror or err}; {RESULTS_FILE} beside it is complete "
+            f"(features.pt is optional: knn.save_features=false)"
+        ) from None
 
 
 def knn_protocol(resize: int, crop: int | None, patch: int) -> dict[str, Any]:
@@ -377,8 +479,20 @@ def knn_protocol(resize: int, crop: int | None, patch: int) -> dict[str, Any]:
     return {"patch_size": patch, **used, "reference": reference, "as_reference": used == reference}
 
 
-def run_knn(cfg: DictConfig, info: DistInfo) -> dict[str, Any] | None:
-    """Extract train and val features over all ranks, classify on rank 0; the record there."""
+def start_checks(cfg: DictConfig) -> str | None:
+    """Rank 0, at the start: the checkpoint's digest (None: random weights), computed once for
+    the folder check and results.json, and output_dir checked against it."""
+    digest = encoder_digest(cfg.encoder)
+    check_output_owner(cfg, sha256=digest)
+    if (Path(cfg.output_dir) / RESULTS_FILE).exists():
+        log.info("%s holds the results of an earlier k-NN of this encoder: this run replaces them", cfg.output_dir)  # fmt: skip
+    return digest
+
+
+def run_knn(cfg: DictConfig, info: DistInfo) -> tuple[dict[str, Any], dict[str, Any] | None] | None:  # fmt: skip
+    """Extract train and val features over all ranks, classify on rank 0; there, the record
+    and (knn.save_features) the features to save."""
+    digest = rank0_result(lambda: start_checks(cfg))
     if cfg.data.build_demo and info.is_main:
         build_demo_folders(cfg.data.root)
     barrier()
@@ -398,28 +512,37 @@ def run_knn(cfg: DictConfig, info: DistInfo) -> dict[str, Any] | None:
         torch.tensor(val_set.targets), list(cfg.knn.k), cfg.knn.temperature,
         len(train_set.classes), cfg.knn.chunk_size,
     )  # fmt: skip
-    if cfg.knn.save_features:
-        save_features(Path(cfg.output_dir) / FEATURES_NAME, train_f, val_f, train_set, val_set)
     sizes = {"n_train": len(train_set), "n_val": len(val_set), "num_classes": len(train_set.classes)}  # fmt: skip
     timing = {"extract_s": round(extract_s, 2), "classify_s": round(time.perf_counter() - start, 2)}  # fmt: skip
     about = {"protocol": protocol, "architecture": encoder.describe()}
-    return results_record(cfg, results, {**sizes, "feature_dim": train_f.shape[1], **timing, **about})  # fmt: skip
+    record = results_record(cfg, results, digest, {**sizes, "feature_dim": train_f.shape[1], **timing, **about})  # fmt: skip
+    features = features_record(train_f, val_f, train_set, val_set) if cfg.knn.save_features else None  # fmt: skip
+    return record, features
+
+
+def publish(cfg: DictConfig, record: dict[str, Any]) -> Path:
+    """results.json (atomically), the table in the log, the accuracies to wandb."""
+    path = write_text_atomic(Path(cfg.output_dir) / RESULTS_FILE, json.dumps(record, indent=2) + "\n")  # fmt: skip
+    results = {int(k): (record["top1"][k], record["top5"][k]) for k in record["top1"]}
+    log.info("k-NN (T=%g) on %d val images:\n%s", cfg.knn.temperature, record["n_val"], results_table(results))  # fmt: skip
+    log.info("results in %s", path.resolve())
+    logger = WandbLogger(cfg.logger, cfg.output_dir, record["config"], enabled=True)
+    logger.log({f"knn/top{t}_k{k}": record[f"top{t}"][k] for t in (1, 5) for k in record["top1"]}, step=0)  # fmt: skip
+    logger.finish()
+    return path
 
 
 def main(cfg: DictConfig) -> None:
-    """k-NN evaluation of one frozen encoder: results.json, a table, wandb."""
+    """k-NN evaluation of one frozen encoder: results.json, a table, wandb, then (optional)
+    features.pt: the accuracies are on disk before the large optional file is written."""
     validate_knn(cfg)
     with run_job(cfg.output_dir, cfg.train.device) as info:
-        record = run_knn(cfg, info)
-        if record is not None:
-            results = {int(k): (record["top1"][k], record["top5"][k]) for k in record["top1"]}
-            path = Path(cfg.output_dir) / RESULTS_NAME
-            path.write_text(json.dumps(record, indent=2) + "\n")
-            log.info("k-NN (T=%g) on %d val images:\n%s", cfg.knn.temperature, record["n_val"], results_table(results))  # fmt: skip
-            log.info("results in %s", path.resolve())
-            logger = WandbLogger(cfg.logger, cfg.output_dir, record["config"], enabled=True)
-            logger.log({f"knn/top{t}_k{k}": record[f"top{t}"][k] for t in (1, 5) for k in record["top1"]}, step=0)  # fmt: skip
-            logger.finish()
+        done = run_knn(cfg, info)
+        if done is not None:
+            record, features = done
+            publish(cfg, record)
+            if features is not None:
+                save_features(Path(cfg.output_dir) / FEATURES_NAME, features)
         barrier()
 
 

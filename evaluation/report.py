@@ -13,17 +13,33 @@ k), one column per encoder with its headline number (best over epochs; k-NN top-
 published ViT-H/16 numbers of the paper and those of MAE ViT-H/14. The second lists every run
 with its sizes (crop/window/stride; k-NN resize/crop), its best and final numbers, and the
 published ones.
+
+A run of random weights (a demo without a checkpoint: `random_weights` in results.json) is
+marked `random-weights` in the second table, beside no published number, and left out of the
+first. A file that cannot be read, is cut short or lacks a finished run's values is skipped and
+named on stderr (`skipped <file>: <why>`); the rest is reported. Exit status 1 only when nothing
+could be reported.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from evaluation.results import (
+    PIXIO,
+    RESULTS_FILE,
+    VAL_RESULTS_FILE,
+    ResultsFileError,
+    is_knn,
+    is_random,
+    read_results,
+    read_val_results,
+)
 
 # (dataset, head) -> headline metric of Pixio ViT-H/16 (631M), frozen encoder: d1 % / mIoU %.
 PUBLISHED: dict[tuple[str, str], float] = {
@@ -41,9 +57,14 @@ PAPER_COLUMNS = ("Pixio H/16 paper", "MAE H/14 paper")
 COLUMNS = ("task", "dataset", "head", "encoder", "metric", "sizes", "best (epoch)", "final",
            *PAPER_COLUMNS, "run")  # fmt: skip
 TASK_ORDER = {"depth": 0, "semseg": 1, "knn": 2}
-PIXIO = "pixio"
+RANDOM_MARK = "random-weights"
 COMPARISON_TITLE = "side by side (best over epochs; k-NN top-1)"
 COMPARISON_NOTE = "+ best of several runs; * incomplete run; - no run."
+NO_COMPARISON = "(no run of a trained encoder: nothing to put beside the published numbers)"
+RANDOM_NOTE = (
+    f"{RANDOM_MARK}: a demo's encoder without a checkpoint; its numbers measure no encoder, so "
+    "they stand beside no published number and are left out of the side-by-side table."
+)
 RUNS_NOTE = (
     "best = best over epochs (the number the paper reports); final = last epoch. "
     "Depth: d1 %; segmentation: mIoU %; k-NN: top-1 %.\n"
@@ -72,6 +93,7 @@ class Row:
     status: str = ""
     source: str = PIXIO
     sizes: str = "-"
+    random: bool = False  # random weights (a demo without a checkpoint)
 
     @property
     def label(self) -> str:
@@ -83,10 +105,11 @@ class Row:
 
     def cells(self) -> list[str]:
         epoch = "" if self.best_epoch is None else f" ({self.best_epoch:g})"
-        status = f" {self.status}" if self.status else ""
+        marks = [m for m in (self.status, RANDOM_MARK if self.random else "") if m]
+        published = ["-", "-"] if self.random else _published(self.dataset, self.head)
         return [self.task, self.dataset, self.head, self.label, self.metric, self.sizes,
-                f"{_num(self.best)}{epoch}", _num(self.final), *_published(self.dataset, self.head),
-                f"{self.run}{status}"]  # fmt: skip
+                f"{_num(self.best)}{epoch}", _num(self.final), *published,
+                " ".join([self.run, *marks])]  # fmt: skip
 
 
 def _num(value: float | None) -> str:
@@ -115,7 +138,8 @@ def head_rows(results: dict[str, Any], run: str) -> list[Row]:
     sizes = _sizes(results.get("protocol"), ("crop_size", "window", "stride"))
     return [Row(results["task"], results["dataset"], results["head"], enc["name"], metric,
                 best[metric], best.get("epoch"), final[metric], run,
-                source=enc.get("source", PIXIO), sizes=sizes)]  # fmt: skip
+                source=enc.get("source", PIXIO), sizes=sizes,
+                random=bool(enc.get("random_weights")))]  # fmt: skip
 
 
 def knn_rows(results: dict[str, Any], run: str) -> list[Row]:
@@ -125,48 +149,66 @@ def knn_rows(results: dict[str, Any], run: str) -> list[Row]:
     rows = []
     for k, top1 in sorted(results["top1"].items(), key=lambda kv: int(kv[0])):
         metric = f"top1 (top5 {_num(results.get('top5', {}).get(k))})"
-        rows.append(Row("knn", "imagenet", f"k={k}", str(results.get("encoder", "?")), metric,
-                        top1, None, top1, run, source=source, sizes=sizes))  # fmt: skip
+        rows.append(Row("knn", "imagenet", f"k={k}", results["encoder"], metric, top1, None,
+                        top1, run, source=source, sizes=sizes,
+                        random=bool(results.get("random_weights"))))  # fmt: skip
     return rows
 
 
 def incomplete_rows(record: dict[str, Any], run_dir: Path, run: str) -> list[Row]:
-    """A run without results.json: its val_results.json, with task / dataset / head / encoder
-    from its config.yaml when there is one."""
+    """A run without results.json: its checked val_results.json, with task / dataset / head /
+    encoder from its config.yaml when there is one."""
     config = _read_yaml(run_dir / "config.yaml")
     dataset = (config.get("dataset") or {}).get("name", "?")
     head = (config.get("head") or {}).get("name", "?")
     encoder = config.get("encoder") or {}
-    metric, best, last = record.get("metric"), record.get("best") or {}, record.get("last") or {}
-    if metric is None or metric not in best:
-        return []
+    metric, best, last = record["metric"], record["best"], record.get("last") or {}
     return [Row(TASK_OF.get(dataset, "?"), dataset, head, encoder.get("name", "?"), metric,
                 best[metric], best.get("epoch"), last.get(metric), run, "incomplete",
-                source=encoder.get("source") or PIXIO)]  # fmt: skip
+                source=encoder.get("source") or PIXIO, random=is_random(encoder))]  # fmt: skip
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:
+    """A run's config.yaml ({} when there is none); ResultsFileError naming it when unreadable."""
     if not path.exists():
         return {}
     from omegaconf import OmegaConf
 
-    return OmegaConf.to_container(OmegaConf.load(path)) or {}  # type: ignore[return-value]
+    try:
+        config = OmegaConf.to_container(OmegaConf.load(path))
+    except Exception as err:  # OSError, YAML syntax, OmegaConf's own errors
+        raise ResultsFileError(f"{path}: cannot be read ({' '.join(str(err).split())})") from None  # fmt: skip
+    if not isinstance(config, dict):
+        raise ResultsFileError(f"{path}: not a config (a YAML mapping)")
+    return config
 
 
-def collect(root: str | Path) -> list[Row]:
-    """Rows of every run below `root`, sorted by task, dataset, head."""
+def collect(root: str | Path) -> tuple[list[Row], list[str]]:
+    """Rows of every run below `root`, sorted by task, dataset, head; and one line per file
+    skipped (unreadable, cut short, or lacking a finished run's values). A folder whose
+    results.json is skipped is shown from its val_results.json, when that one reads."""
     root = Path(root)
     rows: list[Row] = []
-    for path in sorted(root.rglob("results.json")):
+    skipped: list[str] = []
+    done = set()
+    for path in sorted(root.rglob(RESULTS_FILE)):
         run = str(path.parent.relative_to(root)) or "."
-        results = json.loads(path.read_text())
-        rows += knn_rows(results, run) if "top1" in results else head_rows(results, run)
-    done = {p.parent for p in root.rglob("results.json")}
-    for path in sorted(root.rglob("val_results.json")):
+        try:
+            results = read_results(path)
+        except ResultsFileError as err:
+            skipped.append(f"skipped {err}")
+            continue
+        rows += knn_rows(results, run) if is_knn(results) else head_rows(results, run)
+        done.add(path.parent)
+    for path in sorted(root.rglob(VAL_RESULTS_FILE)):
         if path.parent not in done:
-            record = json.loads(path.read_text())
-            rows += incomplete_rows(record, path.parent, str(path.parent.relative_to(root)))
-    return sorted(rows, key=lambda r: (TASK_ORDER.get(r.task, 3), r.dataset, r.head, r.run))
+            run = str(path.parent.relative_to(root)) or "."
+            try:
+                rows += incomplete_rows(read_val_results(path), path.parent, run)
+            except ResultsFileError as err:
+                skipped.append(f"skipped {err}")
+    rows.sort(key=lambda r: (TASK_ORDER.get(r.task, 3), r.dataset, r.head, r.run))
+    return rows, skipped
 
 
 def _align(header: list[str], body: list[list[str]]) -> str:
@@ -205,7 +247,11 @@ def best_cell(runs: list[Row]) -> str:
 
 def format_comparison(rows: list[Row]) -> str:
     """One line per task / dataset / head (k-NN: per k), one column per encoder label, then the
-    paper's numbers; lines in the order of `rows` (as `collect` sorts them)."""
+    paper's numbers; lines in the order of `rows` (as `collect` sorts them). Runs of random
+    weights are left out."""
+    rows = [r for r in rows if not r.random]
+    if not rows:
+        return NO_COMPARISON
     labels = encoder_columns(rows)
     cells = list(dict.fromkeys(r.cell for r in rows))  # first-seen order keeps collect's sort
     body = []
@@ -229,16 +275,21 @@ def main(argv: list[str] | None = None) -> int:
     if not Path(args.output_root).is_dir():
         print(f"error: {args.output_root} is not a directory", file=sys.stderr)
         return 1
-    rows = collect(args.output_root)
+    rows, skipped = collect(args.output_root)
+    for line in skipped:
+        print(line, file=sys.stderr)
     if not rows:
-        print(
-            f"error: no results.json or val_results.json under {args.output_root}", file=sys.stderr
-        )
+        found = f"{len(skipped)} unreadable file(s), listed above" if skipped else "no results.json or val_results.json"  # fmt: skip
+        print(f"error: nothing to report under {args.output_root}: {found}", file=sys.stderr)
         return 1
     print(COMPARISON_TITLE, format_comparison(rows), COMPARISON_NOTE, "", sep="\n")
     print("every run", format_table(rows), RUNS_NOTE, sep="\n")
-    if gaps := missing(rows):
+    if any(r.random for r in rows):
+        print(RANDOM_NOTE)
+    if gaps := missing([r for r in rows if not r.random]):
         print(f"no run for: {', '.join(gaps)}")
+    if skipped:
+        print(f"skipped {len(skipped)} file(s) that could not be read (named on stderr)")
     return 0
 
 

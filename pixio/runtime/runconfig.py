@@ -3,9 +3,11 @@
 `output_dir/config.yaml` is written once, by the run that starts the directory, and never
 overwritten. A resume compares its config with the one stored in the checkpoint it will load,
 before anything is built: keys that change the model's shape are refused with one line (the
-weights could not be loaded); every other changed key is logged (as a warning when it changes
-what the run computes, so the resume is no longer the run it continues; as information for
-bookkeeping keys such as the launcher), and the new config is kept beside the original as
+weights could not be loaded), and so is another file where the config records a file's digest
+(`files`: a frozen encoder's `encoder.sha256` beside `encoder.checkpoint`; a moved file with the
+same digest passes); every other changed key is logged (as a warning when it changes what the run
+computes, so the resume is no longer the run it continues; as information for bookkeeping keys
+such as the launcher), and the new config is kept beside the original as
 `config.resume-<iteration>.yaml`.
 """
 
@@ -63,15 +65,21 @@ def check_resume_config(
     frozen: Iterable[str],
     source: str,
     introduced: Mapping[str, Any] | None = None,
+    files: Mapping[str, str] | None = None,
 ) -> list[tuple[str, Any, Any]]:
-    """ConfigError on the first changed `frozen` key (those that fix parameter shapes); log the
-    other changes. Returns all changes. `introduced`: keys added to the schema later, with the
-    value that an older run's config (which lacks them) stands for."""
-    introduced = introduced or {}
+    """ConfigError on the first changed `frozen` key (those that fix parameter shapes) or
+    changed file digest; log the other changes. Returns all changes. `introduced`: keys added to
+    the schema later, with the value that an older run's config (which lacks them) stands for.
+    `files`: digest key -> the path key of the file it identifies (`{"encoder.sha256":
+    "encoder.checkpoint"}`); None as a digest stands for random weights (no file)."""
+    introduced, files = introduced or {}, dict(files or {})
+    flat_old, flat_new = flatten(old), flatten(new)
+    unrecorded = {key for key in files if key not in flat_old}  # saved before digests were kept
     changes = [
         (k, was, now) for k, was, now in config_changes(old, new)
         if not (was is None and k in introduced and now == introduced[k])
     ]  # fmt: skip
+    _check_files(flat_old, flat_new, files, unrecorded, source)
     frozen = tuple(frozen)
     for key, was, now in changes:
         if is_frozen(key, frozen):
@@ -79,15 +87,43 @@ def check_resume_config(
                 f"{key}: {source} was trained with {was!r}; this run asks for {now!r}. A resume "
                 f"cannot change the model's shape: set it back, or use a new output_dir"
             )
+    # A moved file (same digest) and a digest an older run did not record change nothing computed.
+    same_file = {files[k] for k in files if k not in unrecorded} | unrecorded
     for key, was, now in changes:
-        quiet = key.startswith(BOOKKEEPING_PREFIXES)
+        quiet = key.startswith(BOOKKEEPING_PREFIXES) or key in same_file
         level = logging.INFO if quiet else logging.WARNING
         log.log(level, "resume changes %s: %r -> %r (checkpoint: %s)", key, was, now, source)
-    if any(not key.startswith(BOOKKEEPING_PREFIXES) for key, _, _ in changes):
+    if any(not (key.startswith(BOOKKEEPING_PREFIXES) or key in same_file) for key, _, _ in changes):
         log.warning(
             "the resumed run differs from the saved one: it will not equal an uninterrupted run"
         )
     return changes
+
+
+def _check_files(
+    old: Mapping[str, Any],
+    new: Mapping[str, Any],
+    files: Mapping[str, str],
+    unrecorded: set[str],
+    source: str,
+) -> None:
+    """ConfigError naming the path key when a recorded file digest differs from this run's."""
+    for key, path_key in files.items():
+        if key in unrecorded:
+            log.warning(
+                "%s does not record %s (saved before file digests were kept): cannot check that "
+                "%s is the file it was trained with", source, key, path_key,
+            )  # fmt: skip
+        elif old[key] != new.get(key):
+            raise ConfigError(
+                f"{path_key}: {source} was trained with {_file(old.get(path_key), old[key])}; "
+                f"this run has {_file(new.get(path_key), new.get(key))}. A resume cannot change "
+                f"the weights the run was built on: set it back, or use a new output_dir"
+            )
+
+
+def _file(path: Any, digest: str | None) -> str:
+    return "random weights (no file)" if digest is None else f"{path} (sha256 {digest[:16]})"
 
 
 def write_run_config(
@@ -114,14 +150,17 @@ def check_resume(
     config: Mapping[str, Any],
     frozen: Iterable[str],
     introduced: Mapping[str, Any] | None = None,
+    files: Mapping[str, str] | None = None,
 ) -> None:
     """Before building anything: compare `config` with the newest checkpoint's (ConfigError on a
-    shape change; other changes logged). Writes nothing: the trainer records the config once the
-    run has started or resumed (`write_run_config`)."""
+    shape change or another file; other changes logged; see `check_resume_config`). Writes
+    nothing: the trainer records the config once the run has started or resumed
+    (`write_run_config`)."""
     found = _newest_meta(output_dir)
     if found is not None:
         path, meta = found
-        check_resume_config(meta.get("config") or {}, config, frozen, str(path), introduced)
+        old = meta.get("config") or {}
+        check_resume_config(old, config, frozen, str(path), introduced, files)
 
 
 def _newest_meta(output_dir: str | os.PathLike) -> tuple[Path, dict[str, Any]] | None:

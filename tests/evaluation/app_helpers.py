@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -15,6 +16,7 @@ from PIL import Image
 from tests_helpers import CONFIG_DIR
 
 import pixio
+from evaluation.common import write_results
 from evaluation.demo_data import build_demo
 
 REPO = Path(__file__).resolve().parents[2]
@@ -97,8 +99,34 @@ def make_folder(root: Path, per_class: dict[str, int]) -> Path:
     return root
 
 
+def free_port() -> int:
+    """A TCP port free on this host now (for a test's gloo rendezvous)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def run_knn_app(*overrides: str, timeout: int = 120) -> subprocess.CompletedProcess:
     """`python -m evaluation.knn overrides...` in a subprocess (wandb off)."""
     env = {**os.environ, "WANDB_MODE": "disabled"}
     cmd = [sys.executable, "-m", "evaluation.knn", *overrides]
     return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def fake_run(
+    out: Path, app: str, dataset: str, head: str, values: list[float],
+    source: str = "pixio", name: str = "pixio_vith16", extra: dict | None = None,
+    sha256: str | None = "ab" * 32,
+) -> None:  # fmt: skip
+    """A finished run's files as the trainer leaves them (4 iterations per epoch), then
+    results.json through the app's writer (`extra`: the protocol, as the apps pass it;
+    `sha256`: the checkpoint's digest as the run's config records it, None for random weights)."""
+    metric = "d1" if app == "depth" else "miou"
+    out.mkdir(parents=True)
+    rows = [{"step": 4 * (e + 1), "epoch": float(e + 1), f"val/{metric}": v, "val/samples": 3.0}
+            for e, v in enumerate(values)]  # fmt: skip
+    (out / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (out / "val_results.json").write_text(json.dumps({"metric": metric, "mode": "max"}))
+    config = {"encoder": {"source": source, "name": name, "checkpoint": "/ckpt/encoder.pth", "sha256": sha256},
+              "dataset": {"name": dataset}, "head": {"name": head}}  # fmt: skip
+    write_results(out, app, config, iters_per_epoch=4, extra=extra)

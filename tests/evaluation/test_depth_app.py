@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import socket
 
 import pytest
 import torch
@@ -15,6 +14,7 @@ from app_helpers import (
     N_VAL,
     compose_eval,
     cpu_overrides,
+    free_port,
     read_json,
     save_tiny_encoder,
     small_demo,
@@ -61,7 +61,9 @@ def test_two_epoch_dpt_run_writes_results_with_best_and_final(inputs, tmp_path):
     assert 0 <= results["final"]["d1"] <= 100 and results["final"]["rmse"] > 0
     sha = hashlib.sha256(checkpoint.read_bytes()).hexdigest()
     assert results["encoder"] == {"source": "pixio", "name": "pixio_vitt16", "sha256": sha,
-                                  "checkpoint": str(checkpoint), "module": None}  # fmt: skip
+                                  "checkpoint": str(checkpoint), "module": None,
+                                  "random_weights": False}  # fmt: skip
+    assert results["config"]["encoder"]["sha256"] == sha  # hashed once, at the start
     # The sizes asked for (64 / 64 / 42), not the reference's, and so labelled.
     assert results["protocol"] == {"patch_size": 16, "crop_size": 64, "window": 64, "stride": 42,
                                    "reference": {"crop_size": 256, "window": 256, "stride": 170},
@@ -94,10 +96,27 @@ def test_killed_run_resumes_to_the_uninterrupted_result(inputs, tmp_path):
         assert ra[key] == rb[key], key
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def test_a_resume_refuses_another_encoder_file_and_follows_a_moved_one(inputs, tmp_path, capsys):  # fmt: skip
+    checkpoint, root = inputs
+    extra = {"dataset": "kitti", "head": "linear", "train.save_every_iters": 1}
+    out = tmp_path / "run"
+    main(compose_eval("depth", cpu_overrides(checkpoint, root, out, **extra, **{"train.max_iters": 1})))  # fmt: skip
+    other = save_tiny_encoder(tmp_path / "other.safetensors", seed=1)  # same shapes, new weights
+    with pytest.raises(SystemExit) as stop:
+        main(compose_eval("depth", cpu_overrides(other, root, out, **extra)))
+    sha = hashlib.sha256(checkpoint.read_bytes()).hexdigest()
+    other_sha = hashlib.sha256(other.read_bytes()).hexdigest()
+    assert stop.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"config error: encoder.checkpoint: {out / 'checkpoint-00000001'} was trained with "
+        f"{checkpoint} (sha256 {sha[:16]}); this run has {other} (sha256 {other_sha[:16]}). A "
+        "resume cannot change the weights the run was built on: set it back, or use a new output_dir"
+    )  # fmt: skip
+    moved = tmp_path / "moved" / "encoder.safetensors"
+    moved.parent.mkdir()
+    moved.write_bytes(checkpoint.read_bytes())
+    main(compose_eval("depth", cpu_overrides(moved, root, out, **extra, **{"train.max_iters": 2})))  # fmt: skip
+    assert head_state(out) is not None and checkpointing.numbered_checkpoints(out)[-1][0] == 2
 
 
 def _worker(rank: int, world: int, port: int, overrides: list[str]) -> None:
@@ -112,7 +131,7 @@ def test_two_process_validation_counts_every_image_once(inputs, tmp_path):
     out = tmp_path / "two"
     overrides = cpu_overrides(checkpoint, root, out, **{"dataset": "kitti", "head": "linear",
                               "train.batch_size": 1, "train.epochs": 1})  # fmt: skip
-    mp.spawn(_worker, args=(2, _free_port(), overrides), nprocs=2, join=True)
+    mp.spawn(_worker, args=(2, free_port(), overrides), nprocs=2, join=True)
     final = read_json(out / "results.json")["final"]
     # 3 images over 2 ranks: one padded repeat, which must not count.
     assert final["samples"] == N_VAL and final["images"] == N_VAL

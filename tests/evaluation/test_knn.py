@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import math
@@ -10,7 +11,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from app_helpers import make_folder, run_knn_app
+from app_helpers import free_port, make_folder, run_knn_app
+from PIL import Image
+from torch.nn import functional as F
 
 import pixio
 from evaluation.knn import global_features, image_folders, knn_classify, knn_evaluate
@@ -51,18 +54,24 @@ def test_known_accuracy_normalisation_and_small_sets():
 
 
 def brute_force(train, labels, test, truth, k, t, num_classes) -> tuple[float, float]:
-    """The protocol written plainly, one test image at a time."""
+    """The protocol written plainly in float64, one test image at a time. Each class's score is
+    log(sum of exp(sim / T)) over its neighbours, taken as m + log(sum exp(sim / T - m)) with m
+    the class's largest sim / T: exp(1 / 0.001) overflows even float64."""
+    train, test = train.double(), test.double()
     train = train / train.norm(dim=1, keepdim=True)
     hits1 = hits5 = 0
     for x, y in zip(test / test.norm(dim=1, keepdim=True), truth, strict=True):
         sims = train @ x
-        order = sims.argsort(descending=True)[:k]
-        votes = [0.0] * num_classes
-        for i in order.tolist():
-            votes[int(labels[i])] += math.exp(float(sims[i]) / t)
-        ranked = np.argsort(-np.asarray(votes), kind="stable")
+        by_class: dict[int, list[float]] = {}
+        for i in sims.argsort(descending=True)[:k].tolist():
+            by_class.setdefault(int(labels[i]), []).append(float(sims[i]) / t)
+        scores = [-math.inf] * num_classes
+        for c, logits in by_class.items():
+            m = max(logits)
+            scores[c] = m + math.log(math.fsum(math.exp(v - m) for v in logits))
+        ranked = np.argsort(-np.asarray(scores), kind="stable")
         hits1 += int(ranked[0] == int(y))
-        hits5 += int(int(y) in ranked[:5].tolist() and votes[int(y)] > 0)
+        hits5 += int(int(y) in ranked[:5].tolist() and scores[int(y)] > -math.inf)
     return hits1 * 100 / len(test), hits5 * 100 / len(test)
 
 
@@ -75,6 +84,33 @@ def test_matches_brute_force_and_is_chunking_invariant():
     for k in (1, 5, 20):
         assert results[1][k] == pytest.approx(brute_force(train, labels, test, truth, k, 0.07, 10))
         assert knn_classify(train, labels, test, truth, k, 0.07, 10) == results[1][k]
+
+
+def clustered(seed: int = 0, n_classes: int = 10, d: int = 32) -> tuple[torch.Tensor, ...]:
+    """Unit features of 10 classes around nearby centres: similarities 0.72-0.97, so sim / T
+    passes float32's exp limit (88.7) for T = 0.01 and far beyond it for T = 0.001."""
+    g = torch.Generator().manual_seed(seed)
+    base = F.normalize(torch.randn(d, generator=g), dim=0)
+    centres = F.normalize(base + 0.2 * torch.randn(n_classes, d, generator=g) / math.sqrt(d), dim=1)  # fmt: skip
+
+    def draw(per_class: int) -> tuple[torch.Tensor, torch.Tensor]:
+        labels = torch.arange(n_classes).repeat_interleave(per_class)
+        noise = 0.3 * torch.randn(len(labels), d, generator=g) / math.sqrt(d)
+        return F.normalize(centres[labels] + noise, dim=1), labels
+
+    return (*draw(20), *draw(10))
+
+
+@pytest.mark.parametrize("temperature", [0.07, 0.01, 0.001])
+def test_votes_are_exact_at_any_temperature(temperature):
+    train, labels, test, truth = clustered()
+    assert (test @ train.T).max() / 0.01 > 88.8  # exp overflows float32 at T = 0.01 here
+    results = knn_evaluate(train, labels, test, truth, [1, 5, 20], temperature, 10, chunk_size=7)
+    for k in (1, 5, 20):
+        assert results[k] == pytest.approx(brute_force(train, labels, test, truth, k, temperature, 10))  # fmt: skip
+    # A smaller T weights the nearest neighbour more: at 0.001 k=20 is k=1 for top-1.
+    if temperature == 0.001:
+        assert results[20][0] == results[1][0]
 
 
 def test_k_larger_than_the_training_set_is_clamped():
@@ -169,3 +205,171 @@ def test_knn_config_errors_name_the_key(tmp_path):
         validate_knn(config(f"encoder.checkpoint={missing}", "knn.k=[10,0]"))
     with pytest.raises(ConfigError, match=r"^data.root: .*train is not a directory"):
         validate_knn(config(f"encoder.checkpoint={missing}"))
+
+
+# ---- bad input and failures ---------------------------------------------------------------------
+def knn_config(tmp_path: Path, *overrides: str):
+    """configs/eval_knn.yaml composed with `data.root` and `output_dir` under tmp_path."""
+    from hydra import compose, initialize_config_dir
+
+    from evaluation.knn import CONFIG_DIR
+
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base=None):
+        return compose("eval_knn", [f"data.root={tmp_path / 'data'}", f"output_dir={tmp_path / 'out'}", *overrides])  # fmt: skip
+
+
+def knn_results(name: str = "pixio_vith16", sha256: str | None = "ab" * 32) -> dict:
+    """A finished k-NN's results.json (the fields the apps and the report read)."""
+    return {"task": "knn", "top1": {"10": 50.0}, "top5": {"10": 80.0}, "encoder": name,
+            "encoder_source": "pixio", "encoder_module": None, "checkpoint_sha256": sha256,
+            "random_weights": sha256 is None}  # fmt: skip
+
+
+def test_random_weights_are_refused_outside_the_demos(tmp_path):
+    from evaluation.knn import validate_knn
+    from pixio.runtime.config import ConfigError
+
+    for split in ("train", "val"):
+        (tmp_path / "data" / split).mkdir(parents=True)
+    missing = tmp_path / "typo.pth"
+    with pytest.raises(ConfigError, match=rf"^encoder.checkpoint: not found: {missing} \(random weights, encoder.random_if_missing, are for the demo experiments only"):  # fmt: skip
+        validate_knn(knn_config(tmp_path, f"encoder.checkpoint={missing}", "encoder.random_if_missing=true"))  # fmt: skip
+    with pytest.raises(ConfigError, match=r"^encoder.checkpoint: is null \(random weights"):
+        validate_knn(knn_config(tmp_path, "encoder.random_if_missing=true"))
+    validate_knn(knn_config(tmp_path, "experiment=knn_demo", f"encoder.checkpoint={missing}", f"data.root={tmp_path / 'data'}"))  # fmt: skip
+
+
+def test_an_output_dir_holding_other_results_is_refused(tmp_path, caplog):
+    from app_helpers import fake_run
+
+    from evaluation.knn import start_checks, validate_knn
+    from pixio.runtime.config import ConfigError
+
+    for split in ("train", "val"):
+        (tmp_path / "data" / split).mkdir(parents=True)
+    ckpt = tmp_path / "enc.pth"
+    ckpt.write_bytes(b"weights one")
+    sha = hashlib.sha256(b"weights one").hexdigest()
+    out, cfg = tmp_path / "out", knn_config(tmp_path, f"encoder.checkpoint={ckpt}")
+    fake_run(out, "depth", "nyuv2", "dpt", [90.0])  # a depth run's results.json
+    with pytest.raises(ConfigError, match=rf"^output_dir: {out} holds the results of another run \(results.json: depth nyuv2 dpt of pixio_vith16 \(sha256 abababababababab\)\); this run \(k-NN of pixio_vith16\) would replace them"):  # fmt: skip
+        validate_knn(cfg)
+    (out / "results.json").unlink()
+    with pytest.raises(ConfigError, match=rf"^output_dir: {out} holds the validation results of a depth / segmentation run \(val_results.json\)"):  # fmt: skip
+        validate_knn(cfg)
+    (out / "val_results.json").unlink()
+    (out / "results.json").write_text(json.dumps(knn_results("pixio_vitl16")))
+    with pytest.raises(ConfigError, match=r"holds the results of another run \(results.json: k-NN of pixio_vitl16 \(sha256 abab"):  # fmt: skip
+        validate_knn(cfg)
+    (out / "results.json").write_text(json.dumps(knn_results())[:40])  # cut short
+    with pytest.raises(ConfigError, match=rf"^output_dir: {out / 'results.json'}: not valid JSON, cut short\?"):  # fmt: skip
+        validate_knn(cfg)
+    # The same encoder: validation passes; at the start the checkpoint's digest decides.
+    (out / "results.json").write_text(json.dumps(knn_results(sha256=sha)))
+    validate_knn(cfg)
+    caplog.set_level("INFO", logger="pixio.knn")
+    assert start_checks(cfg) == sha
+    assert "holds the results of an earlier k-NN of this encoder: this run replaces them" in caplog.text  # fmt: skip
+    ckpt.write_bytes(b"weights two")  # same path, another file
+    with pytest.raises(ConfigError, match=rf"\(results.json: k-NN of pixio_vith16 \(sha256 {sha[:16]}\)\); this run \(k-NN of pixio_vith16 \(sha256 {hashlib.sha256(b'weights two').hexdigest()[:16]}\)\)"):  # fmt: skip
+        start_checks(cfg)
+
+
+def truncated_jpeg(path: Path) -> Path:
+    """A real JPEG cut in half (the header reads; decoding fails)."""
+    pixels = np.random.default_rng(0).integers(0, 255, (48, 48, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(path, quality=90)
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    return path
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_an_unreadable_image_stops_extraction_with_one_line_naming_it(tmp_path, workers):
+    from evaluation.knn import extract_features
+    from pixio.runtime.distributed import DistInfo
+    from pixio.runtime.job import DataError
+
+    data = make_folder(tmp_path / "data", {"train": 2, "val": 2})
+    bad = [truncated_jpeg(data / "val" / "red" / "bad.jpg"), truncated_jpeg(data / "val" / "blue" / "bad.jpg")]  # fmt: skip
+    encoder = pixio.build_encoder("pixio_vitt16", **TINY_ENCODER).eval()
+    info = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
+    train, val = image_folders(data, 32, 32)
+    assert extract_features(encoder, train, 4, info, workers).shape == (6, 32)
+    with pytest.raises(DataError) as err:
+        extract_features(encoder, val, 4, info, workers)
+    message = str(err.value)
+    assert message.startswith(f"cannot read image {bad[1]}: image file is truncated")
+    assert "(and 1 more, each in train.log); replace or remove it" in message
+    assert "\n" not in message
+
+
+def _two_ranks(rank: int, port: int, out: Path) -> None:
+    """What each of two gloo ranks gets from rank 0's start-up work and from a bad image that
+    only rank 1 met, one line per step in out/rank<r>.txt."""
+    import os
+
+    from evaluation.knn import raise_unreadable
+    from pixio.runtime.config import ConfigError
+    from pixio.runtime.distributed import init_distributed
+    from pixio.runtime.rank0 import rank0_result
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      WORLD_SIZE="2", LOCAL_RANK=str(rank))  # fmt: skip
+    info = init_distributed(device="cpu")
+    seen = [rank0_result(lambda: f"computed by rank {rank}")]
+
+    def refuse() -> str:
+        raise ConfigError("output_dir: refused on rank 0")
+
+    for step in (lambda: rank0_result(refuse), lambda: raise_unreadable(["cannot read image b.jpg: x"] if rank else [], info)):  # fmt: skip
+        try:
+            step()
+        except Exception as err:
+            seen.append(f"{type(err).__name__}: {err}")
+    (out / f"rank{rank}.txt").write_text("\n".join(seen))
+
+
+def test_two_ranks_share_rank0_work_and_every_unreadable_image(tmp_path):
+    import torch.multiprocessing as mp
+
+    # fork: the ranks start with this process's imports (spawn would import torch twice more)
+    mp.start_processes(_two_ranks, args=(free_port(), tmp_path), nprocs=2, start_method="fork")
+    ranks = [(tmp_path / f"rank{r}.txt").read_text().splitlines() for r in (0, 1)]
+    assert ranks[0] == ranks[1]  # rank 0 read nothing bad, yet stops with rank 1
+    computed, refused, unreadable = ranks[0]
+    assert computed == "computed by rank 0" and refused == "ConfigError: output_dir: refused on rank 0"  # fmt: skip
+    assert unreadable.startswith("DataError: cannot read image b.jpg: x; replace or remove it")
+
+
+@pytest.mark.slow
+def test_knn_app_names_a_truncated_jpeg_in_one_line(knn_setup, tmp_path):
+    *_, args = knn_setup
+    data = make_folder(tmp_path / "data", {"train": 2, "val": 1})
+    bad = truncated_jpeg(data / "val" / "green" / "cut.jpg")
+    run = run_knn_app(*args, f"data.root={data}", "data.num_workers=1", f"output_dir={tmp_path / 'out'}")  # fmt: skip
+    assert run.returncode == 1, run.stderr[-3000:]
+    assert f"error: cannot read image {bad}: image file is truncated" in run.stderr
+    assert "Traceback" not in run.stderr and not (tmp_path / "out" / "results.json").exists()
+
+
+def test_a_full_disk_at_features_pt_keeps_a_complete_results_json(knn_setup, tmp_path, monkeypatch, capsys):  # fmt: skip
+    from evaluation.knn import main
+    from evaluation.results import read_results
+
+    tmp, *_, args = knn_setup
+    out = tmp_path / "out"
+
+    def disk_full(obj, path, *a, **k):
+        Path(path).write_bytes(b"partial")  # what a write cut by ENOSPC leaves
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    monkeypatch.setattr(torch, "save", disk_full)
+    with pytest.raises(SystemExit) as stop:
+        main(knn_config(tmp, *args, f"output_dir={out}"))
+    record = read_results(out / "results.json")  # complete: every field the report reads
+    assert set(record["top1"]) == {"1", "3", "50"} and record["n_val"] == 9
+    assert stop.value.code == 1
+    assert capsys.readouterr().err.strip().splitlines()[-1].startswith(
+        f"error: cannot write {out / 'features.pt'}: No space left on device; results.json beside it is complete"
+    )  # fmt: skip
+    assert sorted(p.name for p in out.iterdir() if "features" in p.name) == []  # no partial file

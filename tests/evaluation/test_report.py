@@ -8,27 +8,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+from app_helpers import fake_run
+
 from evaluation import report
-from evaluation.common import write_results
 
 REPO = Path(__file__).resolve().parents[2]
-
-
-def fake_run(
-    out: Path, app: str, dataset: str, head: str, values: list[float],
-    source: str = "pixio", name: str = "pixio_vith16", extra: dict | None = None,
-) -> None:  # fmt: skip
-    """A finished run's files as the trainer leaves them (4 iterations per epoch), then
-    results.json through the app's writer (`extra`: the protocol, as the apps pass it)."""
-    metric = "d1" if app == "depth" else "miou"
-    out.mkdir(parents=True)
-    rows = [{"step": 4 * (e + 1), "epoch": float(e + 1), f"val/{metric}": v, "val/samples": 3.0}
-            for e, v in enumerate(values)]  # fmt: skip
-    (out / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    (out / "val_results.json").write_text(json.dumps({"metric": metric, "mode": "max"}))
-    config = {"encoder": {"source": source, "name": name, "checkpoint": None},
-              "dataset": {"name": dataset}, "head": {"name": head}}  # fmt: skip
-    write_results(out, app, config, iters_per_epoch=4, extra=extra)
 
 
 def run_lines(lines: list[str]) -> list[str]:
@@ -133,3 +117,84 @@ def test_report_cli_without_results_fails_clearly(tmp_path):
         cwd=REPO, capture_output=True, text=True, timeout=60,
     )  # fmt: skip
     assert run.returncode == 1 and "no results.json or val_results.json" in run.stderr
+
+
+def test_bad_files_are_skipped_and_named_and_the_rest_reported(tmp_path, capsys):
+    fake_run(tmp_path / "good", "depth", "nyuv2", "dpt", [80.0, 93.25])
+    fake_run(tmp_path / "cut", "depth", "kitti", "dpt", [70.0])
+    cut = tmp_path / "cut" / "results.json"
+    cut.write_text(cut.read_text()[:100])  # truncated; its val_results.json has no best either
+    nulls = tmp_path / "nulls" / "results.json"
+    nulls.parent.mkdir()
+    nulls.write_text(json.dumps({"task": None, "dataset": None, "head": None, "best": None}))
+    knn_nulls = tmp_path / "knn" / "results.json"
+    knn_nulls.parent.mkdir()
+    knn_nulls.write_text(json.dumps({"task": "knn", "top1": {"10": None}, "encoder": "x"}))
+    (tmp_path / "dir" / "results.json").mkdir(parents=True)  # cannot be read as a file
+    binary = tmp_path / "running" / "val_results.json"
+    binary.parent.mkdir()
+    binary.write_bytes(b"\xff\xfe\x00garbage")
+    # A results.json that does not read, beside a val_results.json that does: shown incomplete.
+    fake_run(tmp_path / "fallback", "semseg", "ade20k", "linear", [40.0])
+    (tmp_path / "fallback" / "val_results.json").write_text(json.dumps({"metric": "miou", "best": {"miou": 41.5, "epoch": 1.0}}))  # fmt: skip
+    (tmp_path / "fallback" / "results.json").write_text("")
+    (tmp_path / "fallback" / "config.yaml").write_text("dataset:\n  name: ade20k\nhead:\n  name: linear\nencoder:\n  name: pixio_vith16\n")  # fmt: skip
+    # A readable val_results.json whose config.yaml does not parse: skipped, naming the yaml.
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "val_results.json").write_text(json.dumps({"metric": "d1", "best": {"d1": 1.0}}))
+    (broken / "config.yaml").write_text("dataset: [unclosed\n")
+    assert report.main([str(tmp_path)]) == 0
+    captured = capsys.readouterr()
+    skipped = sorted(captured.err.splitlines())
+    assert skipped.pop(0).startswith(f"skipped {broken / 'config.yaml'}: cannot be read (")
+    assert skipped == sorted([
+        f"skipped {cut}: not valid JSON, cut short? (Unterminated string starting at: line 7 column 5)",
+        f"skipped {tmp_path / 'cut' / 'val_results.json'}: `best` is null, not a validation record",
+        f"skipped {tmp_path / 'dir' / 'results.json'}: cannot be read (Is a directory)",
+        f"skipped {tmp_path / 'fallback' / 'results.json'}: empty",
+        f"skipped {knn_nulls}: `top1.10` is null, not an accuracy",
+        f"skipped {nulls}: `task` is null, not one of depth, semseg or knn",
+        f"skipped {binary}: cannot be read ('utf-8' codec can't decode byte 0xff in position 0: invalid start byte)",
+    ])  # fmt: skip
+    runs = {line.split()[-1]: line.split() for line in run_lines(captured.out.splitlines())[2:]}
+    assert list(runs) == ["good", "incomplete"]
+    assert runs["good"][6:8] == ["93.25", "(2)"]
+    assert runs["incomplete"][:4] == ["semseg", "ade20k", "linear", "pixio_vith16"]
+    assert runs["incomplete"][6:8] == ["41.50", "(1)"] and runs["incomplete"][-2] == "fallback"
+    assert captured.out.splitlines()[-1] == "skipped 8 file(s) that could not be read (named on stderr)"  # fmt: skip
+
+
+def test_nothing_readable_exits_1_naming_every_file(tmp_path, capsys):
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "results.json").write_text("{")
+    assert report.main([str(tmp_path)]) == 1
+    err = capsys.readouterr().err.splitlines()
+    assert err[0].startswith(f"skipped {tmp_path / 'a' / 'results.json'}: not valid JSON")
+    assert err[1] == f"error: nothing to report under {tmp_path}: 1 unreadable file(s), listed above"  # fmt: skip
+
+
+def test_random_weight_runs_are_marked_and_never_beside_published_numbers(tmp_path, capsys):
+    fake_run(tmp_path / "trained", "depth", "nyuv2", "dpt", [90.0])
+    fake_run(tmp_path / "demo", "depth", "nyuv2", "dpt", [97.0], name="pixio_vitt16", sha256=None)
+    knn = {"task": "knn", "top1": {"10": 95.0}, "top5": {"10": 99.0}, "encoder": "pixio_vitt16",
+           "checkpoint_sha256": None, "random_weights": True}  # fmt: skip
+    (tmp_path / "knn_demo").mkdir()
+    (tmp_path / "knn_demo" / "results.json").write_text(json.dumps(knn))
+    assert json.loads((tmp_path / "demo" / "results.json").read_text())["encoder"]["random_weights"]  # fmt: skip
+    assert report.main([str(tmp_path)]) == 0
+    out = capsys.readouterr().out.splitlines()
+    header, cells = comparison(out)
+    assert header == ["task", "dataset", "head", "pixio_vith16", *report.PAPER_COLUMNS]
+    assert cells == {("depth", "nyuv2", "dpt"): ["90.00", "95.50", "80.80"]}  # no demo numbers
+    runs = {line.split()[-2]: line.split() for line in run_lines(out)[2:] if line.endswith(report.RANDOM_MARK)}  # fmt: skip
+    assert runs["demo"][3:11] == ["pixio_vitt16", "d1", "-", "97.00", "(1)", "97.00", "-", "-"]
+    assert runs["knn_demo"][-5:] == ["95.00", "-", "-", "knn_demo", report.RANDOM_MARK]
+    assert report.RANDOM_NOTE in out
+    # Only random-weight runs: no side-by-side table at all, every run still listed.
+    for run in ("trained",):
+        for f in (tmp_path / run).iterdir():
+            f.unlink()
+    assert report.main([str(tmp_path)]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[1] == report.NO_COMPARISON and len(run_lines(out)) == 4

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from app_helpers import N_VAL, cpu_overrides, read_json, save_tiny_encoder
+from app_helpers import N_VAL, cpu_overrides, read_json
 
 from evaluation.task import SegmentationTask, Windows
 
@@ -19,11 +19,12 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def test_semseg_entry_point_builds_demo_data_trains_and_reports(tmp_path):
-    checkpoint = save_tiny_encoder(tmp_path / "encoder.safetensors")
+    # A demo run without its encoder file: random weights, allowed and recorded as such.
+    checkpoint = tmp_path / "absent.safetensors"
     root, out = tmp_path / "ade20k", tmp_path / "run"
     overrides = cpu_overrides(checkpoint, root, out, **{"head": "linear", "data.build_demo": True,
                               "data.demo_train": 4, "data.demo_val": N_VAL, "optim.lr": 1e-2,
-                              "train.vis_every": 2})  # fmt: skip
+                              "train.vis_every": 2, "encoder.random_if_missing": True})  # fmt: skip
     run = subprocess.run(
         [sys.executable, "-m", "evaluation.semseg", "dataset=ade20k", *overrides],
         cwd=REPO, capture_output=True, text=True, timeout=300,
@@ -32,6 +33,7 @@ def test_semseg_entry_point_builds_demo_data_trains_and_reports(tmp_path):
     assert (root / "images" / "validation").is_dir()  # built in the release layout
     results = read_json(out / "results.json")
     assert (results["task"], results["dataset"], results["head"]) == ("semseg", "ade20k", "linear")
+    assert results["encoder"]["random_weights"] and results["encoder"]["sha256"] is None
     assert results["metric"] == "miou" and len(results["epochs"]) == 2
     assert results["best"]["miou"] == max(e["miou"] for e in results["epochs"])
     assert results["final"] == {"label": "final epoch", **results["epochs"][-1]}

@@ -37,3 +37,42 @@ def test_a_key_older_runs_lack_stands_for_its_former_value():
         check_resume_config(old, baseline, FROZEN, "ckpt", {"encoder.source": "pixio"})
     with pytest.raises(ConfigError, match="^encoder.source: "):  # without the note: refused
         check_resume_config(old, new, FROZEN, "ckpt")
+
+
+FILES = {"encoder.sha256": "encoder.checkpoint"}
+
+
+def eval_config(checkpoint: str | None, sha: str | None) -> dict:
+    return {"encoder": {"name": "pixio_vith16", "checkpoint": checkpoint, "sha256": sha}}
+
+
+def test_another_encoder_file_is_refused_and_a_moved_one_passes(caplog):
+    old = eval_config("/ckpt/a.pth", "a" * 64)
+    message = (
+        r"^encoder.checkpoint: ckpt was trained with /ckpt/a.pth \(sha256 aaaaaaaaaaaaaaaa\); "
+        r"this run has /ckpt/a.pth \(sha256 bbbbbbbbbbbbbbbb\)\. A resume cannot change the "
+        r"weights the run was built on"
+    )
+    with pytest.raises(ConfigError, match=message):  # same path, rewritten file
+        check_resume_config(old, eval_config("/ckpt/a.pth", "b" * 64), FROZEN, "ckpt", files=FILES)
+    with pytest.raises(ConfigError, match=r"this run has random weights \(no file\)"):
+        check_resume_config(old, eval_config("/absent", None), FROZEN, "ckpt", files=FILES)
+    with pytest.raises(ConfigError, match=r"^encoder.checkpoint: ckpt was trained with random"):
+        check_resume_config(eval_config("/absent", None), old, FROZEN, "ckpt", files=FILES)
+    # Moved (same digest): allowed, logged as information only (nothing computed changes).
+    caplog.set_level("INFO", logger="pixio.config")
+    moved = check_resume_config(old, eval_config("/new/a.pth", "a" * 64), FROZEN, "ckpt", files=FILES)  # fmt: skip
+    assert moved == [("encoder.checkpoint", "/ckpt/a.pth", "/new/a.pth")]
+    assert [r.levelname for r in caplog.records] == ["INFO"]
+
+
+def test_a_run_saved_before_digests_were_kept_resumes_with_a_warning(caplog):
+    old = {"encoder": {"name": "pixio_vith16", "checkpoint": "/ckpt/a.pth"}}  # no sha256 key
+    caplog.set_level("INFO", logger="pixio.config")
+    changes = check_resume_config(old, eval_config("/ckpt/a.pth", "a" * 64), FROZEN, "ckpt", files=FILES)  # fmt: skip
+    assert changes == [("encoder.sha256", None, "a" * 64)]
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert warnings == [
+        "ckpt does not record encoder.sha256 (saved before file digests were kept): cannot check "
+        "that encoder.checkpoint is the file it was trained with"
+    ]
