@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from pixio.checkpoint import broadcast_encoder_state
+from pixio.checkpoint import StateMismatchError, broadcast_encoder_state
 from pixio.models.encoder import LayerNorm, PixioEncoder
 from pixio.models.init import init_parameters
 from pixio.models.masking import group_masking
@@ -71,17 +71,20 @@ def teacher_tokens(teacher: nn.Module, imgs: torch.Tensor) -> torch.Tensor:
 
 def teacher_loader(path: str | Path) -> Callable[[nn.Module], None]:
     """`ModuleSpec.load` for the teacher: rank 0 reads `path` (any format `pixio.load_encoder`
-    reads) and checks it strictly, then the weights are broadcast into the placed (replicated
-    or sharded) module (`pixio.checkpoint.broadcast_encoder_state`); a mismatch is a
-    `teacher.checkpoint` config error on every rank."""
+    reads; a training checkpoint directory verified against its manifest, once, there) and
+    checks it strictly, then the weights are broadcast into the placed (replicated or sharded)
+    module (`pixio.checkpoint.broadcast_encoder_state`); a damaged, unreadable or mismatched
+    checkpoint is a `teacher.checkpoint` config error on every rank."""
 
     def load(module: nn.Module) -> None:
         try:
             broadcast_encoder_state(module, path)
-        except ValueError as err:
+        except StateMismatchError as err:
             raise ConfigError(
                 f"teacher.checkpoint: {err} (check teacher.name, teacher.img_size and the size "
                 "overrides)"
             ) from None
+        except ValueError as err:  # damaged, unsafe or unreadable: the file, not the sizes
+            raise ConfigError(f"teacher.checkpoint: {err}") from None
 
     return load

@@ -12,12 +12,19 @@ Trained modules: the trainer saves `{"model": {name: state}, "optimizer": {name:
 name per trained module ("mae" in pre-training, e.g. "student_pixio_vith16" in distillation).
 `module` picks one by name; None picks the only one and is an error when there are several. In a
 `.pth` file a module level is a dict of dicts, at the top or under its `'model'` entry.
+
+Integrity: a training checkpoint directory is read through
+`pixio.runtime.checkpoint_dir.CheckpointReader`, which checks `.metadata` and every data file
+holding the chosen module's tensors against `manifest.json` (size, sha256) before using them;
+a mismatch raises `DamagedCheckpointError` (a ValueError), one line naming the directory, the
+file and the older checkpoint to read instead. Every reader of this module (`load_encoder`,
+`read_state_dict`, `broadcast_encoder_state`, `read_module_states`) gets it.
 """
 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -28,26 +35,29 @@ from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 from pixio.hf import hf_to_pixio_state
 from pixio.models.encoder import PixioEncoder
 from pixio.models.registry import build_encoder
-from pixio.safe_load import (
-    METADATA_NAME,
-    UnsafeCheckpointError,
-    dcp_key_paths,
-    load_dcp_entries,
-    read_dcp_metadata,
-    safe_torch_load,
+from pixio.runtime.checkpoint_dir import (
+    MANIFEST_NAME,
+    CheckpointReader,
+    DamagedCheckpointError,
+    state_digest,
 )
+from pixio.safe_load import METADATA_NAME, UnsafeCheckpointError, safe_error_text, safe_torch_load
 
 __all__ = [
+    "DamagedCheckpointError",
+    "StateMismatchError",
     "UnsafeCheckpointError",
     "checkpoint_digest",
     "encoder_state",
     "is_dcp_checkpoint",
     "load_encoder",
     "load_encoder_state",
+    "read_module_states",
     "read_state_dict",
     "safe_torch_load",
     "save_encoder",
     "save_state_dict",
+    "trained_modules",
 ]
 
 # Keys that belong to wrappers around the encoder, not to the encoder itself.
@@ -95,11 +105,11 @@ def _pick_module(names: list[str], module: str | None, source: str | Path) -> st
     return module
 
 
-def _dcp_model_state(path: Path, module: str | None) -> dict[str, Any]:
-    """Tensors of one trained module of a DCP training checkpoint (entry "model", then the module
-    name), keys relative to the module. Only those tensors are read."""
-    md = read_dcp_metadata(path)
-    paths = {k: p for k, p in dcp_key_paths(md).items() if p[0] == "model"}
+def _module_entries(reader: CheckpointReader) -> dict[str, dict[str, tuple[Any, ...]]]:
+    """Trained module name -> its tensor entries (flat key -> nested path) in a DCP training
+    checkpoint (entry "model", then the module name)."""
+    path, md = reader.path, reader.metadata
+    paths = {k: p for k, p in reader.key_paths.items() if p[0] == "model"}
     if not paths:
         raise ValueError(f"{path}: this checkpoint directory has no 'model' entry")
     # Parameters right under "model" (no module level): earlier development versions wrote that
@@ -109,14 +119,34 @@ def _dcp_model_state(path: Path, module: str | None) -> dict[str, Any]:
             f"{path}: its 'model' entry holds parameters, not named modules: a checkpoint of an "
             "earlier development version, which this version does not read"
         )
-    name = _pick_module(sorted({str(p[1]) for p in paths.values()}), module, path)
-    chosen = {
-        k: p
-        for k, p in paths.items()
-        if p[1] == name and isinstance(md.state_dict_metadata[k], TensorStorageMetadata)
-    }
-    flat = load_dcp_entries(path, chosen, md)
-    return {".".join(map(str, chosen[k][2:])): v for k, v in flat.items()}
+    modules: dict[str, dict[str, tuple[Any, ...]]] = {str(p[1]): {} for p in paths.values()}
+    for key, p in paths.items():
+        if isinstance(md.state_dict_metadata[key], TensorStorageMetadata):
+            modules[str(p[1])][key] = p
+    return modules
+
+
+def trained_modules(path: str | Path) -> list[str]:
+    """Names of the trained modules of training checkpoint directory `path` (from its
+    `.metadata`, verified first)."""
+    return sorted(_module_entries(CheckpointReader(path)))
+
+
+def read_module_states(
+    path: str | Path, modules: Sequence[str | None]
+) -> Iterator[tuple[str, dict[str, torch.Tensor]]]:
+    """(name, tensors) of each of `modules` (None: the only one) of training checkpoint
+    directory `path`, one module in memory at a time, keys relative to the module. Every file
+    that holds them is verified before the first is yielded (so a damaged file stops the read
+    before anything is written from it); only their tensors are read."""
+    reader = CheckpointReader(path)
+    entries = _module_entries(reader)
+    names = [_pick_module(sorted(entries), module, path) for module in modules]
+    reader.verify(key for name in names for key in entries[name])
+    for name in names:
+        chosen = entries[name]
+        flat = reader.load(chosen)
+        yield name, {".".join(map(str, chosen[k][2:])): v for k, v in flat.items()}
 
 
 def _is_module_level(obj: Any) -> bool:
@@ -159,7 +189,7 @@ def read_raw_state(path: str | Path, module: str | None = None) -> dict[str, tor
     if not path.exists():
         raise FileNotFoundError(f"checkpoint not found: {path}")
     if is_dcp_checkpoint(path):
-        obj: Any = _dcp_model_state(path, module)
+        obj: Any = next(read_module_states(path, [module]))[1]
     elif path.is_dir() or path.suffix == ".safetensors":
         if module is not None:
             raise ValueError(f"{path} holds one state dict, no trained module {module!r}")
@@ -216,6 +246,10 @@ def mismatch_message(source: str, problems: dict[str, list[str]]) -> str | None:
     return f"{source} does not match the encoder: {'; '.join(found)}" if found else None
 
 
+class StateMismatchError(ValueError):
+    """A checkpoint whose keys or shapes do not match the module it is loaded into."""
+
+
 def broadcast_checked_state(
     module: torch.nn.Module, read: Callable[[], dict[str, torch.Tensor]], source: str
 ) -> None:
@@ -224,32 +258,34 @@ def broadcast_checked_state(
     the other ranks read nothing and receive the weights by broadcast. One read per job and one
     full copy in host memory (a 5B checkpoint is 22 GB; 8 ranks each reading it would hold
     350 GB at start-up). A problem (unreadable file, missing / unexpected / mis-shaped keys)
-    raises ValueError on every rank, so none waits for a broadcast that never comes."""
+    raises ValueError on every rank (StateMismatchError for the keys), so none waits for a
+    broadcast that never comes. A training checkpoint is verified by that one read, on rank 0."""
     import torch.distributed as dist
 
     from pixio.runtime.distributed import get_rank, is_dist
     from pixio.runtime.parallel import load_full_state
 
-    state, problem = None, None
+    state, problem, mismatch = None, None, False
     if get_rank() == 0:
         try:
             state = read()
             problem = state_mismatch(module, state, source)
+            mismatch = problem is not None
         except Exception as err:  # any failure must reach the ranks waiting for the broadcast
             problem = _one_line(err, source)
     if is_dist():
-        box = [problem]
+        box = [(problem, mismatch)]
         dist.broadcast_object_list(box, src=0)
-        problem = box[0]
+        problem, mismatch = box[0]
     if problem is not None:
-        raise ValueError(problem)
+        raise (StateMismatchError if mismatch else ValueError)(problem)
     load_full_state(module, lambda: state)
 
 
 def _one_line(err: Exception, source: str) -> str:
     """A reader's error as one line naming the checkpoint (a KeyError without its quotes; an
     OSError with its reason, not its errno)."""
-    text = str(err.args[0]) if isinstance(err, KeyError) and err.args else str(err)
+    text = str(err.args[0]) if isinstance(err, KeyError) and err.args else safe_error_text(err)
     text = " ".join(text.split()) or type(err).__name__
     return text if source in text else f"{source}: {text}"
 
@@ -276,16 +312,15 @@ def load_encoder(
 
 
 def checkpoint_digest(path: str | Path) -> str:
-    """sha256 identifying a checkpoint: of the file; of a training checkpoint directory's
-    manifest (which holds every file's digest); of a folder's files otherwise (relative names
-    and contents, in name order; hidden entries such as `.git` left out)."""
-    from pixio.runtime.checkpointing import MANIFEST_NAME
-
+    """sha256 identifying a checkpoint: of the file; of a training checkpoint directory's saved
+    tensors (`checkpoint_dir.state_digest`: its data files' sha256 as the manifest lists them;
+    the read that used them verified them); of a folder's files otherwise (relative names and
+    contents, in name order; hidden entries such as `.git` left out)."""
     path, digest = Path(path), hashlib.sha256()
+    if path.is_dir() and (path / MANIFEST_NAME).is_file():
+        return state_digest(path)
     if path.is_file():
         files = [path]
-    elif (path / MANIFEST_NAME).is_file():
-        files = [path / MANIFEST_NAME]
     else:
         files = sorted(
             p for p in path.rglob("*")

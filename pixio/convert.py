@@ -11,13 +11,16 @@ The input may be any format `pixio.load_encoder` reads, including a training che
 output format follows the extension: `.safetensors`, `.pth`, or (no extension) a Hugging Face
 `transformers` Pixio folder. The output may not be the input itself nor lie inside an input
 directory (symlinks resolved): that would overwrite or corrupt the checkpoint being read. A
-refused input or output (several modules and no `--module`, an unsafe file, ...) is reported in
-one line, exit status 2.
+training checkpoint directory is verified against its manifest (sizes and sha256 of `.metadata`
+and of the data files holding the module) before anything is written. A refused input or output
+(several modules and no `--module`, a damaged or unsafe file, keys that do not match the
+model, ...) is reported in one line, `error: ...`, exit status 2, and nothing is written.
 """
 
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -86,8 +89,10 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     try:  # convert checks the paths before reading anything
         out = convert(args.model, args.input, args.output, args.module, **dict(args.override))
-    except ValueError as err:  # refused paths, module choice, unsafe file: no traceback
-        parser.error(str(err))  # one line, exit status 2
+    except (ValueError, KeyError, OSError) as err:  # bad input or output: one line, no traceback
+        text = err.args[0] if isinstance(err, KeyError) and err.args else str(err)
+        print(f"error: {text}", file=sys.stderr)
+        raise SystemExit(2) from None
     print(f"wrote {out}")
 
 

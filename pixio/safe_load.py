@@ -11,6 +11,10 @@
   loads non-tensor entries with `weights_only=True`. Tensor records are already read with
   `weights_only=True` by torch.
 - `load_dcp_entries`: a single-process load of chosen flat keys; only their bytes are read.
+- Error texts: torch's weights_only failure advises re-running with the check off. No error
+  raised here repeats it (`safe_error_text` replaces it by the refused object), whether the
+  file holds pickled code or is merely damaged (zeros in a record header read as pickle
+  opcode 0).
 """
 
 from __future__ import annotations
@@ -82,21 +86,51 @@ def unsafe_error(source: str | Path, cause: str) -> UnsafeCheckpointError:
     )
 
 
-def _weights_only_failure(err: Exception, source: str | Path) -> Exception:
-    text = str(err)
-    if not text.startswith("Weights only load failed"):
-        return ValueError(f"cannot read {source}: {text.splitlines()[0] if text else err!r}")
+def _torch_cause(text: str) -> str:
     match = _TORCH_CAUSE.search(text)
-    return unsafe_error(source, match.group(1) if match else "an object that is not plain data")
+    return match.group(1) if match else "an object that is not plain data"
+
+
+def safe_error_text(err: BaseException) -> str:
+    """The text of an error from torch.load or DCP, except that torch's weights_only failure
+    (which advises turning the check off) becomes the object it refused."""
+    text = str(err)
+    if "weights_only" not in text and "add_safe_globals" not in text:
+        return text
+    return f"not plain tensor data ({_torch_cause(text)})"
+
+
+def _first_line(text: str) -> str:
+    lines = text.strip().splitlines()
+    return lines[0] if lines else ""
+
+
+def read_failure(err: BaseException, source: str | Path) -> Exception:
+    """One-line error for a failed read of `source` by torch.load or DCP: our own ValueErrors
+    as they are, torch's weights_only refusal as UnsafeCheckpointError, anything else as
+    `cannot read <source>: <torch's first line>`."""
+    text = str(err)
+    if isinstance(err, ValueError) and not isinstance(err, pickle.UnpicklingError):
+        return err
+    if not text.startswith("Weights only load failed"):
+        return ValueError(f"cannot read {source}: {_first_line(safe_error_text(err)) or repr(err)}")
+    cause = _torch_cause(text)
+    if cause.startswith("Unsupported operand"):  # not a pickle at all: damage more likely than code
+        return UnsafeCheckpointError(
+            f"refusing to load {source}: it is damaged or holds pickled code ({cause}); nothing "
+            "from the file was executed"
+        )
+    return unsafe_error(source, cause)
 
 
 def safe_torch_load(path: str | Path, map_location: str | torch.device = "cpu") -> Any:
-    """`torch.load(weights_only=True)`; pickled code raises UnsafeCheckpointError (never run)."""
+    """`torch.load(weights_only=True)`; pickled code raises UnsafeCheckpointError (never run),
+    a damaged file a ValueError naming it."""
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError as err:
+    except (pickle.UnpicklingError, RuntimeError, EOFError) as err:
         # `from None`: torch's text (kept out of the message) advises disabling the check.
-        raise _weights_only_failure(err, path) from None
+        raise read_failure(err, path) from None
 
 
 # ---- DCP metadata -----------------------------------------------------------------------------
@@ -186,7 +220,7 @@ class SafeLoadPlanner(DefaultLoadPlanner):
         try:
             obj = torch.load(value, weights_only=True)
         except pickle.UnpicklingError as err:
-            raise _weights_only_failure(err, f"{self.source} (entry {fqn})") from None
+            raise read_failure(err, f"{self.source} (entry {fqn})") from None
         # Into the caller's dict: without flattening, self.state_dict may be a copy of it.
         set_path(self.original_state_dict, self.mappings.get(fqn, (fqn,)), obj)
 
@@ -214,7 +248,7 @@ def load_dcp_entries(
                 no_dist=True,
             )
         except CheckpointException as exc:  # one process: its own error, not DCP's wrapper
-            raise exc.failures[min(exc.failures)][0] from None
+            raise read_failure(exc.failures[min(exc.failures)][0], path) from None
     return state
 
 

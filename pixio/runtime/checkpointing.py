@@ -34,19 +34,20 @@ write and hashing run in a background thread, on a gloo process group of their o
 never interleave with the training loop's collectives); the commit happens in `wait()`, which the
 next `save`, `load_latest` and `close` call first. A process killed before `wait()` leaves only a
 temporary directory: the previous checkpoint stays the latest.
+
+One directory on its own (names, manifest, retention, and the verified reads of every other
+reader: tools, encoder readers) is `pixio.runtime.checkpoint_dir`; its names are re-exported.
 """
 
 from __future__ import annotations
 
 import errno
-import hashlib
 import io
 import json
 import logging
 import os
 import pickle
 import random
-import re
 import shutil
 import time
 import uuid
@@ -65,187 +66,58 @@ from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.default_planner import DefaultSavePlanner
 from torch.distributed.checkpoint.staging import BlockingAsyncStager
 
-from pixio.safe_load import (
-    SafeDCPReader,
-    SafeLoadPlanner,
-    dcp_key_paths,
-    load_dcp_entries,
-    read_dcp_metadata,
-    safe_torch_load,
-    set_path,
+from pixio.runtime.checkpoint_dir import (
+    LAST_NAME,
+    LEGACY,
+    MANIFEST_FORMAT,
+    MANIFEST_NAME,
+    META_NAME,
+    RANK_FILE,
+    CheckpointError,
+    CheckpointReader,
+    DamagedCheckpointError,
+    check_files,
+    cleanup_temporaries,
+    digest_files,
+    file_digest,
+    find_latest,
+    first_line,
+    has_checkpoints,
+    load_checkpoint,
+    numbered_checkpoints,
+    numbered_name,
+    prune_checkpoints,
+    quick_check,
+    read_manifest,
+    read_meta,
+    verify_files,
 )
+from pixio.safe_load import SafeDCPReader, SafeLoadPlanner, read_dcp_metadata, safe_torch_load
 
 log = logging.getLogger("pixio.checkpoint")
 T = TypeVar("T")
-
-LAST_NAME = "checkpoint-last"
-META_NAME = "meta.pt"
-MANIFEST_NAME = "manifest.json"
-MANIFEST_FORMAT = "pixio-dcp-checkpoint/1"
-_NUMBERED = re.compile(r"^checkpoint-(\d{8,})$")
-_LEGACY = re.compile(r"^checkpoint-(\d{8,}|last)\.pth$")  # single-file format before DCP
-_LEFTOVERS = (".checkpoint-*.tmp-*", ".checkpoint-*.old-*")
-_RANK_FILE = re.compile(r"^__(\d+)_")  # DCP data file written by rank N
-_CHUNK = 8 << 20
 _FULL_BELOW = 64 << 20  # free bytes under which a failed write is put down to a full disk
 _PLAIN = (int, float, bool, str, type(None), torch.dtype)
 
-
-class CheckpointError(RuntimeError):
-    """A checkpoint cannot be written, or none can be loaded; the message names it and why."""
-
-
-# ---- names and look-up ------------------------------------------------------------------------
-def numbered_name(step: int) -> str:
-    """Directory name of the checkpoint of `step`."""
-    return f"checkpoint-{step:08d}"
-
-
-def numbered_checkpoints(output_dir: str | os.PathLike) -> list[tuple[int, Path]]:
-    """(step, path) of the numbered checkpoint directories in `output_dir`, oldest first."""
-    out = Path(output_dir)
-    if not out.is_dir():
-        return []
-    found = [(int(m.group(1)), p) for p in out.iterdir() if (m := _NUMBERED.match(p.name))]
-    return sorted((step, p) for step, p in found if p.is_dir())
+# Re-exported: the one-directory functions are part of this module's interface.
+__all__ = [
+    "LAST_NAME", "MANIFEST_FORMAT", "MANIFEST_NAME", "META_NAME", "CheckpointError",
+    "CheckpointManager", "CheckpointReader", "DamagedCheckpointError", "capture_rng_state",
+    "check_files", "cleanup_temporaries", "digest_files", "file_digest", "find_latest",
+    "has_checkpoints", "load_checkpoint", "numbered_checkpoints", "numbered_name",
+    "prune_checkpoints", "quick_check", "read_manifest", "read_meta", "restore_rng_state",
+    "verify_files", "write_failure",
+]  # fmt: skip
 
 
-def has_checkpoints(output_dir: str | os.PathLike) -> bool:
-    """Whether `output_dir` holds any checkpoint, damaged or of the old single-file format
-    (a run there must resume from one or stop, never start over)."""
-    out = Path(output_dir)
-    return bool(numbered_checkpoints(out)) or (
-        out.is_dir() and any(_LEGACY.match(p.name) for p in out.iterdir())
-    )
-
-
-def find_latest(output_dir: str | os.PathLike) -> Path | None:
-    """Newest numbered checkpoint that looks complete (manifest, file sizes); reads no data."""
-    for _, path in reversed(numbered_checkpoints(output_dir)):
-        if not quick_check(path):
-            return path
-    return None
-
-
-def cleanup_temporaries(output_dir: str | os.PathLike) -> list[Path]:
-    """Delete what interrupted saves and deletions left behind; returns what was removed."""
-    removed = sorted(p for pattern in _LEFTOVERS for p in Path(output_dir).glob(pattern))
-    for path in removed:
-        if path.is_dir() and not path.is_symlink():
-            shutil.rmtree(path, ignore_errors=True)
-        else:
-            path.unlink(missing_ok=True)
-    return removed
-
-
-def _remove_checkpoint(path: Path) -> None:
-    """Rename out of the numbered namespace first (atomic), then delete the files."""
-    trash = path.with_name(f".{path.name}.old-{uuid.uuid4().hex[:8]}")
-    try:
-        os.replace(path, trash)
-        shutil.rmtree(trash)
-    except OSError as exc:
-        log.warning("could not delete old checkpoint %s: %s", path, exc)
-
-
-def prune_checkpoints(
-    output_dir: str | os.PathLike,
-    keep_last: int = 2,
-    keep_every: int | None = None,
-    protect: Path | None = None,
-) -> list[Path]:
-    """Keep the newest `keep_last` checkpoints, every step % keep_every == 0 and `protect`;
-    delete the others. Returns the deleted paths."""
-    found = numbered_checkpoints(output_dir)
-    keep = {p for _, p in found[len(found) - keep_last :]} if keep_last > 0 else set()
-    keep |= {p for step, p in found if keep_every and step % keep_every == 0}
-    deleted = [p for _, p in found if p not in keep and p != protect]
-    for path in deleted:
-        _remove_checkpoint(path)
-    return deleted
-
-
-# ---- manifest and integrity -------------------------------------------------------------------
 def _owner(name: str, world: int) -> int:
     """The rank that hashes file `name`: the writer of a data file (modulo the world size),
     rank 0 for the rest."""
-    match = _RANK_FILE.match(name)
+    match = RANK_FILE.match(name)
     return int(match.group(1)) % world if match else 0
 
 
-def file_digest(path: Path) -> dict[str, Any]:
-    """{"size", "sha256"} of a file (hashlib releases the GIL: threads hash in parallel)."""
-    digest, size, buf = hashlib.sha256(), 0, bytearray(_CHUNK)
-    view = memoryview(buf)
-    with open(path, "rb", buffering=0) as f:
-        while n := f.readinto(buf):
-            digest.update(view[:n])
-            size += n
-    return {"size": size, "sha256": digest.hexdigest()}
-
-
-def digest_files(directory: Path, names: list[str]) -> dict[str, dict[str, Any]]:
-    """file_digest of several files of `directory`, a few at a time."""
-    with ThreadPoolExecutor(max_workers=max(1, min(4, len(names)))) as pool:
-        return dict(zip(names, pool.map(lambda n: file_digest(directory / n), names), strict=True))
-
-
-def read_manifest(path: str | os.PathLike) -> dict[str, Any]:
-    """The manifest of checkpoint directory `path`; ValueError saying what is wrong with it."""
-    file = Path(path) / MANIFEST_NAME
-    try:
-        manifest = json.loads(file.read_text())
-    except FileNotFoundError:
-        raise ValueError(f"{MANIFEST_NAME} is missing") from None
-    except (OSError, ValueError) as exc:
-        raise ValueError(f"{MANIFEST_NAME} is unreadable ({exc})") from None
-    files = manifest.get("files") if isinstance(manifest, dict) else None
-    if manifest.get("format") != MANIFEST_FORMAT or not isinstance(files, dict):
-        raise ValueError(f"{MANIFEST_NAME} is not a {MANIFEST_FORMAT} manifest")
-    for name, entry in files.items():
-        if Path(name).name != name or not isinstance(entry, dict) or "size" not in entry:
-            raise ValueError(f"{MANIFEST_NAME} has a malformed entry {name!r}")
-    return manifest
-
-
-def check_files(directory: Path, expected: dict[str, dict[str, Any]], hashes: bool) -> list[str]:
-    """Problems of the files against their manifest entries: missing, size, and (with
-    `hashes`) checksum."""
-    problems, to_hash = [], []
-    for name, want in sorted(expected.items()):
-        try:
-            size = (directory / name).stat().st_size
-        except FileNotFoundError:
-            problems.append(f"{name} is missing")
-            continue
-        if size != want["size"]:
-            problems.append(f"{name} has {size} bytes instead of {want['size']}")
-        elif hashes:
-            to_hash.append(name)
-    for name, got in digest_files(directory, to_hash).items():
-        if got["sha256"] != expected[name].get("sha256"):
-            problems.append(f"{name} does not match its checksum")
-    return problems
-
-
-def quick_check(path: Path) -> list[str]:
-    """Problems found from the manifest and file sizes alone (no data read)."""
-    try:
-        return check_files(path, read_manifest(path)["files"], hashes=False)
-    except ValueError as exc:
-        return [str(exc)]
-
-
 # ---- error messages ---------------------------------------------------------------------------
-def _first_line(exc: BaseException) -> str:
-    """`Type: first line` of an exception; a DCP failure gives its lowest failing rank's."""
-    if isinstance(exc, CheckpointException) and exc.failures:
-        rank = min(exc.failures)
-        return f"rank {rank}: {_first_line(exc.failures[rank][0])}"
-    lines = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {lines[0] if lines else ''}".rstrip(": ")
-
-
 def _os_error(exc: BaseException | None, depth: int = 0) -> OSError | None:
     """The first OSError with an errno in an exception, its DCP failures and its chain."""
     if exc is None or depth > 8:
@@ -277,9 +149,9 @@ def write_failure(final: Path, exc: BaseException) -> str:
         cause = f"{os.strerror(err.errno)} (errno {err.errno})"
     elif _disk_full(final.parent):
         full = f"{os.strerror(errno.ENOSPC)} (errno {errno.ENOSPC})"
-        cause = f"{full}, judging by the free space; torch said {_first_line(exc)}"
+        cause = f"{full}, judging by the free space; torch said {first_line(exc)}"
     else:
-        cause = _first_line(exc)
+        cause = first_line(exc)
     return f"cannot write checkpoint {final}: {cause}"
 
 
@@ -502,7 +374,7 @@ class CheckpointManager:
             names = [p.name for p in tmp.iterdir() if _owner(p.name, comm.world) == comm.rank]
             local: Any = digest_files(tmp, names)
         except OSError as exc:
-            local = f"cannot hash {tmp}: {_first_line(exc)}"
+            local = f"cannot hash {tmp}: {first_line(exc)}"
         return comm.all_gather(local)
 
     def _commit(self, pending: _Pending) -> None:
@@ -604,7 +476,7 @@ class CheckpointManager:
         legacy = (
             []
             if found or not out.is_dir()
-            else sorted(p.name for p in out.iterdir() if _LEGACY.match(p.name))
+            else sorted(p.name for p in out.iterdir() if LEGACY.match(p.name))
         )
         if not legacy:
             return found
@@ -648,7 +520,7 @@ class CheckpointManager:
             if not isinstance(meta, dict):
                 error = f"{META_NAME} holds a {type(meta).__name__}, not a dict"
         except Exception as exc:
-            md, meta, error = None, None, _first_line(exc)
+            md, meta, error = None, None, first_line(exc)
         if errors := [e for e in comm.all_gather(error) if e]:
             return None, errors[0]
         try:
@@ -662,7 +534,7 @@ class CheckpointManager:
                 no_dist=group is None,
             )
         except (Exception, CheckpointException) as exc:  # the latter is a BaseException
-            error = _first_line(exc)
+            error = first_line(exc)
         errors = [e for e in comm.all_gather(error) if e]
         return (None, errors[0]) if errors else (meta, None)
 
@@ -677,39 +549,6 @@ class CheckpointManager:
             local = [str(exc)]
         gathered = comm.all_gather(local)
         return list(dict.fromkeys(p for problems in gathered for p in problems))
-
-
-# ---- reading one checkpoint (tools, tests) ----------------------------------------------------
-def read_meta(path: str | os.PathLike) -> dict[str, Any]:
-    """The `meta` dict of checkpoint directory `path` (weights_only)."""
-    try:
-        meta = safe_torch_load(Path(path) / META_NAME)
-    except (OSError, ValueError, RuntimeError) as exc:
-        raise CheckpointError(f"{path}: cannot read {META_NAME} ({_first_line(exc)})") from exc
-    if not isinstance(meta, dict):
-        raise CheckpointError(f"{path}: {META_NAME} holds a {type(meta).__name__}, not a dict")
-    return meta
-
-
-def load_checkpoint(
-    path: str | os.PathLike, sections: tuple[str, ...] = ("model",)
-) -> dict[str, Any]:
-    """`meta` plus the saved state's top-level `sections` as full tensors, in one process
-    whatever the saving world size (e.g. `load_checkpoint(p)["model"]`). For tools and tests:
-    no integrity check; only the requested entries are read."""
-    path = Path(path)
-    try:
-        md = read_dcp_metadata(path)
-        paths = {k: p for k, p in dcp_key_paths(md).items() if p[0] in sections}
-        flat = load_dcp_entries(path, paths, md)
-    except (OSError, ValueError, RuntimeError, CheckpointException) as exc:
-        raise CheckpointError(
-            f"{path}: cannot be read as a checkpoint ({_first_line(exc)})"
-        ) from exc
-    nested: dict[str, Any] = {}
-    for key, value in flat.items():
-        set_path(nested, paths[key], value)
-    return {**read_meta(path), **nested}
 
 
 # ---- random number generators -----------------------------------------------------------------

@@ -114,7 +114,7 @@ def test_exported_students_load_and_match_the_trained_encoders(distill_config, t
             (out / f"encoder-{name}.safetensors", None),
             (out / "checkpoint-last", f"student_{name}"),
         ]
-        sources.append((tmp_path / "exported" / f"encoder-{name}.safetensors", None))
+        sources.append((tmp_path / "exported" / f"encoder-{name}-step8.safetensors", None))
         for path, module in sources:
             encoder = pixio.load_encoder(name, path, module=module, **sizes).eval()
             got = encoder.features(imgs, [-1])[0]
@@ -122,7 +122,7 @@ def test_exported_students_load_and_match_the_trained_encoders(distill_config, t
                 torch.testing.assert_close(got[key], expected[key], rtol=0, atol=0)
         assert "last_proj.0.weight" not in load_file(str(out / f"encoder-{name}.safetensors"))
     assert sorted(p.name for p in again) == sorted(
-        f"encoder-{n}.safetensors" for n in STUDENT_SIZES
+        f"encoder-{n}-step8.safetensors" for n in STUDENT_SIZES
     )
 
 

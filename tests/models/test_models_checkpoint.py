@@ -10,6 +10,7 @@ import sys
 
 import pytest
 import torch
+from integrity_helpers import resign, training_checkpoint
 from tests_helpers import TINY, assert_same_weights
 from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
 
@@ -131,20 +132,6 @@ def test_convert_cli_wrong_size_names_keys(tiny_encoder, tmp_path):
 
 
 # ---- training checkpoint directories (torch.distributed.checkpoint) --------------------------
-def _dcp_training_checkpoint(out, modules):
-    """What the trainer saves for trained modules {name: module}: per module its state and a
-    stepped AdamW state, written by CheckpointManager."""
-    state = {"model": {}, "optimizer": {}}
-    for name, module in modules.items():
-        opt = torch.optim.AdamW(module.parameters())
-        for p in module.parameters():
-            p.grad = torch.ones_like(p)
-        opt.step()
-        state["model"][name] = get_model_state_dict(module)
-        state["optimizer"][name] = get_optimizer_state_dict(module, opt)
-    return CheckpointManager(out).save(5, state, {"iteration": 5})
-
-
 def _assert_encoder_of(encoder, trained):
     for k, v in encoder.state_dict().items():
         assert torch.equal(v, trained.state_dict()[k]), k
@@ -159,6 +146,7 @@ def _garble_all_but(ckpt, prefix):
         if not index.fqn.startswith(prefix):
             raw[info.offset : info.offset + info.length] = b"\xff" * info.length
     data.write_bytes(bytes(raw))
+    resign(ckpt)  # the manifest then passes: what the read needs shows, not the verification
 
 
 def _spy_reads(monkeypatch):
@@ -185,7 +173,7 @@ def _student(seed):
 def test_dcp_checkpoint_dir_loads_encoder_without_reading_optimizer(
     tiny_mae, tmp_path, monkeypatch
 ):
-    _dcp_training_checkpoint(tmp_path / "run", {"mae": tiny_mae})
+    training_checkpoint(tmp_path / "run", {"mae": tiny_mae})
     last = tmp_path / "run" / "checkpoint-last"
     _garble_all_but(last, "model.")
     read = _spy_reads(monkeypatch)
@@ -200,7 +188,7 @@ def test_dcp_checkpoint_dir_loads_encoder_without_reading_optimizer(
 
 def test_dcp_two_modules_reads_only_the_chosen_one(tmp_path, monkeypatch):
     a, b = _student(1), _student(2)
-    final = _dcp_training_checkpoint(tmp_path / "run", {"student_a": a, "student_b": b})
+    final = training_checkpoint(tmp_path / "run", {"student_a": a, "student_b": b})
     _garble_all_but(final, "model.student_b.")
     read = _spy_reads(monkeypatch)
     encoder = pixio.load_encoder("pixio_vitt16", final, module="student_b", **TINY)
@@ -212,7 +200,7 @@ def test_dcp_two_modules_reads_only_the_chosen_one(tmp_path, monkeypatch):
 
 def test_dcp_module_choice_errors_list_the_modules(tmp_path, monkeypatch):
     students = {"student_a": _student(1), "student_b": _student(2)}
-    final = _dcp_training_checkpoint(tmp_path / "run", students)
+    final = training_checkpoint(tmp_path / "run", students)
     read = _spy_reads(monkeypatch)
     several = rf"{re.escape(str(final))} holds 2 trained modules \('student_a', 'student_b'\)"
     with pytest.raises(ValueError, match=several + ": pass module=... to pick one"):
@@ -253,7 +241,7 @@ def test_pth_module_selection(tmp_path):
 
 
 def test_convert_cli_from_checkpoint_dir(tiny_mae, tmp_path):
-    final = _dcp_training_checkpoint(tmp_path / "run", {"mae": tiny_mae})
+    final = training_checkpoint(tmp_path / "run", {"mae": tiny_mae})
     overrides = [f"--override={k}={v}" for k, v in TINY.items()]
     dst = tmp_path / "encoder.safetensors"
     cmd = [sys.executable, "-m", "pixio.convert", "--model", "pixio_vitt16", "--input", str(final),
@@ -264,7 +252,7 @@ def test_convert_cli_from_checkpoint_dir(tiny_mae, tmp_path):
 
 def test_convert_cli_module(tmp_path):
     a, b = _student(1), _student(2)
-    final = _dcp_training_checkpoint(tmp_path / "run", {"student_a": a, "student_b": b})
+    final = training_checkpoint(tmp_path / "run", {"student_a": a, "student_b": b})
     overrides = [f"--override={k}={v}" for k, v in TINY.items()]
     dst = tmp_path / "student_b.safetensors"
     cmd = [sys.executable, "-m", "pixio.convert", "--model", "pixio_vitt16", "--input", str(final),
@@ -280,7 +268,7 @@ def test_convert_cli_module(tmp_path):
 @pytest.mark.parametrize("case", ["same file", "same file via symlink", "same dir", "inside dir"])
 def test_convert_refuses_to_overwrite_its_input(tiny_mae, tiny_encoder, tmp_path, case):
     run = tmp_path / "run"
-    final = _dcp_training_checkpoint(run, {"mae": tiny_mae})
+    final = training_checkpoint(run, {"mae": tiny_mae})
     pth = tmp_path / "enc.pth"
     torch.save(tiny_encoder.state_dict(), pth)
     (tmp_path / "link.pth").symlink_to(pth)

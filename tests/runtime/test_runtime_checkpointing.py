@@ -4,6 +4,7 @@ checkpoints and fallback, a full disk, async saves, RNG state."""
 from __future__ import annotations
 
 import errno
+import itertools
 import logging
 import os
 import pathlib
@@ -25,8 +26,8 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
+from pixio.runtime import checkpoint_dir, optim
 from pixio.runtime import checkpointing as ckpt
-from pixio.runtime import optim
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -167,6 +168,56 @@ def test_retention_keep_last_and_keep_every(tmp_path: Path) -> None:
     path, meta = manager.load_latest(state)
     assert meta["iteration"] == 10 and torch.equal(state["w"], torch.full((3,), 10.0))
     assert leftovers(tmp_path) == []
+
+
+def kept_by_rule(steps: list[int], keep_last: int, keep_every: int | None) -> list[int]:
+    """Retention as the docs state it: the `keep_last` newest (all while there are fewer),
+    every step divisible by `keep_every`, and the newest always."""
+    newest_first = sorted(steps, reverse=True)
+    kept = {s for rank, s in enumerate(newest_first) if rank < keep_last or rank == 0}
+    return sorted(kept | {s for s in steps if keep_every and s % keep_every == 0})
+
+
+def test_prune_matches_the_rule_for_every_setting_up_to_10(tmp_path: Path, monkeypatch) -> None:
+    """prune_checkpoints on numbered directories (no data), for keep_last 0-10, keep_every none
+    or 1-10: at once on 0-10 checkpoints (deletions recorded, not made, so one folder per count
+    serves every setting), and after each of 10 saves in turn, deleting for real."""
+    settings = [(k, e) for k in range(11) for e in (None, *range(1, 11))]
+    folders = []
+    for count in range(11):
+        folders.append(tmp_path / f"once-{count}")
+        for step in range(1, count + 1):
+            (folders[-1] / ckpt.numbered_name(step)).mkdir(parents=True)
+    with monkeypatch.context() as patch:
+        patch.setattr(checkpoint_dir, "_remove_checkpoint", lambda path: None)
+        for (keep_last, keep_every), count in itertools.product(settings, range(11)):
+            newest = folders[count] / ckpt.numbered_name(count) if count else None
+            deleted = ckpt.prune_checkpoints(folders[count], keep_last, keep_every, newest)
+            got = sorted(set(range(1, count + 1)) - {int(p.name[11:]) for p in deleted})
+            assert got == kept_by_rule(list(range(1, count + 1)), keep_last, keep_every), (
+                keep_last, keep_every, count)  # fmt: skip
+    for case, (keep_last, keep_every) in enumerate(settings):
+        out = tmp_path / f"each-{case}"
+        for step in range(1, 11):  # as CheckpointManager does: prune after every commit
+            (out / ckpt.numbered_name(step)).mkdir(parents=True)
+            newest = out / ckpt.numbered_name(step)
+            ckpt.prune_checkpoints(out, keep_last, keep_every, protect=newest)
+            got = [s for s, _ in ckpt.numbered_checkpoints(out)]
+            assert got == kept_by_rule(list(range(1, step + 1)), keep_last, keep_every), (
+                keep_last, keep_every, step)  # fmt: skip
+
+
+def test_manager_keeps_the_newest_while_fewer_than_keep_last_exist(tmp_path: Path) -> None:
+    """The reported case: keep_last=3 kept 1 checkpoint and keep_last=5 kept 2 of 5."""
+    for keep_last, keep_every in ((3, None), (5, None), (3, 4)):
+        out = tmp_path / f"k{keep_last}-{keep_every}"
+        manager = ckpt.CheckpointManager(out, keep_last=keep_last, keep_every=keep_every)
+        for step in range(1, 8):
+            manager.save(step, {"w": torch.full((2,), float(step))}, {"iteration": step})
+            got = [s for s, _ in ckpt.numbered_checkpoints(out)]
+            assert got == kept_by_rule(list(range(1, step + 1)), keep_last, keep_every), step
+        assert os.readlink(out / ckpt.LAST_NAME) == ckpt.numbered_name(7)
+        assert leftovers(out) == []
 
 
 def test_keep_last_zero_still_keeps_the_latest(tmp_path: Path) -> None:
