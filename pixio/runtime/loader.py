@@ -7,7 +7,8 @@ iterations it owes in each epoch and switches to the next epoch's stream by itse
 prefetched batches are never dropped at an epoch boundary. Every batch carries its worker's
 stream position; `state_dict` keeps, per logical worker, the position after the last batch
 handed out, and a resumed run re-reads (without decoding) each worker's encoded stream up to
-it. See docs/data.md, "Resume".
+it. See docs/data.md, "Resume". The workers leave stop signals to the trainer
+(`pixio.runtime.preemption.SignalSafeLoader`).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from pixio.data.plan import BatchPlan, Cursor, batch_plan
+from pixio.runtime.preemption import SignalSafeLoader
 
 log = logging.getLogger("pixio.data")
 
@@ -71,6 +73,7 @@ class EpochLoader:
         self.workers = max(1, num_workers)  # num_workers=0 runs logical worker 0 in-process
         self._saved: dict[str, Any] | None = None
         self._iteration = 0
+        self._undo: tuple[int, Cursor] | None = None  # the last batch's worker, its cursor before
         self._cursors: list[Cursor] = list(batch_plan(batch_size, self.workers, iters_per_epoch, 0).cursors)  # fmt: skip
 
     def layout(self) -> dict[str, Any]:
@@ -84,15 +87,24 @@ class EpochLoader:
             "stream": str(self.dataset.fingerprint()),
         }
 
-    def state_dict(self) -> dict[str, Any]:
-        """This rank's stream position after the last batch `iterate` yielded (plain ints,
-        lists and strs: it goes into a weights_only checkpoint)."""
+    def state_dict(self, iteration: int | None = None) -> dict[str, Any]:
+        """This rank's stream position after the last batch `iterate` yielded, or, with
+        `iteration` one less, before it: a trainer that fetched a batch and then stopped
+        without using it saves where that batch starts again (plain ints, lists and strs: it
+        goes into a weights_only checkpoint)."""
+        at, cursors = self._iteration, list(self._cursors)
+        if iteration is not None and iteration != at:
+            if iteration != at - 1 or self._undo is None:
+                raise ValueError(f"loader state is at iteration {at}, cannot give {iteration}")
+            worker, cursor = self._undo
+            cursors[worker] = cursor
+            at = iteration
         return {
             "version": STATE_VERSION,
-            "iteration": self._iteration,
-            "rotation": self._iteration % self.workers,
+            "iteration": at,
+            "rotation": at % self.workers,
             "layout": self.layout(),
-            "cursors": [[c.epoch, c.start, c.position] for c in self._cursors],
+            "cursors": [[c.epoch, c.start, c.position] for c in cursors],
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -113,10 +125,12 @@ class EpochLoader:
         stream and logger `pixio.data` says why."""
         plan = self._plan(start_iteration)
         self._iteration, self._cursors = start_iteration, list(plan.cursors)
+        self._undo = None
         for batch, meta in self._dataloader(plan):
             iteration, worker, epoch, start, position = (int(v) for v in meta)
             if iteration != self._iteration:  # DataLoader's round-robin order was broken
                 raise RuntimeError(f"expected iteration {self._iteration}, got {iteration}")
+            self._undo = worker, self._cursors[worker]
             self._cursors[worker] = Cursor(epoch, start, position)
             self._iteration = iteration + 1
             yield batch
@@ -124,7 +138,7 @@ class EpochLoader:
     def _dataloader(self, plan: BatchPlan) -> DataLoader:
         """The run's one DataLoader (its own generator: never consumes the global RNG)."""
         generator = torch.Generator().manual_seed(self.seed * 100_003 + plan.start_iteration)
-        return DataLoader(
+        return SignalSafeLoader(
             _WorkerBatches(self.dataset, plan),
             batch_size=None,
             num_workers=self.num_workers,

@@ -111,7 +111,9 @@ class MetricsWriter:
 
     A restarted run keeps appending to the same file. After resuming from a checkpoint at
     step S, call `rewind(S)`: it drops the lines a killed run wrote after S, which the resumed
-    run is about to write again, so every step appears once.
+    run is about to write again, so every step appears once. A fresh start (no checkpoint)
+    first sets aside the file of a run that died before its first checkpoint
+    (`set_aside_stale`), so its steps are not followed by the same steps again.
     """
 
     def __init__(self, output_dir: str | os.PathLike, enabled: bool = True) -> None:
@@ -157,6 +159,28 @@ class MetricsWriter:
         if self._file is not None:
             self._file.close()
             self._file = None
+
+
+def set_aside_stale(output_dir: str | os.PathLike, names: tuple[str, ...]) -> list[Path]:
+    """Rename each of `names` found in `output_dir` to `<name>.stale-<n>`, with one n for all
+    (the first that none of them has taken): the records of a run that died before its first
+    checkpoint, which a fresh start would otherwise append to (metrics.jsonl) or take over
+    (the wandb run id). Logged; returns the new paths."""
+    out = Path(output_dir)
+    found = [out / name for name in names if (out / name).exists()]
+    if not found:
+        return []
+    n = 1
+    while any((out / f"{name}.stale-{n}").exists() for name in names):
+        n += 1
+    moved = [path.with_name(f"{path.name}.stale-{n}") for path in found]
+    for old, new in zip(found, moved, strict=True):
+        os.replace(old, new)
+    log.warning(
+        "fresh start: no checkpoint in %s, so %s are a dead run's; kept as *.stale-%d",
+        out, ", ".join(p.name for p in found), n,
+    )  # fmt: skip
+    return moved
 
 
 # ---- console ----------------------------------------------------------------------------------
@@ -281,6 +305,11 @@ class WandbLogger:
     `entity`, `run_name` (default: output_dir's name), `mode` (online | offline | disabled |
     None = wandb decides, see the module docstring), `tags`, `dir` (default: output_dir; wandb
     writes `dir/wandb`). `mode` is the mode asked for; the run's own is `run.settings.mode`.
+
+    The run id lives in `output_dir/wandb_run_id.txt`: a resume continues that wandb run, while
+    a fresh start whose directory holds a dead run's records (no checkpoint) gets a new id, the
+    old file being set aside with them (`set_aside_stale`): under the same id wandb would drop
+    every step of the new run up to the dead run's last one.
     """
 
     def __init__(

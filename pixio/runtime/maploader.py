@@ -12,6 +12,9 @@ follow are exactly those of an uninterrupted run.
 r, r + W, ... of the set padded to a multiple of W (with repeats); each batch comes with a `real`
 mask so the padding never counts, while every rank runs the same number of batches (sharded
 models need every rank in every forward).
+
+Both leave stop signals to the trainer: their workers ignore them
+(`pixio.runtime.preemption.SignalSafeLoader`).
 """
 
 from __future__ import annotations
@@ -22,7 +25,9 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler, default_collate, get_worker_info
+from torch.utils.data import Dataset, Sampler, default_collate, get_worker_info
+
+from pixio.runtime.preemption import SignalSafeLoader
 
 
 def sample_seed(seed: int, epoch: int, index: int) -> int:
@@ -109,7 +114,7 @@ class MapLoader:
                 f"a dataset of {n} samples gives no full batch of {batch_size} per process "
                 f"on {world_size} processes"
             )
-        self.loader = DataLoader(
+        self.loader = SignalSafeLoader(
             _Seeded(dataset, seed), batch_size=batch_size, sampler=self.sampler,
             num_workers=num_workers, collate_fn=collate_fn, pin_memory=pin_memory,
             drop_last=True, persistent_workers=num_workers > 0,
@@ -169,7 +174,7 @@ class EvalLoader:
             raise ValueError("the validation set is empty")
         padded = -(-self.n // world_size) * world_size
         positions = list(range(rank, padded, world_size))
-        self.loader = DataLoader(
+        self.loader = SignalSafeLoader(
             _Padded(dataset), batch_size=batch_size, sampler=positions, num_workers=num_workers,
             collate_fn=_PairCollate(collate_fn or default_collate),
             generator=torch.Generator(),  # not the training's stream (see MapLoader)

@@ -13,6 +13,17 @@ the one-node cluster of ``scripts/slurm/local_cluster.sh``):
   would resurrect jobs that were cancelled on purpose.
 - ``SIGINT`` (Ctrl-C): like SIGTERM, save at the next step and exit; a second Ctrl-C exits at
   once (``KeyboardInterrupt``), losing the work since the last checkpoint.
+
+These signals usually reach every process of the job at once (``timeout``, ``kill -- -PGID``,
+Ctrl-C, and SLURM, which signals every process of a step), data-loader workers included. A
+worker that died of them would take the save down with it (PyTorch's SIGCHLD handler raises
+"DataLoader worker ... is killed by signal" wherever the trainer is, the save included), so
+every Pixio loader is a ``SignalSafeLoader``: its workers ignore SIGINT and SIGUSR2 and take
+SIGTERM only from their own parent (PyTorch's last-resort ``terminate()``); the main process
+decides. The signals are blocked while the workers start, so none can slip in before that is
+set up. A worker that dies anyway (out of memory) no longer raises mid-step or mid-save: the
+loader reports it at the next batch, where the trainer agrees with the other ranks on what to
+do (``agree``).
 """
 
 from __future__ import annotations
@@ -27,6 +38,7 @@ from typing import Any, NoReturn
 
 import torch
 import torch.distributed as dist
+from torch.utils.data import DataLoader
 
 from pixio.runtime import distributed
 
@@ -40,6 +52,8 @@ PREEMPTED_EXIT_CODE = 143
 _NONE, _STOP, _REQUEUE = 0, 1, 2
 _KIND_OF_SIGNAL = {signal.SIGTERM: _STOP, signal.SIGINT: _STOP, signal.SIGUSR2: _REQUEUE}
 DEFAULT_SIGNALS = (signal.SIGUSR2, signal.SIGTERM, signal.SIGINT)
+# What a data-loader worker leaves to its main process.
+WORKER_IGNORED = {signal.SIGINT, signal.SIGUSR2}
 
 
 class PreemptionHandler:
@@ -111,17 +125,27 @@ class PreemptionHandler:
 
         Collective when a process group exists: all ranks must call it at the same step.
         """
-        kind = self._kind
+        return self.agree()[0]
+
+    def agree(self, failed: bool = False) -> tuple[bool, int | None]:
+        """(whether any rank received a signal, the highest rank that passed `failed=True` or
+        None): every rank learns both at once, e.g. that one rank's data loader failed, so all
+        can save and stop together instead of waiting for it in the next collective.
+
+        Collective when a process group exists: all ranks must call it at the same step.
+        """
+        kind, bad = self._kind, distributed.get_rank() + 1 if failed else 0
         if distributed.is_dist():
-            flag = torch.tensor([kind], dtype=torch.int32, device=distributed.reduce_device())
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-            kind = int(flag.item())
+            flags = torch.tensor([kind, bad], dtype=torch.int32, device=distributed.reduce_device())
+            dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+            kind, bad = flags.tolist()  # one device sync for both
         self._agreed = kind
-        return kind != _NONE
+        return kind != _NONE, bad - 1 if bad else None
 
     # -- acting ------------------------------------------------------------------------------
-    def requeue_and_exit(self, step: int | None = None) -> NoReturn:
+    def requeue_and_exit(self, step: int | None = None, saved: bool = True) -> NoReturn:
         """After the checkpoint was saved: requeue the job if the signal asks for it, then exit.
+        `saved=False`: no step was done in this run, so there was nothing to save.
 
         Collective: every rank calls it right after ``requested()`` returned True. Raises
         ``SystemExit(PREEMPTED_EXIT_CODE)`` on every rank.
@@ -139,7 +163,8 @@ class PreemptionHandler:
         distributed.barrier()
         where = f" at step {step}" if step is not None else ""
         name = "SIGUSR2" if kind == _REQUEUE else (self._received or signal.SIGTERM).name
-        message = f"pre-empted ({name}){where}: checkpoint saved, {action}; exiting"
+        what = "checkpoint saved" if saved else "no step to save"
+        message = f"pre-empted ({name}){where}: {what}, {action}; exiting"
         # print, not log: it must reach the job's log whatever logging the trainer configured.
         print(f"[pixio] {message}", flush=True)
         distributed.cleanup()
@@ -167,8 +192,103 @@ class PreemptionHandler:
         return "not under SLURM, nothing to requeue"
 
 
+def wait_through_signals(child: subprocess.Popen) -> int:
+    """Wait for `child` (torchrun) to end and return its status. SIGTERM, SIGINT and SIGUSR2 do
+    not end this process first: under SLURM that would end the step and kill the ranks mid-save,
+    in a shell it would return the prompt while they still save. The first such signal is
+    passed on, once (after a signal to the whole group the child had it already; torchrun's
+    agent takes a second one by restarting its wait for the ranks). A second Ctrl-C exits at
+    once. A child that fails after a signal gives PREEMPTED_EXIT_CODE."""
+    if threading.current_thread() is not threading.main_thread():
+        return child.wait()
+    seen: list[int] = []
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        if signum == signal.SIGINT and signal.SIGINT in seen:
+            raise KeyboardInterrupt  # the ranks still finish their save
+        if not seen:
+            child.send_signal(signum)
+            name = signal.Signals(signum).name
+            _write_stderr(f"[pixio] received {name}: waiting for the ranks to save and stop\n")
+        seen.append(signum)
+
+    previous = {sig: signal.signal(sig, on_signal) for sig in DEFAULT_SIGNALS}
+    try:
+        code = child.wait()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    return PREEMPTED_EXIT_CODE if seen and code != 0 else code
+
+
 def _write_stderr(message: str) -> None:
     try:
         os.write(2, message.encode())
     except OSError:
         pass
+
+
+# -- data-loader workers -------------------------------------------------------------------------
+class SignalSafeLoader(DataLoader):
+    """A `DataLoader` whose workers leave SIGTERM, SIGINT and SIGUSR2 to the main process (see
+    the module doc); the same arguments as `DataLoader`, `worker_init_fn` included."""
+
+    def __init__(self, *args: Any, worker_init_fn: Any = None, **kwargs: Any) -> None:
+        super().__init__(*args, worker_init_fn=_WorkerInit(worker_init_fn), **kwargs)
+
+    def __iter__(self) -> Any:
+        if self.num_workers == 0 or threading.current_thread() is not threading.main_thread():
+            return super().__iter__()
+        # Workers inherit the blocked mask, so a signal sent while they start waits in the
+        # kernel until `_WorkerInit` has set them up (and here, until the main process unblocks).
+        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, *WORKER_IGNORED})
+        try:
+            iterator = super().__iter__()
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+        _defer_worker_errors()  # after PyTorch installed its SIGCHLD handler
+        return iterator
+
+
+class _WorkerInit:
+    """`worker_init_fn` of a `SignalSafeLoader` (a class, so it pickles for spawned workers)."""
+
+    def __init__(self, then: Any = None) -> None:
+        self.then = then
+
+    def __call__(self, worker_id: int) -> None:
+        for sig in WORKER_IGNORED:
+            signal.signal(sig, signal.SIG_IGN)  # a pending one is discarded
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, WORKER_IGNORED)
+        # SIGTERM stays blocked; one thread takes it and exits only when the parent sent it.
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+        parent = os.getppid()
+        threading.Thread(target=_exit_on_parents_sigterm, args=(parent,), daemon=True).start()
+        if self.then is not None:
+            self.then(worker_id)
+
+
+def _exit_on_parents_sigterm(parent: int) -> None:
+    """In a worker: what PyTorch's own worker SIGTERM handler does for its parent's
+    `terminate()` (exit at once); a SIGTERM from anyone else is dropped."""
+    while True:
+        if signal.sigwaitinfo({signal.SIGTERM}).si_pid == parent:
+            os._exit(0)
+
+
+def _defer_worker_errors() -> None:
+    """Wrap PyTorch's SIGCHLD handler so that a dead worker is reported on stderr instead of
+    raised wherever the main process is (mid-step, mid-save). The loader still raises at the
+    next batch that needs the worker (it checks its workers whenever it waits 5 s)."""
+    current = signal.getsignal(signal.SIGCHLD)
+    if not callable(current) or getattr(current, "_pixio_deferred", False):
+        return
+
+    def deferred(signum: int, frame: FrameType | None) -> None:
+        try:
+            current(signum, frame)
+        except RuntimeError as err:
+            _write_stderr(f"[pixio] {err} (raised at the next batch that needs it)\n")
+
+    deferred._pixio_deferred = True  # type: ignore[attr-defined]
+    signal.signal(signal.SIGCHLD, deferred)

@@ -34,15 +34,27 @@ from pixio.runtime import checkpointing, optim
 from pixio.runtime.checkpointing import CheckpointManager
 from pixio.runtime.config import ConfigError
 from pixio.runtime.distributed import DistInfo, all_reduce_mean, is_dist, node_group, reduce_device
-from pixio.runtime.logging import MetricsWriter, Throughput, WandbLogger, format_progress
+from pixio.runtime.logging import (
+    METRICS_NAME,
+    RUN_ID_NAME,
+    MetricsWriter,
+    Throughput,
+    WandbLogger,
+    format_progress,
+    set_aside_stale,
+)
 from pixio.runtime.parallel import choose_parallel, fully_shard_model, materialize, num_params
 from pixio.runtime.preemption import PreemptionHandler
-from pixio.runtime.runconfig import write_run_config
+from pixio.runtime.runconfig import CONFIG_NAME, write_run_config
 from pixio.runtime.task import ModuleSpec, OptimizerSpec, StepOutput, Task
-from pixio.runtime.validation import ValidationRecord, add_real, sum_over_ranks
+from pixio.runtime.validation import RESULTS_NAME, ValidationRecord, add_real, sum_over_ranks
 from pixio.runtime.vis import save_png
 
 log = logging.getLogger("pixio.train")
+
+# A run's own records: a fresh start sets aside those of a run that died before its first
+# checkpoint (appending to them would repeat its steps; wandb would drop the new run's).
+RUN_RECORDS = (METRICS_NAME, RESULTS_NAME, CONFIG_NAME, RUN_ID_NAME)
 
 
 class NonFiniteLossError(RuntimeError):
@@ -96,9 +108,10 @@ class Trainer:
     """Runs `task` on `data` under the `train` config (optimisers: the task's `optim` nodes).
 
     `data` is a loader with `iterate(start_iteration)` (EpochLoader, MapLoader; optionally
-    `state_dict` / `load_state_dict`, kept per rank in checkpoints so a resume continues its
-    stream exactly), or any re-iterable of batches (one pass per epoch, fast-forwarded on
-    resume). The epoch length is `train.iters_per_epoch`, or the data's `len()` when that is
+    `state_dict(iteration)` / `load_state_dict`, kept per rank in checkpoints so a resume
+    continues its stream exactly; `iteration` may be one less than the batches it yielded, when
+    the trainer stops after a fetch), or any re-iterable of batches (one pass per epoch,
+    fast-forwarded on resume). The epoch length is `train.iters_per_epoch`, or the data's `len()` when that is
     null. `val_data` (an EvalLoader: (batch, real) pairs) enables validation every
     `train.val_every` epochs and at the end, for a task with `validation` set.
     """
@@ -130,6 +143,8 @@ class Trainer:
         # Any checkpoint on disk, complete-looking or not: a run with checkpoints resumes from
         # one or stops (CheckpointError), never silently starts over. Rank 0's view for all.
         self.has_checkpoints = _on_every_rank(checkpointing.has_checkpoints(self.output_dir))
+        if not self.has_checkpoints and info.rank == 0:
+            set_aside_stale(self.output_dir, RUN_RECORDS)  # before wandb reads its run id
         self.specs = task.modules()
         self.trainable = {n: s.module for n, s in self.specs.items() if s.trainable}
         self.parallel: dict[str, str] = {}
@@ -286,7 +301,7 @@ class Trainer:
 
     def _data_state(self) -> dict[str, Any] | None:
         state_dict = getattr(self.data, "state_dict", None)
-        return state_dict() if callable(state_dict) else None
+        return state_dict(self.progress.iteration) if callable(state_dict) else None
 
     def save(self) -> Path:
         """Write a sharded checkpoint (collective: every rank writes its own files)."""
@@ -389,21 +404,53 @@ class Trainer:
             self.preemption.uninstall()  # Ctrl-C behaves normally again after the run
 
     def _loop(self, stop: int) -> None:
-        tick = time.perf_counter()
-        for it, batch in self.batches(self.progress.iteration):
+        """Fetch, agree on stopping, step, report, until `stop`. The stop check follows the
+        fetch, so that every rank hears at the same point of a fetch that failed on one of them
+        (a dead data-loader worker), and runs once more after the last step."""
+        batches = iter(self.batches(self.progress.iteration))
+        while True:
+            tick = time.perf_counter()
+            item, failure = _fetch(batches) if self.progress.iteration < stop else (None, None)
             data_time = time.perf_counter() - tick
+            self._stop_if_requested(failure)
+            if item is None:
+                return
+            it, batch = item
             batch = self.task.to_device(batch, self.device)
             values = self.train_iteration(it, batch)
             samples = self.task.batch_size(batch) * self.info.world_size
             self.progress.iteration = it + 1
             self.progress.samples_seen += samples
             self.throughput.update(samples, time.perf_counter() - tick, data_time)
-            if self._after_iteration(it + 1, values, batch, stop):
-                return
-            tick = time.perf_counter()
+            self._after_iteration(it + 1, values, batch, stop)
 
-    def _after_iteration(self, done: int, values: dict[str, float], batch: Any, stop: int) -> bool:
-        """Logging, pictures, validation, checkpoints, pre-emption. Returns True to leave."""
+    def _stop_if_requested(self, failure: Exception | None) -> None:
+        """Collective, every iteration. When a rank got a stop signal (acted on at accumulation
+        boundaries) or a rank's fetch failed, every rank saves the last completed iteration
+        (exact: the data position lives in this process, and a batch fetched but not used is
+        not counted) and stops: exit 143 after a signal, else the fetch's error."""
+        done = self.progress.iteration
+        stop, failed_rank = self.preemption.agree(failure is not None)
+        boundary = done % self.t.accum_iter == 0
+        if failed_rank is None and not (stop and boundary):
+            return
+        if failure is not None:
+            log.error("data loading failed after iteration %d: %s", done, failure)
+        if boundary and done > 0 and self._saved_at != done:
+            log.warning("%s: saving at iteration %d", "stop signal" if stop else "no data", done)
+            self.save()
+        self.close()  # finish the save, flush metrics / wandb; the process group stays up
+        if stop and boundary:
+            self.preemption.requeue_and_exit(done, saved=done > 0)
+        if failure is not None:
+            raise failure
+        raise RuntimeError(
+            f"rank {failed_rank}'s data loader failed after iteration {done} (its log has the "
+            "error); every rank stops"
+        )
+
+    def _after_iteration(self, done: int, values: dict[str, float], batch: Any, stop: int) -> None:
+        """Logging, pictures, validation, periodic checkpoints."""
         boundary = done % self.t.accum_iter == 0
         self._window.add(values)
         if done % self.t.log_every == 0 or done == stop:
@@ -414,13 +461,6 @@ class Trainer:
             self.validate()
         if boundary and (done % self.t.save_every_iters == 0) and done < stop:
             self.save()
-        if boundary and self.preemption.requested():
-            log.warning("stop signal received: saving at iteration %d", done)
-            if self._saved_at != done:
-                self.save()
-            self.close()  # finish the save, flush metrics / wandb; the process group stays up
-            self.preemption.requeue_and_exit(done)
-        return done >= stop
 
     def train_iteration(self, it: int, batch: Any) -> dict[str, float]:
         """One micro-batch: forward, backward, and at accumulation boundaries the optimiser
@@ -653,6 +693,17 @@ def cast_frozen_blocks(spec: ModuleSpec, device: torch.device, precision: str) -
     for unit in spec.shard_units:
         unit.to(torch.bfloat16)
     return 2
+
+
+def _fetch(batches: Iterator[tuple[int, Any]]) -> tuple[tuple[int, Any] | None, Exception | None]:
+    """The next (iteration, batch), None at the end, or the error the fetch raised (a dead
+    data-loader worker, a failed read) for the stop check to share with every rank."""
+    try:
+        return next(batches), None
+    except StopIteration:
+        return None, None
+    except Exception as err:  # not KeyboardInterrupt: a second Ctrl-C exits at once
+        return None, err
 
 
 def _iters_per_epoch(configured: int | None, data: Iterable) -> int:
