@@ -373,3 +373,42 @@ def utilization(
     tflops = flops_per_step / (num_devices * step_time_s) / 1e12
     peak = peak_tflops if peak_tflops is not None else peak_bf16_tflops(device_name)
     return Utilization(tflops, peak, tflops / peak if peak else None)
+
+
+# ---- the tables of docs/performance.md: python -m pixio.models.flops -------------------------
+
+
+def _g(flops: float) -> str:
+    return f"{flops / 1e9:,.1f}"
+
+
+def tables(peak_tflops: float = 989.4, batch: int = 64) -> str:
+    """Markdown: per registry size at 256 px, the encoder forward, the MAE step (mask 0.75, 4x4
+    groups, 512 x 32 decoder) and its ideal ms per `batch` images at `peak_tflops`; then the
+    distillation recipes (mask 0.5) and the evaluation heads on ViT-H. GFLOP per image."""
+    from pixio.models.registry import list_models
+
+    rows = ["| model | encoder fwd | MAE encoder fwd | MAE decoder fwd | MAE train step | "
+            f"ms / {batch} images at 100% of {peak_tflops:g} TFLOP/s |", "|---|---|---|---|---|---|"]  # fmt: skip
+    for name in list_models():
+        spec = ViTSpec.named(name)
+        mae = mae_flops(spec, ViTSpec(512, 32), 256, 256)
+        ideal = mae.train * batch / (peak_tflops * 1e12) * 1e3
+        rows.append(f"| {name} | {_g(encoder_forward_flops(spec, 256, 256))} | {_g(mae.encoder)} | "
+                    f"{_g(mae.decoder)} | {_g(mae.train)} | {ideal:.1f} |")  # fmt: skip
+    rows += ["", "| distillation (mask 0.5) | teacher fwd | students fwd+bwd | total |", "|---|---|---|---|"]  # fmt: skip
+    teacher = ViTSpec.named("pixio_vit5b16")
+    for students in (("pixio_vit1b16", "pixio_vith16"), ("pixio_vitl16", "pixio_vitb16")):
+        d = distill_flops(teacher, [ViTSpec.named(s) for s in students], 256, 256)
+        parts = " + ".join(_g(s) for s in d.students)
+        rows.append(f"| 5B -> {' + '.join(s.removeprefix('pixio_') for s in students)} | {_g(d.teacher)} | {parts} | {_g(d.train)} |")  # fmt: skip
+    rows += ["", "| evaluation on pixio_vith16, 256 px | encoder fwd | head fwd+bwd | total |", "|---|---|---|---|"]  # fmt: skip
+    vith = ViTSpec.named("pixio_vith16")
+    for kind, out, blocks in (("linear", 150, 32), ("dpt", 150, 32), ("dpt", 1, 32)):
+        e = eval_flops(vith, kind, out, 256, 256, blocks)
+        rows.append(f"| {kind}, {out} output(s) | {_g(e.encoder)} | {_g(e.head_train)} | {_g(e.train)} |")  # fmt: skip
+    return "\n".join(rows)
+
+
+if __name__ == "__main__":
+    print(tables())

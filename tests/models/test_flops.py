@@ -261,3 +261,10 @@ def test_utilization_arithmetic():
     assert unknown.tflops == pytest.approx(1.0) and unknown.mfu is None
     with pytest.raises(ValueError, match="step_time_s"):
         F.utilization(1e12, 0.0)
+
+
+def test_tables_of_the_docs():
+    """`python -m pixio.models.flops` prints docs/performance.md's tables (values above)."""
+    text = F.tables()
+    assert "| pixio_vith16 | 344.1 | 91.9 | 58.0 | 449.4 | 29.1 |" in text
+    assert "| 5B -> vit1b16 + vith16 | 2,912.4 | 1,138.0 + 534.4 | 4,584.8 |" in text
