@@ -27,6 +27,7 @@ import submitit
 from omegaconf import DictConfig, OmegaConf
 
 from pixio.runtime.distributed import read_dist_env
+from pixio.runtime.preemption import wait_through_signals
 
 
 @dataclasses.dataclass
@@ -167,13 +168,30 @@ def torchrun_command(
     return [*run, f"--nproc_per_node={nproc}", *target, *args]
 
 
+# torchrun's agent passes these on to the ranks (SIGUSR2: SLURM's time-limit signal, which would
+# otherwise end the agent at once) and waits this long for them to save before it kills them
+# (its own default, 30 s, is shorter than a 5B save; see docs/slurm.md).
+TORCHRUN_SIGNALS = "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR2"
+TORCHRUN_SHUTDOWN_TIMEOUT_S = 300
+
+
+def _torchrun_env() -> dict[str, str]:
+    """This environment with the defaults above, where the user set none."""
+    env = dict(os.environ)
+    env.setdefault("PET_SIGNALS_TO_HANDLE", TORCHRUN_SIGNALS)
+    if "PET_SHUTDOWN_TIMEOUT" not in env:
+        env.setdefault("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", str(TORCHRUN_SHUTDOWN_TIMEOUT_S))
+    return env
+
+
 def run_torchrun(cfg: DictConfig, nproc: int, overrides: Sequence[str]) -> None:
-    """Re-run this entry point as ``nproc`` torchrun workers; exits with their status on failure."""
+    """Re-run this entry point as ``nproc`` torchrun workers; exits with their status on failure
+    (143 after a stop signal, which this process outlives until the ranks have saved)."""
     output_dir = cfg.get("output_dir")
     out = str(Path(output_dir).absolute()) if output_dir else None
     cmd = torchrun_command(nproc, overrides, _main_module(), out)
     print(f"[pixio] spawning {nproc} processes: {' '.join(cmd)}", flush=True)
-    code = subprocess.run(cmd, check=False).returncode
+    code = wait_through_signals(subprocess.Popen(cmd, env=_torchrun_env()))
     if code != 0:
         raise SystemExit(code)
 
