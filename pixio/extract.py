@@ -48,10 +48,10 @@ from pixio.inference import (
     Resize,
     add_encoder_args,
     add_image_args,
-    fail,
     list_images,
     load_frozen_encoder,
     normalize,
+    run_cli,
 )
 from pixio.models.registry import encoder_kwargs
 from pixio.runtime import distributed as rd
@@ -517,14 +517,10 @@ def _summary(args, rank, units, mine, pending, done, index) -> dict[str, Any]:  
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = build_parser().parse_args(argv)
-    try:
-        summary = extract(args)
-    except (ValueError, FileNotFoundError, KeyError) as err:
-        fail("pixio.extract", err)
+    summary = run_cli("pixio.extract", build_parser(), extract, argv)
     if summary["rank"] == 0:
         if summary["index"] is None:
-            print(f"units left to do: run the same command again to finish ({args.out})")
+            print(f"units left to do: run the same command again to finish ({summary['out']})")
         print(json.dumps(summary))
 
 

@@ -17,6 +17,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from pixio.checkpoint import load_encoder, read_state_dict, state_mismatch
 from pixio.models.encoder import PixioEncoder
 from pixio.models.mae import DECODER_PREFIXES, PixioMAE
@@ -27,6 +29,15 @@ MAE_PREFIX = "pixio_mae_"
 
 class EncoderOnlyCheckpointError(ValueError):
     """A checkpoint without the decoder where the full pre-training model is needed."""
+
+
+def load_checked(module: torch.nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
+    """Strict load; ValueError in one line naming the missing, unexpected and mis-shaped keys of
+    checkpoint `source`."""
+    problem = state_mismatch(module, state, source)
+    if problem is not None:
+        raise ValueError(problem)
+    module.load_state_dict(state, strict=True)
 
 
 def load_mae(name: str, path: str | Path, module: str | None = None, **overrides: Any) -> PixioMAE:
@@ -43,56 +54,38 @@ def load_mae(name: str, path: str | Path, module: str | None = None, **overrides
             "entry holds the decoder)"
         )
     mae = build_mae(name, **overrides)
-    problem = state_mismatch(mae, state, source)
-    if problem is not None:
-        raise ValueError(problem)
-    mae.load_state_dict(state, strict=True)
+    load_checked(mae, state, source)
     return mae
 
 
-def encoder_entry(name: str) -> Callable[..., PixioEncoder]:
-    """The torch.hub entry of encoder `name`."""
+# entry kind -> (entry name prefix, random build, load, what `weights` must hold)
+KINDS: dict[str, tuple[str, Callable[..., Any], Callable[..., Any], str]] = {
+    "encoder": ("pixio_", build_encoder, load_encoder, "any format pixio.load_encoder reads"),
+    "mae": (MAE_PREFIX, build_mae, load_mae, "the decoder too (a pre-training checkpoint)"),
+}
+
+
+def hub_entry(name: str, kind: str) -> Callable[..., PixioEncoder | PixioMAE]:
+    """The torch.hub entry of encoder `name` ("encoder") or of its pre-training model ("mae")."""
+    prefix, build, load, holds = KINDS[kind]
 
     def entry(
         weights: str | Path | None = None, module: str | None = None, **overrides: Any
-    ) -> PixioEncoder:
+    ) -> PixioEncoder | PixioMAE:
         if weights is None:
-            return build_encoder(name, **overrides)
-        return load_encoder(name, weights, module, **overrides)
+            return build(name, **overrides)
+        return load(name, weights, module, **overrides)
 
-    entry.__name__ = entry.__qualname__ = name
+    entry.__name__ = entry.__qualname__ = prefix + name.removeprefix("pixio_")
     entry.__doc__ = (
-        f"Pixio encoder {name}: `weights` a local checkpoint (any format pixio.load_encoder "
-        "reads; `module` picks the trained module of a training checkpoint) or None for random "
-        "weights; overrides as build_encoder's (depth, img_size, ...)."
-    )
-    return entry
-
-
-def mae_entry(name: str) -> Callable[..., PixioMAE]:
-    """The torch.hub entry of the pre-training model of encoder `name`."""
-
-    def entry(
-        weights: str | Path | None = None, module: str | None = None, **overrides: Any
-    ) -> PixioMAE:
-        if weights is None:
-            return build_mae(name, **overrides)
-        return load_mae(name, weights, module, **overrides)
-
-    entry.__name__ = entry.__qualname__ = MAE_PREFIX + name.removeprefix("pixio_")
-    entry.__doc__ = (
-        f"Pixio pre-training model (encoder + decoder) of {name}: `weights` a local checkpoint "
-        "holding the decoder (a pre-training checkpoint directory or a file with 'model') or "
-        "None for random weights; overrides as build_mae's (depth, decoder_depth, ...)."
+        f"Pixio {kind} {name}: `weights` a local checkpoint holding {holds} (`module`: the "
+        "trained module of a training checkpoint), or None for random weights; overrides as "
+        f"{build.__name__}'s (depth, img_size, ...)."
     )
     return entry
 
 
 def hub_entries() -> dict[str, Callable[..., Any]]:
     """Entry name -> function, for every registry size: `pixio_<size>` and `pixio_mae_<size>`."""
-    entries: dict[str, Callable[..., Any]] = {}
-    for name in list_models():
-        for make in (encoder_entry, mae_entry):
-            entry = make(name)
-            entries[entry.__name__] = entry
-    return entries
+    entries = [hub_entry(name, kind) for name in list_models() for kind in KINDS]
+    return {entry.__name__: entry for entry in entries}

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -166,3 +167,16 @@ def fail(prog: str, err: Exception) -> None:
     text = str(err.args[0]) if isinstance(err, KeyError) and err.args else str(err)
     print(f"{prog}: error: {' '.join(text.split())}", file=sys.stderr)
     raise SystemExit(2)
+
+
+def run_cli(
+    prog: str, parser: argparse.ArgumentParser, fn: Callable[[argparse.Namespace], Any],
+    argv: list[str] | None,
+) -> Any:  # fmt: skip
+    """Parse `argv` and run `fn(args)`; a refused input or setting (ValueError,
+    FileNotFoundError, KeyError) ends the command with one line (`fail`)."""
+    args = parser.parse_args(argv)
+    try:
+        return fn(args)
+    except (ValueError, FileNotFoundError, KeyError) as err:
+        fail(prog, err)

@@ -27,8 +27,9 @@ from timm.models import build_model_with_cfg, generate_default_cfgs, register_mo
 from timm.models import resolve_pretrained_cfg as timm_resolve_pretrained_cfg
 from torch import nn
 
-from pixio.checkpoint import encoder_state, read_state_dict, state_mismatch
+from pixio.checkpoint import encoder_state, read_state_dict
 from pixio.constants import DEFAULT_IMG_SIZE, IMAGENET_MEAN, IMAGENET_STD
+from pixio.hub import load_checked
 from pixio.models.encoder import PixioEncoder
 from pixio.models.registry import ENCODER_SIZES, encoder_kwargs
 
@@ -222,10 +223,7 @@ def _load(model: PixioTimmEncoder, weights: Any, module: str | None) -> None:
     else:
         source = str(weights) if module is None else f"{weights} (module {module!r})"
         state = encoder_state(read_state_dict(weights, module))
-    problem = state_mismatch(model, state, source)
-    if problem is not None:
-        raise ValueError(problem)
-    model.load_state_dict(state, strict=True)
+    load_checked(model, state, source)
 
 
 def _build(

@@ -37,10 +37,10 @@ from pixio.inference import (
     Resize,
     add_encoder_args,
     add_image_args,
-    fail,
     list_images,
     load_frozen_encoder,
     normalize,
+    run_cli,
 )
 from pixio.models.registry import encoder_kwargs
 from pixio.runtime.vis import (
@@ -333,12 +333,7 @@ def _query_index(images: list[Loaded], name: str | None) -> int:
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = build_parser().parse_args(argv)
-    try:
-        path = visualize(args)
-    except (ValueError, FileNotFoundError, KeyError) as err:
-        fail("pixio.visualize", err)
-    print(f"wrote {path}")
+    print(f"wrote {run_cli('pixio.visualize', build_parser(), visualize, argv)}")
 
 
 if __name__ == "__main__":
