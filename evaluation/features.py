@@ -179,8 +179,9 @@ def check_random_weights(cfg: Any) -> None:
 def encoder_digest(cfg: Any) -> str | None:
     """The checkpoint's sha256 (`pixio.checkpoint.checkpoint_digest`) for the run's record and
     its resume check; None for a demo's random weights. Reads the whole file (a 5B checkpoint's
-    22 GB: about 45 s at 500 MB/s; a training checkpoint directory: its manifest only): call it
-    once per job, on rank 0 (`pixio.runtime.rank0.rank0_result`)."""
+    22 GB: about 45 s at 500 MB/s; a training checkpoint directory: the per-file digests its
+    manifest lists, a few kilobytes): call it once per job, on rank 0
+    (`pixio.runtime.rank0.rank0_result`)."""
     if _has_checkpoint(cfg):
         return checkpoint_digest(cfg.checkpoint)
     if not cfg.get("random_if_missing", False):

@@ -207,8 +207,13 @@ def collect(root: str | Path) -> tuple[list[Row], list[str]]:
                 rows += incomplete_rows(read_val_results(path), path.parent, run)
             except ResultsFileError as err:
                 skipped.append(f"skipped {err}")
-    rows.sort(key=lambda r: (TASK_ORDER.get(r.task, 3), r.dataset, r.head, r.run))
+    rows.sort(key=lambda r: (TASK_ORDER.get(r.task, 3), r.dataset, _head_order(r.head), r.run))
     return rows, skipped
+
+
+def _head_order(head: str) -> tuple[int, str]:
+    """Heads by name; k-NN's `k=N` by N (k=5 before k=10)."""
+    return (int(head[2:]), "") if head.startswith("k=") and head[2:].isdigit() else (0, head)
 
 
 def _align(header: list[str], body: list[list[str]]) -> str:

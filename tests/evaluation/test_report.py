@@ -177,8 +177,8 @@ def test_nothing_readable_exits_1_naming_every_file(tmp_path, capsys):
 def test_random_weight_runs_are_marked_and_never_beside_published_numbers(tmp_path, capsys):
     fake_run(tmp_path / "trained", "depth", "nyuv2", "dpt", [90.0])
     fake_run(tmp_path / "demo", "depth", "nyuv2", "dpt", [97.0], name="pixio_vitt16", sha256=None)
-    knn = {"task": "knn", "top1": {"10": 95.0}, "top5": {"10": 99.0}, "encoder": "pixio_vitt16",
-           "checkpoint_sha256": None, "random_weights": True}  # fmt: skip
+    knn = {"task": "knn", "top1": {"10": 95.0, "5": 96.0}, "top5": {"10": 99.0, "5": 99.5},
+           "encoder": "pixio_vitt16", "checkpoint_sha256": None, "random_weights": True}  # fmt: skip
     (tmp_path / "knn_demo").mkdir()
     (tmp_path / "knn_demo" / "results.json").write_text(json.dumps(knn))
     assert json.loads((tmp_path / "demo" / "results.json").read_text())["encoder"]["random_weights"]  # fmt: skip
@@ -187,9 +187,11 @@ def test_random_weight_runs_are_marked_and_never_beside_published_numbers(tmp_pa
     header, cells = comparison(out)
     assert header == ["task", "dataset", "head", "pixio_vith16", *report.PAPER_COLUMNS]
     assert cells == {("depth", "nyuv2", "dpt"): ["90.00", "95.50", "80.80"]}  # no demo numbers
-    runs = {line.split()[-2]: line.split() for line in run_lines(out)[2:] if line.endswith(report.RANDOM_MARK)}  # fmt: skip
-    assert runs["demo"][3:11] == ["pixio_vitt16", "d1", "-", "97.00", "(1)", "97.00", "-", "-"]
-    assert runs["knn_demo"][-5:] == ["95.00", "-", "-", "knn_demo", report.RANDOM_MARK]
+    marked = [line.split() for line in run_lines(out)[2:] if line.endswith(report.RANDOM_MARK)]
+    assert [r[-2] for r in marked] == ["demo", "knn_demo", "knn_demo"]
+    assert marked[0][3:11] == ["pixio_vitt16", "d1", "-", "97.00", "(1)", "97.00", "-", "-"]
+    assert [r[2] for r in marked[1:]] == ["k=5", "k=10"]  # by k, not as text
+    assert marked[2][-5:] == ["95.00", "-", "-", "knn_demo", report.RANDOM_MARK]
     assert report.RANDOM_NOTE in out
     # Only random-weight runs: no side-by-side table at all, every run still listed.
     for run in ("trained",):
@@ -197,4 +199,4 @@ def test_random_weight_runs_are_marked_and_never_beside_published_numbers(tmp_pa
             f.unlink()
     assert report.main([str(tmp_path)]) == 0
     out = capsys.readouterr().out.splitlines()
-    assert out[1] == report.NO_COMPARISON and len(run_lines(out)) == 4
+    assert out[1] == report.NO_COMPARISON and len(run_lines(out)) == 5
