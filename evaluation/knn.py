@@ -262,8 +262,9 @@ def knn_transform(resize: int = 256, crop: int = 256) -> transforms.Compose:
 
 
 class Unreadable:
-    """What `KnnImageFolder` gives for an image it cannot read: the reason, naming the file
-    (a worker's exception would reach the main process as a multi-line traceback)."""
+    """What `KnnImageFolder` gives for an image it cannot read: the reason, naming the file. Data,
+    not an exception, so extraction reads on to the end of the set (one run lists every bad
+    file) and the ranks stop together (`raise_unreadable`)."""
 
     def __init__(self, message: str) -> None:
         self.message = message
