@@ -60,7 +60,7 @@ def main(argv: list[str] | None = None) -> None:
     print("|---|---|---|---|---|---|")
     for mode, m in records.items():
         s, mfu = m["step_ms"], "-" if m["mfu"] is None else f"{m['mfu']:.1%}"
-        print(f"| {mode} | {m['first_step_s']} | {s['median']:.1f} ({s['min']:.1f}-{s['max']:.1f}) | {m['images_per_s']} | {m['tflops']:.3f} | {mfu} |")  # fmt: skip
+        print(f"| {mode} | {m['first_step_s']} | {s['median']:.1f} ({s['min']:.1f}-{s['max']:.1f}) | {m['images_per_s']} | {m['tflops']:.3g} | {mfu} |")  # fmt: skip
     if args.json:
         print(json.dumps(records, indent=2, default=str))
 

@@ -301,7 +301,7 @@ def mae_bench(ctx: Ctx, m: dict[str, Any], compiled: str) -> None:
         torch.cuda.reset_peak_memory_stats()
     ms = spread(time_steps(step, plan.steps, dev))
     util = utilization(flops.train * plan.batch, ms["median"] / 1e3, 1, device_name(dev))
-    m.update(step_ms=ms, images_per_s=round(plan.batch / (ms["median"] / 1e3), 1), tflops=round(util.tflops, 2),
+    m.update(step_ms=ms, images_per_s=round(plan.batch / (ms["median"] / 1e3), 1), tflops=float(f"{util.tflops:.4g}"),
              mfu=None if util.mfu is None else round(util.mfu, 4), peak_tflops=util.peak_tflops)  # fmt: skip
     if dev == "cuda":
         m["peak_memory_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
