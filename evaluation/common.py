@@ -277,8 +277,10 @@ def build_task(cfg: Any, app: str, info: DistInfo) -> HeadTask:
     if info.device.type == "cuda":  # SyncBatchNorm needs GPUs; CPU (gloo) runs keep BatchNorm
         head = convert_sync_bn(head)
     e = cfg.eval
+    val_source = f"{cfg.dataset.name} val split ({cfg.data.val_split or cfg.data.root})"
     common = dict(windows=Windows(e.window, e.stride, e.window_batch),
-                  vis_dir=Path(cfg.output_dir) / "vis", vis_images=e.vis_images)  # fmt: skip
+                  vis_dir=Path(cfg.output_dir) / "vis", vis_images=e.vis_images,
+                  val_source=val_source)  # fmt: skip
     if app == "depth":
         return DepthTask(features, head, cfg.optim, **common, min_depth=dataset.min_depth, max_depth=dataset.max_depth)  # fmt: skip
     return SegmentationTask(features, head, cfg.optim, **common, num_classes=dataset.num_classes)
