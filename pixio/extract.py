@@ -189,7 +189,7 @@ def on_rank0(fn: Callable[[], Any]) -> Any:
         try:
             box = [(True, fn())]
         except (OSError, ValueError) as err:
-            box = [(False, f"{type(err).__name__}: {err}")]
+            box = [(False, str(err))]
     torch.distributed.broadcast_object_list(box, src=0)
     ok, value = box[0]
     if not ok:
@@ -491,12 +491,15 @@ def extract(args: argparse.Namespace) -> dict[str, Any]:
         done = run_units(
             encoder, pending, loader, args.out, how, args.shard_size, digest, args.max_shards
         )
-        rd.barrier()
-        index = build_index(args.out, units, settings) if info.is_main else None
-        rd.barrier()
+        rd.barrier()  # every rank's units written (or stopped by --max-shards)
+        index = on_rank0(lambda: _index_summary(args.out, build_index(args.out, units, settings)))
     finally:
         rd.cleanup()
-    return _summary(args, info.rank, units, mine, pending, done, index)
+    return {
+        "rank": info.rank, "out": str(args.out), "units": len(units),
+        "this_rank": {"units": len(mine), "already_done": len(mine) - len(pending), "done": done},
+        **index,
+    }  # fmt: skip
 
 
 def _claim(args: argparse.Namespace, units: list[Unit], resize: Resize) -> dict[str, Any]:
@@ -505,15 +508,11 @@ def _claim(args: argparse.Namespace, units: list[Unit], resize: Resize) -> dict[
     return settings
 
 
-def _summary(args, rank, units, mine, pending, done, index) -> dict[str, Any]:  # noqa: ANN001
-    return {
-        "rank": rank,
-        "out": str(args.out),
-        "units": len(units),
-        "this_rank": {"units": len(mine), "already_done": len(mine) - len(pending), "done": done},
-        "index": str(args.out / INDEX_NAME) if index is not None else None,
-        "counts": index["counts"] if index is not None else None,
-    }
+def _index_summary(out: Path, index: dict[str, Any] | None) -> dict[str, Any]:
+    """What every rank reports of rank 0's index (not the index: it may be large)."""
+    if index is None:
+        return {"index": None, "counts": None}
+    return {"index": str(out / INDEX_NAME), "counts": index["counts"]}
 
 
 def main(argv: list[str] | None = None) -> None:
