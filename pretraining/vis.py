@@ -8,34 +8,7 @@ import numpy as np
 import torch
 
 from pixio.constants import IMAGENET_MEAN, IMAGENET_STD
-from pixio.models.patchify import patchify, unpatchify
-from pixio.runtime.vis import tile, to_pixels
-
-MASK_GREY = 0.5  # pixel value (0-1) shown for masked patches in the masked-input panel
-
-
-def denormalize_pred(pred: torch.Tensor, target: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
-    """Undo norm_pix_loss: a prediction in per-patch normalised units, back to image units with
-    the original patch's mean and unbiased variance (the same statistics as the loss)."""
-    mean = target.mean(dim=-1, keepdim=True)
-    var = target.var(dim=-1, keepdim=True, unbiased=True)
-    return pred * (var + eps).sqrt() + mean
-
-
-def _reconstruct(
-    imgs: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor, p: int, norm_pix_loss: bool
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Reconstruction in normalised image units (B, 3, H, W), and the mask per pixel (1 = masked)."""
-    h, w = imgs.shape[2] // p, imgs.shape[3] // p
-    target = patchify(imgs, p)
-    if norm_pix_loss:
-        pred = denormalize_pred(pred, target)
-    masked = mask.bool().unsqueeze(-1).expand_as(target)
-    # torch.where, not a blend: visible patches stay bit-identical to the original even if the
-    # prediction holds NaN/inf.
-    recon = unpatchify(torch.where(masked, pred, target), p, h, w)
-    pixel_mask = unpatchify(masked.to(imgs.dtype), p, h, w)
-    return recon, pixel_mask
+from pixio.runtime.vis import MASK_GREY, mae_reconstruction, tile, to_pixels
 
 
 def reconstruction_grid(
@@ -57,7 +30,7 @@ def reconstruction_grid(
     if n < 1:
         raise ValueError("reconstruction_grid needs at least one image")
     imgs, pred, mask = (t[:n].detach().float().cpu() for t in (imgs, pred, mask))
-    recon, pixel_mask = _reconstruct(imgs, pred, mask, patch_size, norm_pix_loss)
+    recon, pixel_mask = mae_reconstruction(imgs, pred, mask, patch_size, norm_pix_loss)
     original, recon = to_pixels(imgs, mean, std), to_pixels(recon, mean, std)
     masked = torch.where(pixel_mask.bool(), torch.full_like(original, MASK_GREY), original)
     rows = [[original[i], masked[i], recon[i]] for i in range(n)]
