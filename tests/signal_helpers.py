@@ -1,14 +1,24 @@
 """Helpers of the stop-signal tests: run a job's entry module in a subprocess that is its own
 process group, and send SIGTERM to that whole group (the process and its data-loader workers,
-as `timeout`, `kill -- -PGID` and SLURM do) at a chosen point of the run."""
+as `timeout`, `kill -- -PGID` and SLURM do) at a chosen point of the run; tiny web shards."""
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 import signal
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
+
+import numpy as np
+import torch
+import webdataset as wds
+from PIL import Image
+
+from pixio.runtime import checkpointing
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -59,7 +69,9 @@ def start_module(
     """Start `python -m module overrides` in its own session (so a group signal reaches nothing
     of the test's); with `group_sigterm` ("train:k" or "val:n"), SIGTERM goes to its whole
     process group at that point."""
-    args = ["-m", module] if group_sigterm is None else ["-c", _GROUP_SIGTERM, group_sigterm, module]
+    args = (
+        ["-m", module] if group_sigterm is None else ["-c", _GROUP_SIGTERM, group_sigterm, module]
+    )
     return subprocess.Popen(
         [sys.executable, *args, *overrides],
         cwd=REPO,
@@ -68,6 +80,18 @@ def start_module(
         text=True,
         start_new_session=True,
     )
+
+
+@contextlib.contextmanager
+def running(module: str, overrides: list[str]) -> Iterator[subprocess.Popen]:
+    """`start_module` for a run beside the test's own work; killed if the test ends first."""
+    proc = start_module(module, overrides)
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
 
 
 def finish(proc: subprocess.Popen, timeout: int = 300) -> subprocess.CompletedProcess:
@@ -86,3 +110,24 @@ def run_module(
 ) -> subprocess.CompletedProcess:
     """`start_module` then `finish`."""
     return finish(start_module(module, overrides, group_sigterm), timeout)
+
+
+def write_web_shard(path: Path, n: int, seed: int = 0) -> Path:
+    """One web-format shard of `n` random JPEGs (72 x 80) at `path`."""
+    rng = np.random.default_rng(seed)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with wds.TarWriter(str(path)) as tar:
+        for i in range(n):
+            buf = io.BytesIO()
+            Image.fromarray(rng.integers(0, 255, (72, 80, 3), dtype=np.uint8)).save(buf, "JPEG")
+            tar.write({"__key__": f"{i:05d}", "jpg": buf.getvalue()})
+    return path
+
+
+def assert_same_mae(a: Path, b: Path, iteration: int) -> None:
+    """Both pre-training runs' last checkpoints are at `iteration` with equal MAE weights."""
+    first = checkpointing.load_checkpoint(a / "checkpoint-last")
+    second = checkpointing.load_checkpoint(b / "checkpoint-last")
+    assert first["iteration"] == second["iteration"] == iteration
+    for key, value in first["model"]["mae"].items():
+        assert torch.equal(value, second["model"]["mae"][key]), key

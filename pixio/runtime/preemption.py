@@ -1,7 +1,8 @@
 """Pre-emption and time-limit handling: save at a step boundary, then requeue and exit.
 
-Signal handlers only set a flag; the trainer polls ``requested()`` between optimizer steps, so a
-checkpoint is never written in the middle of a step. What the signals mean on SLURM (checked on
+Signal handlers only set a flag; the trainer polls it (``requested()``, or ``agree()``, which
+also shares a failed data fetch) between optimizer steps, so a checkpoint is never written in
+the middle of a step. What the signals mean on SLURM (checked on
 the one-node cluster of ``scripts/slurm/local_cluster.sh``):
 
 - ``SIGUSR2``: sent to every task ``signal_delay_s`` before the time limit (``--signal=USR2@N``,

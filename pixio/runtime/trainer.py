@@ -437,7 +437,8 @@ class Trainer:
         if failure is not None:
             log.error("data loading failed after iteration %d: %s", done, failure)
         if boundary and done > 0 and self._saved_at != done:
-            log.warning("%s: saving at iteration %d", "stop signal" if stop else "no data", done)
+            why = "stop signal" if stop else "data loading failed"
+            log.warning("%s: saving at iteration %d", why, done)
             self.save()
         self.close()  # finish the save, flush metrics / wandb; the process group stays up
         if stop and boundary:

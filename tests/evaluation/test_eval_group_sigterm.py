@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 from app_helpers import cpu_overrides, read_json, save_tiny_encoder, small_demo
-from signal_helpers import finish, run_module, start_module
+from signal_helpers import finish, run_module, running
 
 from pixio.runtime import checkpointing
 
@@ -25,18 +25,18 @@ def test_depth_run_signalled_mid_validation_saves_and_resumes_to_the_same_result
     part = tmp_path / "part"
     # Side by side: the uninterrupted run, and one whose group gets SIGTERM after the first
     # batch of the first validation (epoch 1 = 4 iterations of 2 images).
-    full = start_module("evaluation.depth", overrides(tmp_path / "full"))
-    stopped = finish(start_module("evaluation.depth", overrides(part), group_sigterm="val:1"))
-    assert stopped.returncode == 143, stopped.stdout[-2000:] + stopped.stderr[-3000:]
-    assert "DataLoader worker" not in stopped.stderr  # both loaders' workers lived on
-    assert "pre-empted (SIGTERM) at step 4: checkpoint saved" in stopped.stdout
-    meta = checkpointing.read_meta(part / "checkpoint-last")
-    assert meta["iteration"] == 4 and meta["validation"]["last"]["epoch"] == 1  # it finished
+    with running("evaluation.depth", overrides(tmp_path / "full")) as full:
+        stopped = run_module("evaluation.depth", overrides(part), group_sigterm="val:1")
+        assert stopped.returncode == 143, stopped.stdout[-2000:] + stopped.stderr[-3000:]
+        assert "DataLoader worker" not in stopped.stderr  # both loaders' workers lived on
+        assert "pre-empted (SIGTERM) at step 4: checkpoint saved" in stopped.stdout
+        meta = checkpointing.read_meta(part / "checkpoint-last")
+        assert meta["iteration"] == 4 and meta["validation"]["last"]["epoch"] == 1  # it ended
 
-    resumed = run_module("evaluation.depth", overrides(part))
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    full = finish(full)
-    assert full.returncode == 0, full.stderr[-3000:]
+        resumed = run_module("evaluation.depth", overrides(part))
+        assert resumed.returncode == 0, resumed.stderr[-3000:]
+        done = finish(full)
+    assert done.returncode == 0, done.stderr[-3000:]
     a, b = (
         checkpointing.load_checkpoint(out / "checkpoint-last", ("model",))["model"]["head"]
         for out in (tmp_path / "full", part)

@@ -7,8 +7,7 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
-from signal_helpers import finish, run_module, start_module
+from signal_helpers import assert_same_mae, finish, run_module, running
 from test_pretrain_e2e import _overrides, web_shards  # noqa: F401 (web_shards: a fixture)
 
 from pixio.runtime import checkpointing
@@ -27,25 +26,21 @@ def test_group_sigterm_with_workers_saves_and_the_rerun_equals_an_uninterrupted_
     part = tmp_path / "part"
     # Side by side: the uninterrupted run, and one whose group gets SIGTERM at the start of
     # iteration 4 (that step ends, the next batch is fetched, then the run stops).
-    full = start_module("pretraining.train", overrides(tmp_path / "full"))
-    stopped = finish(start_module("pretraining.train", overrides(part), group_sigterm="train:4"))
-    assert stopped.returncode == 143, stopped.stdout[-2000:] + stopped.stderr[-3000:]
-    assert "DataLoader worker" not in stopped.stderr  # the worker lived on
-    assert "pre-empted (SIGTERM) at step 5: checkpoint saved" in stopped.stdout
-    # The batch fetched after the signal (iteration 5) was not used: the loader's saved position
-    # is handed back to where that batch starts.
-    meta = checkpointing.read_meta(part / "checkpoint-last")
-    assert meta["iteration"] == 5 and meta["data"][0]["iteration"] == 5
+    with running("pretraining.train", overrides(tmp_path / "full")) as full:
+        stopped = run_module("pretraining.train", overrides(part), group_sigterm="train:4")
+        assert stopped.returncode == 143, stopped.stdout[-2000:] + stopped.stderr[-3000:]
+        assert "DataLoader worker" not in stopped.stderr  # the worker lived on
+        assert "pre-empted (SIGTERM) at step 5: checkpoint saved" in stopped.stdout
+        # The batch fetched after the signal (iteration 5) was not used: the loader's saved
+        # position is handed back to where that batch starts.
+        meta = checkpointing.read_meta(part / "checkpoint-last")
+        assert meta["iteration"] == 5 and meta["data"][0]["iteration"] == 5
 
-    resumed = run_module("pretraining.train", overrides(part))
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    full = finish(full)
-    assert full.returncode == 0, full.stderr[-3000:]
-    assert "resuming at iteration 5 with a fresh stream" not in resumed.stderr  # exact stream
-    a = checkpointing.load_checkpoint(tmp_path / "full" / "checkpoint-last")
-    b = checkpointing.load_checkpoint(part / "checkpoint-last")
-    assert a["iteration"] == b["iteration"] == 8
-    for key, value in a["model"]["mae"].items():
-        assert torch.equal(value, b["model"]["mae"][key]), key
+        resumed = run_module("pretraining.train", overrides(part))
+        assert resumed.returncode == 0, resumed.stderr[-3000:]
+        assert "resuming at iteration 5 with a fresh stream" not in resumed.stderr  # exact
+        done = finish(full)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert_same_mae(tmp_path / "full", part, 8)
     steps = [json.loads(line)["step"] for line in (part / "metrics.jsonl").read_text().splitlines()]
     assert steps == list(range(1, 9))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import time
 from pathlib import Path
@@ -45,3 +46,19 @@ def wait_steps(out: Path, n: int, job_id: str, timeout: float = 60) -> None:
             subprocess.run(["scancel", job_id], check=False)
             pytest.fail(f"job {job_id} did not reach step {n}: {job_info(job_id)['JobState']}")
         time.sleep(0.2)
+
+
+def metric_steps(out: Path) -> list[int]:
+    """The steps a real job logged to `out/metrics.jsonl` so far (one per line)."""
+    path = out / "metrics.jsonl"
+    lines = path.read_text().splitlines() if path.exists() else []
+    return [json.loads(line)["step"] for line in lines if line.strip()]
+
+
+def wait_metric_steps(out: Path, n: int, logs: Path, timeout: float = 240) -> None:
+    """Wait until a real job has logged `n` steps (it is inside its training loop)."""
+    deadline = time.time() + timeout
+    while len(metric_steps(out)) < n:
+        if time.time() > deadline:
+            pytest.fail(f"no {n} steps logged in {out} after {timeout} s\n{all_logs(logs)}")
+        time.sleep(0.1)
