@@ -14,6 +14,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -234,7 +235,13 @@ def test_two_ranks_verify_once_on_the_reading_rank(run, tmp_path):
     zero_inside_tensor(damaged, FQN)
     result = str(tmp_path / "rank")
     paths = [str(intact), str(damaged)]
-    mp.spawn(_broadcast_worker, args=(_free_port(), paths, result), nprocs=2, join=True)
+    workers = mp.spawn(_broadcast_worker, (_free_port(), paths, result), nprocs=2, join=False)
+    deadline = time.monotonic() + 300
+    while not workers.join(timeout=5):  # a worker's exception is raised here
+        if time.monotonic() > deadline:
+            for process in workers.processes:
+                process.kill()
+            pytest.fail("the two gloo processes did not finish within 300 s")
     (good0, bad0), (good1, bad1) = (json.loads(Path(f"{result}.{r}").read_text()) for r in (0, 1))
     assert good0["error"] is good1["error"] is None
     assert good0["weight"] == good1["weight"] == _saved(intact).tolist()
