@@ -35,6 +35,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
+from gpu_check_stages import last_line  # the stages module imports torch only inside stages
+
 ROOT = Path(__file__).resolve().parents[1]
 # One H100 for at most 8 minutes: 450 s of stages leaves room for the driver's start and a last
 # stage's grace period (TERM_GRACE_S).
@@ -108,14 +110,12 @@ def timeouts(pairs: list[str], cpu: bool) -> dict[str, float]:
     return limits
 
 
-def last_line(text: str) -> str:
-    """The last non-empty line of `text` (an error's message), or ''."""
-    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
-    return lines[-1] if lines else ""
-
-
-def run_stage(stage: Stage, limit: float, args: argparse.Namespace, log: TextIO) -> dict[str, Any]:
-    """Run one stage in a child process (its own process group) for at most `limit` seconds."""
+def run_stage(
+    stage: Stage, stage_limit: float, left: float, args: argparse.Namespace, log: TextIO
+) -> dict[str, Any]:
+    """Run one stage in a child process (its own process group) for at most its limit or what
+    is `left` of the budget."""
+    limit = min(stage_limit, left)
     result_file = args.out / "results" / f"{stage.name}.json"
     result_file.unlink(missing_ok=True)
     cmd = [sys.executable, str(Path(__file__).resolve()), "--child", stage.name, "--out", str(args.out)]  # fmt: skip
@@ -138,7 +138,8 @@ def run_stage(stage: Stage, limit: float, args: argparse.Namespace, log: TextIO)
         tail = last_line(read_tail(args.out / "gpu_check.log"))
         result = {"status": "failed", "error": f"stage process exited with {child.returncode} and no result: {tail}"}  # fmt: skip
     if timed_out:
-        result.update(status="failed", error=f"timed out after {limit:.0f} s")
+        cause = "" if limit >= stage_limit else " (the global budget ran out)"
+        result.update(status="failed", error=f"timed out after {limit:.0f} s{cause}")
     return {**result, "seconds": seconds}
 
 
@@ -181,7 +182,7 @@ def drive(args: argparse.Namespace) -> int:
     (args.out / "results").mkdir(parents=True, exist_ok=True)
     json_path, log_path = args.out / "gpu_check.json", args.out / "gpu_check.log"
     print(f"gpu_check: results -> {json_path}\ngpu_check: log     -> {log_path}", flush=True)
-    report: dict[str, Any] = {"mode": "cpu" if args.cpu else "gpu", "budget_s": budget, "started": stamp, "stages": {}}  # fmt: skip
+    report: dict[str, Any] = {"mode": "cpu" if args.cpu else "gpu", "argv": sys.argv[1:], "budget_s": budget, "started": stamp, "stages": {}}  # fmt: skip
     deadline = time.perf_counter() + budget
     with open(log_path, "a") as log:
         for stage in stages:
@@ -189,7 +190,7 @@ def drive(args: argparse.Namespace) -> int:
             if left < MIN_START_S:
                 result = {"status": "skipped", "reason": f"out of time ({left:.0f} s of {budget:.0f} s left)"}  # fmt: skip
             else:
-                result = run_stage(stage, min(limits[stage.name], left), args, log)
+                result = run_stage(stage, limits[stage.name], left, args, log)
             report["stages"][stage.name] = result
             print(summary_line(stage.name, result), flush=True)
             write_report(json_path, report)
@@ -203,7 +204,6 @@ def drive(args: argparse.Namespace) -> int:
 def run_child(args: argparse.Namespace) -> int:
     """Run stage `args.child` here; write {status, error, metrics} to results/<stage>.json."""
     sys.path.insert(0, str(ROOT))
-    sys.path.insert(0, str(ROOT / "scripts"))
     import gpu_check_stages as stages
 
     metrics: dict[str, Any] = {}  # a stage fills it as it goes: a failure keeps what it measured

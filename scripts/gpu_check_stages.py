@@ -48,6 +48,7 @@ class Plan:
     distill: list[str]
     jpeg: tuple[int, int, int]  # images, height, width
     tolerance: float  # resumed vs uninterrupted: max |loss| and |weight| difference
+    threads: int | None  # torch CPU threads of the in-process stages (None: torch's default)
 
 
 TINY_MAE = dict(name="pixio_vitt16", depth=2, img_size=128, decoder_embed_dim=64, decoder_depth=2, decoder_num_heads=4)  # fmt: skip
@@ -59,7 +60,7 @@ PLANS = {
         pretrain=["train.iters_per_epoch=50", "train.epochs=2", "train.save_every_iters=50", "train.log_every=10", "train.vis_every=50"],  # fmt: skip
         stop_at=60, eval_extra=[], knn_extra=[],
         distill=["train.epochs=2", "train.log_every=10"],
-        jpeg=(128, 384, 512), tolerance=1e-4,
+        jpeg=(128, 384, 512), tolerance=1e-4, threads=None,
     ),
     "cpu": Plan(
         mae=TINY_MAE, batch=4, warmup=1, steps=3,
@@ -71,6 +72,7 @@ PLANS = {
         knn_extra=["data.resize=64", "data.crop=64"],
         distill=["img_size=64", "mask_grid=2", "train.batch_size=4", "train.iters_per_epoch=3", "train.epochs=1", "train.save_every_iters=3", "train.log_every=1", "train.vis_every=3", "data.num_workers=0"],  # fmt: skip
         jpeg=(16, 192, 256), tolerance=1e-4,
+        threads=1,  # several threads on a shared machine's busy cores wait on each other
     ),
 }  # fmt: skip
 
@@ -201,7 +203,8 @@ def stage_env(ctx: Ctx, m: dict[str, Any]) -> None:
 
 # ---- the MAE benchmark -----------------------------------------------------------------------
 def kernel_count(step: Callable[[], Any], device: str) -> dict[str, int]:
-    """Events of one profiled step: GPU kernels (memcpy / memset included) and CPU-side ops."""
+    """Events of one profiled step: GPU kernels (memcpy / memset included) and CPU-side events
+    (operators and CUDA runtime calls)."""
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
@@ -210,7 +213,7 @@ def kernel_count(step: Callable[[], Any], device: str) -> dict[str, int]:
         step()
         sync(device)
     events = prof.events()
-    counts = {"cpu_ops": sum(1 for e in events if e.device_type == DeviceType.CPU)}
+    counts = {"cpu_events": sum(1 for e in events if e.device_type == DeviceType.CPU)}
     if device == "cuda":
         counts["gpu_kernels"] = sum(1 for e in events if e.device_type == DeviceType.CUDA)
     return counts
@@ -257,33 +260,42 @@ def adamw_step_ms(model: Any, ctx: Ctx) -> dict[str, float]:
     return {"fused": bool(opt.defaults.get("fused")), **ms}
 
 
-def mae_bench(ctx: Ctx, m: dict[str, Any], compiled: str) -> None:
-    """fwd+bwd of the MAE: `compiled` none (eager), model (torch.compile of the whole model, what
-    train.compile does) or blocks (each block compiled apart: one graph per block shape)."""
+@dataclass
+class MAEStep:
+    """A built MAE, its input batch and one training step (forward + backward)."""
+
+    model: Any
+    x: Any
+    step: Callable[[], None]
+
+
+def mae_step(ctx: Ctx, m: dict[str, Any], compiled: str) -> MAEStep:
+    """Build the plan's MAE as the trainer does (meta, then seeded init on the device) and its
+    step: `compiled` none (eager), model (torch.compile of the whole model, what train.compile
+    does) or blocks (each block compiled apart: one graph per block shape). Runs the first step."""
     import torch
 
     from pixio import build_mae
-    from pixio.models.flops import mae_model_flops, utilization
+    from pixio.models.flops import mae_model_flops
     from pixio.runtime.parallel import materialize
 
     plan, dev = ctx.plan, ctx.device
     torch.manual_seed(0)
     kwargs, start = dict(plan.mae), time.perf_counter()
-    with torch.device("meta"):  # as the trainer builds it: seeded init on the device
+    with torch.device("meta"):
         model = build_mae(kwargs.pop("name"), **kwargs)
     model = materialize(model, torch.device(dev)).train()
     m["build_s"] = round(time.perf_counter() - start, 1)
     size = model.grid_size[0] * model.patch_size
     x = torch.randn(plan.batch, 3, size, size, device=dev)
     flops = mae_model_flops(model, mask_ratio=MASK_RATIO)
-    m.update(model=plan.mae, batch=plan.batch, img_size=size, mask_ratio=MASK_RATIO,
-             precision="bf16 autocast, fp32 weights" if plan.bf16 else "fp32",
+    m.update(model=plan.mae, batch=plan.batch, img_size=size, mask_ratio=MASK_RATIO, compiled=compiled,
+             precision="bf16 autocast, fp32 weights" if plan.bf16 else "fp32", flops_per_step=flops.train * plan.batch,
              gflops_per_image={"train": flops.train / 1e9, "encoder_forward": flops.encoder / 1e9, "decoder_forward": flops.decoder / 1e9})  # fmt: skip
     net = torch.compile(model) if compiled == "model" else model
     if compiled == "blocks":
         for block in [*model.blocks, *model.decoder_blocks]:
             block.compile()
-    m["compiled"] = compiled
 
     def step() -> None:
         with ctx.autocast():
@@ -295,30 +307,49 @@ def mae_bench(ctx: Ctx, m: dict[str, Any], compiled: str) -> None:
     step()
     sync(dev)
     m["first_step_s"] = round(time.perf_counter() - start, 2)  # compilation included
-    for _ in range(plan.warmup):
-        step()
-    if dev == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    ms = spread(time_steps(step, plan.steps, dev))
-    util = utilization(flops.train * plan.batch, ms["median"] / 1e3, 1, device_name(dev))
-    m.update(step_ms=ms, images_per_s=round(plan.batch / (ms["median"] / 1e3), 1), tflops=float(f"{util.tflops:.4g}"),
+    return MAEStep(model, x, step)
+
+
+def throughput(ctx: Ctx, m: dict[str, Any], step_ms: list[float]) -> None:
+    """Step-time spread, img/s, TFLOP/s and MFU of `step_ms` into `m` (after mae_step)."""
+    from pixio.models.flops import utilization
+
+    ms = spread(step_ms)
+    util = utilization(m["flops_per_step"], ms["median"] / 1e3, 1, device_name(ctx.device))
+    m.update(step_ms=ms, images_per_s=round(m["batch"] / (ms["median"] / 1e3), 1), tflops=float(f"{util.tflops:.4g}"),
              mfu=None if util.mfu is None else round(util.mfu, 4), peak_tflops=util.peak_tflops)  # fmt: skip
-    if dev == "cuda":
+
+
+def mae_bench(ctx: Ctx, m: dict[str, Any], compiled: str) -> None:
+    """The MAE benchmark: warm-up, timed steps, throughput, peak memory, kernel count; eager
+    also the encoder / decoder forward split and the AdamW step."""
+    import torch
+
+    run = mae_step(ctx, m, compiled)
+    for _ in range(ctx.plan.warmup):
+        run.step()
+    if ctx.device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    throughput(ctx, m, time_steps(run.step, ctx.plan.steps, ctx.device))
+    if ctx.device == "cuda":
         m["peak_memory_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
-    m["profile"] = kernel_count(step, dev)
+    m["profile"] = kernel_count(run.step, ctx.device)
     if compiled == "none":
-        m.update(forward_split(model, x, ctx), adamw_step_ms=adamw_step_ms(model, ctx))
+        m.update(forward_split(run.model, run.x, ctx), adamw_step_ms=adamw_step_ms(run.model, ctx))
 
 
 # ---- pre-training demo: stopped + resumed vs uninterrupted ---------------------------------------
 def demo_data_overrides(ctx: Ctx, m: dict[str, Any]) -> list[str]:
     """The demo shards, built here first (in parallel): the shipped set under data/demo on the
     GPU (what `make demo` uses), a small one under the output folder on the CPU."""
-    from pixio.data.demo import ensure_demo_data
+    from pixio.data.demo import ensure_demo_data, is_demo_root
 
     workers = max(1, min(8, os.cpu_count() or 1))
     if ctx.plan.demo_data is None:
-        built = ensure_demo_data(ROOT / "data" / "demo", workers=workers)
+        root = ROOT / "data" / "demo"
+        if root.is_dir() and any(root.iterdir()) and not is_demo_root(root):
+            raise RuntimeError(f"{root} holds other data, not the demo set: move it away (the demo builds there)")  # fmt: skip
+        built = ensure_demo_data(root, workers=workers)
         m["demo_data"] = {"root": "data/demo", "built_s": built["seconds"]}
         return []
     built = ensure_demo_data(ctx.out / "demo_data", workers=1, **ctx.plan.demo_data)
@@ -377,9 +408,10 @@ def free_port() -> int:
 
 class ShardedMAE:
     """An MAE built on meta, sharded with FSDP2 (pixio.runtime.parallel), materialised from its
-    seeds, with activation checkpointing, optionally compiled, and the project's AdamW."""
+    seeds, with activation checkpointing, compiled whole (as train.compile does) or not, and
+    the project's AdamW."""
 
-    def __init__(self, ctx: Ctx, seed: int) -> None:
+    def __init__(self, ctx: Ctx, seed: int, compiled: bool) -> None:
         import torch
 
         from pixio import build_mae
@@ -394,7 +426,7 @@ class ShardedMAE:
         fully_shard_model(self.model, units, torch.bfloat16 if ctx.plan.bf16 else None)
         materialize(self.model, torch.device(ctx.device))
         self.model.set_grad_checkpointing(True)
-        self.net = torch.compile(self.model) if ctx.plan.compile else self.model
+        self.net = torch.compile(self.model) if compiled else self.model
         self.opt = build_optimizer(self.model, lr=1e-3, weight_decay=0.05)
 
     def step(self, i: int) -> float:
@@ -432,41 +464,68 @@ class ShardedMAE:
         return [p.detach().to_local().float().clone() for p in self.model.parameters()]
 
 
-def stage_fsdp2(ctx: Ctx, m: dict[str, Any]) -> None:
+def round_trip(ctx: Ctx, m: dict[str, Any], compiled: bool) -> None:
+    """Two steps, a DCP save with the RNG states, two more; a model of other weights loads the
+    checkpoint and the RNG states and must take the same two steps."""
     import torch
-    import torch.distributed as dist
 
     from pixio.runtime.checkpointing import CheckpointManager, capture_rng_state, restore_rng_state
+
+    start = time.perf_counter()
+    a = ShardedMAE(ctx, seed=0, compiled=compiled)
+    m["losses_before_save"] = [a.step(i) for i in range(2)]
+    m["first_steps_s"] = round(time.perf_counter() - start, 1)  # build, compile, two steps
+    manager = CheckpointManager(ctx.dir("fsdp2_checkpoints"), async_save=ctx.device == "cuda")
+    rng, start = capture_rng_state(), time.perf_counter()
+    manager.save(2, a.state(), {"rng": rng})
+    manager.wait()
+    m["save_s"] = round(time.perf_counter() - start, 2)
+    expected, after = [a.step(i) for i in (2, 3)], a.weights()
+    b = ShardedMAE(ctx, seed=1, compiled=compiled)  # other weights: the load must replace all
+    state = b.state()
+    _, meta = manager.load_latest(state)
+    manager.close()
+    b.load(state)
+    restore_rng_state(meta["rng"])
+    m["rng_round_trip"] = torch.equal(torch.get_rng_state(), rng["torch"]) and (
+        ctx.device != "cuda" or torch.equal(torch.cuda.get_rng_state(), rng["cuda"][0]))  # fmt: skip
+    got = [b.step(i) for i in (2, 3)]
+    diff = max(float((x - y).abs().max()) for x, y in zip(after, b.weights(), strict=True))
+    m.update(losses_uninterrupted=expected, losses_resumed=got, weight_max_diff=diff)
+    loss = max(abs(x - y) for x, y in zip(expected, got, strict=True))
+    if not m["rng_round_trip"] or loss > ctx.plan.tolerance or diff > ctx.plan.tolerance:
+        raise AssertionError(f"resume after DCP load differs: rng restored {m['rng_round_trip']}, loss {loss:.3g}, weights {diff:.3g}")  # fmt: skip
+
+
+def stage_fsdp2(ctx: Ctx, m: dict[str, Any]) -> None:
+    """FSDP2 on a one-rank group (NCCL on the GPU): the round trip compiled (GPU plans), and
+    eagerly if compilation fails there, so a compile failure still leaves DCP and RNG checked."""
+    import torch.distributed as dist
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
     dist.init_process_group("nccl" if ctx.device == "cuda" else "gloo", rank=0, world_size=1)
     try:
-        m.update(backend=dist.get_backend(), model=ctx.plan.fsdp_mae, compile=ctx.plan.compile, activation_checkpointing=True)  # fmt: skip
-        a = ShardedMAE(ctx, seed=0)
-        m["losses_before_save"] = [a.step(i) for i in range(2)]
-        manager = CheckpointManager(ctx.dir("fsdp2_checkpoints"), async_save=ctx.device == "cuda")
-        rng = capture_rng_state()
-        start = time.perf_counter()
-        manager.save(2, a.state(), {"rng": rng})
-        manager.wait()
-        m["save_s"] = round(time.perf_counter() - start, 2)
-        expected, after = [a.step(i) for i in (2, 3)], a.weights()
-        b = ShardedMAE(ctx, seed=1)  # other initial weights: the load must replace them all
-        state = b.state()
-        _, meta = manager.load_latest(state)
-        b.load(state)
-        restore_rng_state(meta["rng"])
-        m["rng_round_trip"] = torch.equal(torch.get_rng_state(), rng["torch"]) and (
-            ctx.device != "cuda" or torch.equal(torch.cuda.get_rng_state(), rng["cuda"][0]))  # fmt: skip
-        got = [b.step(i) for i in (2, 3)]
-        diff = max(float((x - y).abs().max()) for x, y in zip(after, b.weights(), strict=True))
-        m.update(losses_uninterrupted=expected, losses_resumed=got, weight_max_diff=diff)
-        loss = max(abs(x - y) for x, y in zip(expected, got, strict=True))
-        if not m["rng_round_trip"] or loss > ctx.plan.tolerance or diff > ctx.plan.tolerance:
-            raise AssertionError(f"resume after DCP load differs: rng restored {m['rng_round_trip']}, loss {loss:.3g}, weights {diff:.3g}")  # fmt: skip
-        manager.close()
+        m.update(backend=dist.get_backend(), model=ctx.plan.fsdp_mae, activation_checkpointing=True)  # fmt: skip
+        m["compiled"] = {}
+        compile_error = None
+        if ctx.plan.compile:
+            try:
+                round_trip(ctx, m["compiled"], compiled=True)
+                return
+            except Exception as exc:  # recorded; the eager round trip below still runs
+                compile_error = m["compiled"]["error"] = last_line(f"{type(exc).__name__}: {exc}")  # fmt: skip
+        m["eager"] = {}
+        round_trip(ctx, m["eager"], compiled=False)
+        if compile_error:
+            raise RuntimeError(f"compiled: {compile_error} (the eager round trip passed)")
     finally:
         dist.destroy_process_group()
+
+
+def last_line(text: str) -> str:
+    """The last non-empty line of `text` (an error's message), or ''."""
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    return lines[-1] if lines else ""
 
 
 # ---- the evaluation and distillation demos -----------------------------------------------------
@@ -545,11 +604,15 @@ def jpeg_set(n: int, height: int, width: int) -> list[bytes]:
 
 
 def rate(fn: Callable[[], Any], images: int, device: str, repeats: int = 3) -> float:
-    """Images per second of `fn` (which decodes `images`), best of `repeats` after a warm-up."""
-    fn()
-    sync(device)
-    best = min(time_steps(fn, repeats, device))
-    return round(images / (best / 1e3), 1)
+    """Images per second of `fn` (which decodes `images`), best of `repeats` after a warm-up;
+    wall clock to a device sync (the GPU decoder may run on streams of its own)."""
+    times = []
+    for _ in range(repeats + 1):
+        start = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - start)
+    return round(images / min(times[1:]), 1)
 
 
 def stage_jpeg(ctx: Ctx, m: dict[str, Any]) -> None:
@@ -591,4 +654,9 @@ STAGE_FUNCS: dict[str, Callable[[Ctx, dict[str, Any]], None]] = {
 
 def run(name: str, device: str, out: Path, metrics: dict[str, Any]) -> None:
     """Run stage `name` on `device` ("cuda" or "cpu"), filling `metrics`."""
-    STAGE_FUNCS[name](Ctx(device, Path(out), PLANS[device]), metrics)
+    plan = PLANS[device]
+    if plan.threads:
+        import torch
+
+        torch.set_num_threads(plan.threads)
+    STAGE_FUNCS[name](Ctx(device, Path(out), plan), metrics)
