@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Pixio distillation (SPEC section 6): the frozen 5B teacher into the 1B and H students (mask ratio 0.5, drop path 0.4),
+# Pixio distillation (recipe: docs/reproduction.md): the frozen 5B teacher into the 1B and H students (mask ratio 0.5, drop path 0.4),
 # in one run, on ImageNet webdataset tars: 16 nodes x 8 GPUs, 64 images per GPU,
 # submitted to SLURM through submitit. The command prints the job id and log path and returns;
 # re-running it with the same OUTPUT_DIR resumes every student.
@@ -8,7 +8,8 @@
 #     scripts/distill_vit1b16_vith16_imagenet.sh [extra Hydra overrides]
 #
 # Environment: TEACHER_CKPT, DATA_ROOT (required), OUTPUT_DIR, PARTITION, ACCOUNT, QOS,
-# CONSTRAINT, TIME_MIN (time limit per run; the job requeues itself), PYTHON.
+# CONSTRAINT, TIME_MIN (time limit per run; the job requeues itself), PYTHON, DRY_RUN=1 (print the
+# command, submit nothing).
 set -euo pipefail
 source "$(dirname "$0")/distill_common.sh" distill_vit5b16_to_vit1b16_vith16_imagenet imagenet
-exec "$PYTHON" -m distillation.train "${DISTILL_ARGS[@]}" "${CLUSTER_ARGS[@]}" "$@"
+run_command "$PYTHON" -m distillation.train "${DISTILL_ARGS[@]}" "${CLUSTER_ARGS[@]}" "$@"

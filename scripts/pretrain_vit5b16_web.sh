@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Pixio ViT-5B/16 pre-training on curated web tars (SPEC section 4): 32 nodes x 8 GPUs, 64 images
+# Pixio ViT-5B/16 pre-training on curated web tars (recipe: docs/reproduction.md): 32 nodes x 8 GPUs, 64 images
 # per GPU (global batch 16384), filtered by the per-image statistics under JSON_ROOT (histogram
 # score > 4.5, min side >= 320, soft sampling). Submitted to SLURM through submitit; the command
 # prints the job id and log path and returns. Re-running it with the same OUTPUT_DIR resumes.
@@ -8,7 +8,8 @@
 #     scripts/pretrain_vit5b16_web.sh [extra Hydra overrides]
 #
 # Environment: DATA_ROOT, JSON_ROOT (required), OUTPUT_DIR, PARTITION, ACCOUNT, QOS, CONSTRAINT,
-# TIME_MIN (time limit per run; the job requeues itself), PYTHON.
+# TIME_MIN (time limit per run; the job requeues itself), PYTHON, DRY_RUN=1 (print the
+# command, submit nothing).
 set -euo pipefail
 source "$(dirname "$0")/pretrain_common.sh"
 : "${DATA_ROOT:?set DATA_ROOT to the directory holding the web .tar shards}"
@@ -26,4 +27,4 @@ args=(
   "output_dir=$OUTPUT_DIR"
   "${CLUSTER_ARGS[@]}"
 )
-exec "$PYTHON" -m pretraining.train "${args[@]}" "$@"
+run_command "$PYTHON" -m pretraining.train "${args[@]}" "$@"

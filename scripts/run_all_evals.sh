@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The full frozen-encoder evaluation of one encoder (SPEC section 7), submitted to SLURM: depth
+# The full frozen-encoder evaluation of one encoder (protocol: docs/reproduction.md), submitted to SLURM: depth
 # (NYUv2, KITTI) and segmentation (ADE20K, Pascal VOC, LoveDA), each with the DPT and the linear
 # head (10 jobs of 8 GPUs), and k-NN on ImageNet-1k (1 job). Once they have all left the queue it
 # prints one table of every result beside the published numbers (python -m evaluation.report).
@@ -10,10 +10,12 @@
 # Data: <dataset>_ROOT (NYUV2_ROOT, KITTI_ROOT, ADE20K_ROOT, PASCAL_ROOT, LOVEDA_ROOT), by default
 # $EVAL_DATA/<dataset>; IMAGENET_ROOT for k-NN (folders train/ and val/). OUTPUT_ROOT defaults to
 # outputs/eval/<MODEL>; each run writes OUTPUT_ROOT/<dataset>_<head>/results.json (k-NN:
-# OUTPUT_ROOT/knn). Extra Hydra overrides go to every app (e.g. encoder.module=student_vith16);
+# OUTPUT_ROOT/knn). Extra Hydra overrides go to every app (e.g. encoder.module=student_pixio_vith16
+# for a distilled student of a distillation checkpoint directory);
 # EVAL_ARGS (depth and segmentation only) and KNN_ARGS (k-NN only) add overrides for one kind.
 # Environment: PARTITION, ACCOUNT, QOS, CONSTRAINT, TIME_MIN (see pretrain_common.sh), PYTHON,
-# WAIT=0 to submit and return without waiting for the report, POLL_S (default 300).
+# WAIT=0 to submit and return without waiting for the report, POLL_S (default 300), DRY_RUN=1 to
+# print the six app commands and the report's, and submit nothing.
 # Re-running the script with the same OUTPUT_ROOT resumes unfinished runs; finished ones
 # re-validate nothing and only rewrite their results. A baseline: MODEL is its encoder.name, plus
 # its experiment (scripts/run_all_evals.sh vit_mae /ckpt/vit-mae-huge outputs/eval/mae_vith14
@@ -21,7 +23,7 @@
 set -euo pipefail
 source "$(dirname "$0")/pretrain_common.sh"
 if [ $# -lt 2 ]; then
-  sed -n '2,20p' "$0" >&2
+  sed -n '2,/^[^#]/{/^#/p}' "$0" >&2  # the header above
   exit 2
 fi
 MODEL=$1 CHECKPOINT=$2
@@ -43,6 +45,10 @@ COMMON=(launcher=slurm "encoder.name=$MODEL" "encoder.checkpoint=$CHECKPOINT" "$
 JOBS=()
 submit() {  # run one app command, echo its output, collect the SLURM job ids it printed
   local out
+  if dry_run; then
+    print_command "$PYTHON" "$@"
+    return
+  fi
   out=$("$PYTHON" "$@" 2>&1) || { echo "$out" >&2; exit 1; }
   echo "$out"
   JOBS+=($(echo "$out" | sed -n 's/.*submitted SLURM job \([0-9]*\).*/\1/p'))
@@ -60,6 +66,10 @@ done
 submit -m evaluation.knn "data.root=$IMAGENET_ROOT" "output_dir=$OUTPUT_ROOT/knn" "${COMMON[@]}" \
   ${KNN_EXTRA[@]+"${KNN_EXTRA[@]}"} "$@"
 
+if dry_run; then
+  print_command "$PYTHON" -m evaluation.report "$OUTPUT_ROOT"
+  exit 0
+fi
 echo "submitted ${#JOBS[@]} jobs: ${JOBS[*]}"
 if [ "${WAIT:-1}" = 0 ]; then
   echo "when they are done: $PYTHON -m evaluation.report $OUTPUT_ROOT"

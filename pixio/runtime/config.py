@@ -10,12 +10,18 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from pixio.runtime.launcher import LauncherConfig, launcher_config
+from pixio.runtime.launcher import (
+    LauncherConfig,
+    check_launcher_keys,
+    hydra_overrides,
+    launcher_config,
+)
 from pixio.runtime.optim import SCHEDULES
 from pixio.runtime.parallel import PARALLEL_CHOICES
 
@@ -145,12 +151,17 @@ def check_logger(lg: Any) -> None:
     check_choice(lg, "logger", "mode", (None, "online", "offline", "disabled"))
 
 
-def check_launcher(node: Any) -> LauncherConfig:
-    """The `launcher` group, as `launcher_config` reads it (its ValueError as ConfigError)."""
+def check_launcher(node: Any, overrides: Sequence[str] | None = None) -> LauncherConfig:
+    """The `launcher` group, as `launcher_config` reads it, and no key of the other launcher among
+    this run's command-line `overrides` (default: Hydra's; none outside a Hydra app, e.g. inside
+    the submitted SLURM job): `launcher.gpus=8` on a SLURM launch would be ignored. Its
+    ValueErrors as ConfigError."""
     try:
-        return launcher_config(node)
-    except ValueError as err:  # launcher_config's messages already start with the key
+        lc = launcher_config(node)
+        check_launcher_keys(lc, hydra_overrides() if overrides is None else overrides)
+    except ValueError as err:  # the messages already start with the key
         raise ConfigError(str(err)) from None
+    return lc
 
 
 def check_known_keys(node: Any, path: str = "") -> None:

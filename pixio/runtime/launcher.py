@@ -17,6 +17,7 @@ import dataclasses
 import importlib
 import os
 import re
+import shutil
 import subprocess
 import sys
 from collections.abc import Callable, Sequence
@@ -51,6 +52,18 @@ class LauncherConfig:
     folder: str | None = None  # slurm: job folder (logs, pickles); None = <output_dir>/slurm/%j
     use_gpu: bool = True  # slurm: request GPUs; False runs the tasks on CPU-only nodes
     job_name: str = "pixio"  # slurm: job name shown by squeue
+
+
+# Which launcher reads which key (the rest of the name comments above): a key of the other
+# launcher given on the command line would be silently ignored, so `check_launcher_keys` refuses it.
+LOCAL_KEYS = ("gpus",)
+SLURM_KEYS = tuple(
+    f.name for f in dataclasses.fields(LauncherConfig) if f.name not in ("name", *LOCAL_KEYS)
+)
+
+
+class SlurmUnavailableError(RuntimeError):
+    """`launcher=slurm` on a machine without the SLURM client (no `sbatch` on PATH)."""
 
 
 def launcher_config(node: Any) -> LauncherConfig:
@@ -88,6 +101,51 @@ def launcher_config(node: Any) -> LauncherConfig:
     return cfg
 
 
+def override_key(override: str) -> str:
+    """The dotted key of a Hydra override (`+launcher.gpus=8` -> `launcher.gpus`)."""
+    return override.lstrip("+~").split("=", 1)[0]
+
+
+def check_launcher_keys(lc: LauncherConfig, overrides: Sequence[str]) -> None:
+    """ValueError naming the first `launcher.<key>` of `overrides` that launcher `lc.name` never
+    reads: a local key (`launcher.gpus`) on a SLURM launch, or a SLURM key on a local one."""
+    foreign = LOCAL_KEYS if lc.name == "slurm" else SLURM_KEYS
+    for key in map(override_key, overrides):
+        if key.startswith("launcher.") and key.removeprefix("launcher.") in foreign:
+            raise ValueError(f"{key}: {_foreign_key_reason(lc.name, overrides)}")
+
+
+def _foreign_key_reason(name: str, overrides: Sequence[str]) -> str:
+    """Why a key is ignored by launcher `name`, and what to do instead (one line)."""
+    chosen = [o for o in overrides if override_key(o) in ("launcher", "launcher.name")]
+    experiment = [o for o in overrides if override_key(o) == "experiment"]
+    if chosen:
+        why = chosen[-1].lstrip("+")
+    elif name == "local":  # every app's default
+        why = "launcher=local, the default"
+    elif experiment:  # only experiments and configs/local/ select slurm without an override
+        why = f"{experiment[-1].lstrip('+')} selects launcher=slurm"
+    else:
+        why = "launcher=slurm in the config files"
+    if name == "slurm":
+        return (
+            f"a key of the local launcher, but this run is submitted to SLURM ({why}): size a "
+            "SLURM job with launcher.nodes and launcher.gpus_per_node, or add launcher=local to "
+            "run on this machine"
+        )
+    return (
+        f"a key of the SLURM launcher, but this run runs on this machine ({why}): add "
+        "launcher=slurm to submit it to SLURM, or set launcher.gpus for local processes"
+    )
+
+
+def hydra_overrides() -> list[str]:
+    """This run's command-line overrides when a Hydra app is running, else []."""
+    from hydra.core.hydra_config import HydraConfig
+
+    return list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
+
+
 def under_process_launcher() -> bool:
     """True inside torchrun or a multi-task srun step (ranks already exist)."""
     env = read_dist_env()
@@ -100,7 +158,8 @@ def validate_and_launch(
     """Every job's Hydra entry: refuse keys the schema does not have (`check_known_keys`: Hydra
     adds a `+key=value` even to a structured group), `validate(cfg)` (a ConfigError prints one
     `config error: <key>: ...` line and exits 2, before anything is built), then
-    `launch(main, cfg)`."""
+    `launch(main, cfg)`; `launcher=slurm` without a SLURM client is one `error: ...` line, exit 1,
+    before anything is submitted or created."""
     from pixio.runtime.config import ConfigError, check_known_keys  # config imports this module
 
     try:
@@ -109,7 +168,11 @@ def validate_and_launch(
     except ConfigError as err:
         print(f"config error: {err}", file=sys.stderr)
         sys.exit(2)
-    return launch(main, cfg)
+    try:
+        return launch(main, cfg)
+    except SlurmUnavailableError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(1)
 
 
 def launch(
@@ -129,12 +192,10 @@ def launch(
 
 
 def _overrides() -> list[str]:
-    """This run's command-line overrides."""
+    """This run's command-line overrides (outside a Hydra app: sys.argv[1:])."""
     from hydra.core.hydra_config import HydraConfig
 
-    if HydraConfig.initialized():
-        return list(HydraConfig.get().overrides.task)
-    return sys.argv[1:]
+    return hydra_overrides() if HydraConfig.initialized() else sys.argv[1:]
 
 
 # -- local: torchrun ---------------------------------------------------------------------------
@@ -255,8 +316,19 @@ def _importable(main: Callable[..., Any]) -> Callable[..., Any]:
     return getattr(importlib.import_module(module), main.__name__, main)
 
 
+def require_sbatch() -> None:
+    """SlurmUnavailableError unless `sbatch` is on PATH (submitit would end in a traceback)."""
+    if shutil.which("sbatch") is None:
+        raise SlurmUnavailableError(
+            "launcher=slurm, but sbatch is not on PATH: this machine cannot submit SLURM jobs "
+            "(run from a SLURM login node, or add launcher=local to run here); nothing was submitted"
+        )
+
+
 def submit_slurm(main: Callable[[DictConfig], Any], cfg: DictConfig, lc: LauncherConfig) -> Any:
-    """Submit ``main(cfg)`` to SLURM; prints the job id and log path and returns the job."""
+    """Submit ``main(cfg)`` to SLURM; prints the job id and log path and returns the job.
+    SlurmUnavailableError, before anything is created, where there is no `sbatch`."""
+    require_sbatch()
     # Resolve now: interpolations such as ${hydra:...} cannot be resolved inside the job.
     job_cfg = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
     output_dir = Path(job_cfg.get("output_dir") or ".").absolute()
