@@ -7,7 +7,8 @@
 Protocol: resize the short side to 256 (bicubic), center crop 256, ImageNet normalisation;
 feature = mean of the class tokens of the last block BEFORE the final norm, L2-normalised;
 cosine similarity to every training image, the k nearest vote with weight exp(sim / T)
-(T = 0.07), top-1 / top-5 accuracy in percent for k in {10, 20, 100, 200}.
+(T = 0.07), top-1 / top-5 accuracy in percent for k in {10, 20, 100, 200}. The maths (and the
+demo folder) are the library's `pixio.knn`, shared with pre-training's online k-NN monitor.
 
 Unlike the reference, every image is extracted once over all ranks (`EvalLoader`), the classes
 come from the folders (not a hard-coded 1000), chunking works for any set size, and the votes
@@ -26,20 +27,17 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from itertools import chain
 from pathlib import Path
 from typing import Any
 
 import hydra
-import numpy as np
 import torch
 import torch.distributed as dist
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig
 from PIL import Image
-from torch.nn import functional as F
 from torch.utils.data import default_collate
 from torchvision import datasets, transforms
 
@@ -54,6 +52,7 @@ from evaluation.features import (
     reference_side,
 )
 from evaluation.results import RESULTS_FILE, app_identity, owner_problem
+from pixio.knn import build_demo_folders, global_features, knn_classify, knn_evaluate
 from pixio.models.features import FeatureEncoder
 from pixio.runtime.atomic import atomic_path, write_text_atomic
 from pixio.runtime.config import (
@@ -75,103 +74,12 @@ from pixio.runtime.logging import WandbLogger
 from pixio.runtime.maploader import EvalLoader
 from pixio.runtime.rank0 import rank0_result
 
+__all__ = ["build_demo_folders", "global_features", "knn_classify", "knn_evaluate"]  # re-exported
 log = logging.getLogger("pixio.knn")
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 FEATURES_NAME = "features.pt"
-
-
-# ---- classification ---------------------------------------------------------------------------
-def knn_evaluate(
-    train_features: torch.Tensor,
-    train_labels: torch.Tensor,
-    test_features: torch.Tensor,
-    test_labels: torch.Tensor,
-    ks: Sequence[int],
-    temperature: float,
-    num_classes: int,
-    chunk_size: int = 128,
-) -> dict[int, tuple[float, float]]:
-    """{k: (top1, top5)} in percent for several k from one neighbour search.
-
-    Features (N, D) are L2-normalised here (idempotent for normalised inputs). k larger than the
-    training set is clamped to its size; a class without votes never counts as a top-5 hit.
-    Votes are exact for any temperature > 0 (log space, `_log_votes`). Memory: one chunk of
-    chunk_size x N_train similarities at a time."""
-    _check_knn_inputs(train_features, train_labels, test_features, test_labels, ks)
-    train = F.normalize(train_features.float(), dim=1)
-    test = F.normalize(test_features.float(), dim=1)
-    train_labels = train_labels.to(train.device).long()
-    k_max = min(max(ks), train.shape[0])
-    correct = {k: torch.zeros(2, dtype=torch.long) for k in ks}
-    for start in range(0, test.shape[0], chunk_size):
-        chunk = test[start : start + chunk_size].to(train.device)  # (c, D)
-        sims, idx = (chunk @ train.T).topk(k_max, dim=1)  # (c, k_max), sorted descending
-        labels = test_labels[start : start + chunk_size].to(train.device).long()
-        for k in ks:
-            votes = _log_votes(sims[:, :k], train_labels[idx[:, :k]], temperature, num_classes)
-            correct[k] += _hits(votes, labels)
-    n = test.shape[0]
-    return {k: (float(c[0]) * 100 / n, float(c[1]) * 100 / n) for k, c in correct.items()}
-
-
-def _log_votes(sims: torch.Tensor, labels: torch.Tensor, temperature: float, num_classes: int) -> torch.Tensor:  # fmt: skip
-    """Class scores (c, num_classes): log of the sum of exp(sim / T) over the class's neighbours
-    (sims, labels: (c, k)), -inf for a class without one. Each class's largest sim / T is taken
-    out before the exp (log-sum-exp), so every exp is in (0, 1]: nothing overflows (a plain
-    exp(sim / T) is inf in float32 above 88.7) and no class's votes vanish, for any T > 0."""
-    logits = sims / temperature  # (c, k)
-    shape = (sims.shape[0], num_classes)
-    peak = torch.full(shape, -torch.inf, device=sims.device, dtype=sims.dtype)
-    peak.scatter_reduce_(1, labels, logits, "amax")  # (c, K): each class's largest sim / T
-    sums = torch.zeros(shape, device=sims.device, dtype=sims.dtype)
-    sums.scatter_add_(1, labels, (logits - peak.gather(1, labels)).exp())  # each class in [1, k]
-    return peak + sums.log()  # -inf + log 0 = -inf where a class got no vote
-
-
-def _hits(votes: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """(top-1 hits, top-5 hits) of one chunk from log-votes. A class no neighbour voted for is
-    never a hit, even when fewer than 5 classes got votes (which zero-vote class topk returns
-    is arbitrary)."""
-    top = votes.topk(min(5, votes.shape[1]), dim=1)  # (c, 5)
-    match = (top.indices == labels[:, None]) & top.values.isfinite()
-    return torch.stack([match[:, 0].sum(), match.any(dim=1).sum()]).cpu()
-
-
-def _check_knn_inputs(
-    train_f: torch.Tensor,
-    train_l: torch.Tensor,
-    test_f: torch.Tensor,
-    test_l: torch.Tensor,
-    ks: Sequence[int],
-) -> None:
-    if train_f.ndim != 2 or test_f.ndim != 2 or train_f.shape[1] != test_f.shape[1]:
-        raise ValueError(f"features must be (N, D) with one D, got {tuple(train_f.shape)} and {tuple(test_f.shape)}")  # fmt: skip
-    if len(train_l) != len(train_f) or len(test_l) != len(test_f):
-        raise ValueError("one label per feature row is needed")
-    if len(train_f) == 0 or len(test_f) == 0:
-        raise ValueError("k-NN needs at least one training and one test sample")
-    if not ks or min(ks) < 1:
-        raise ValueError(f"k must be positive, got {list(ks)}")
-
-
-def knn_classify(
-    train_features: torch.Tensor,
-    train_labels: torch.Tensor,
-    test_features: torch.Tensor,
-    test_labels: torch.Tensor,
-    k: int,
-    temperature: float,
-    num_classes: int,
-    chunk_size: int = 128,
-) -> tuple[float, float]:
-    """(top1, top5) in percent of weighted k-NN; see `knn_evaluate`."""
-    results = knn_evaluate(
-        train_features, train_labels, test_features, test_labels, [k], temperature,
-        num_classes, chunk_size,
-    )  # fmt: skip
-    return results[k]
 
 
 # ---- configuration ----------------------------------------------------------------------------
@@ -303,46 +211,7 @@ def image_folders(root: str | Path, resize: int, crop: int) -> tuple[Any, Any]:
     return train, val
 
 
-DEMO_CLASSES = ("astronaut", "coffee", "chelsea", "rocket", "sklearn_china", "sklearn_flower")
-
-
-def build_demo_folders(
-    root: str | Path, train_per_class: int = 16, val_per_class: int = 6, short_side: int = 160
-) -> Path:
-    """A small ImageFolder (train/, val/) from the bundled demo photos: each class is random
-    crops (25-100 % area) and flips of one photo. Skipped when `root/.complete` exists."""
-    from pixio.data.demo import SOURCES, as_uint8_image
-    from pixio.data.images import draw_crop_box
-
-    root = Path(root)
-    if (root / ".complete").is_file():
-        return root
-    for c, name in enumerate(DEMO_CLASSES):
-        photo = as_uint8_image(np.asarray(SOURCES[name][0]()))
-        for split, count in (("train", train_per_class), ("val", val_per_class)):
-            rng = np.random.default_rng([c, split == "val"])
-            folder = root / split / name
-            folder.mkdir(parents=True, exist_ok=True)
-            for i in range(count):
-                box = draw_crop_box(photo.width, photo.height, rng, (0.25, 1.0))
-                img = photo.crop(box)
-                if rng.random() < 0.5:
-                    img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-                scale = short_side / min(img.size)
-                img = img.resize((round(img.width * scale), round(img.height * scale)), Image.Resampling.BICUBIC)  # fmt: skip
-                img.save(folder / f"{i:03d}.jpg", quality=90)
-    (root / ".complete").write_text("knn demo\n")
-    return root
-
-
 # ---- features ---------------------------------------------------------------------------------
-def global_features(encoder: FeatureEncoder, images: torch.Tensor) -> torch.Tensor:
-    """(B, 3, H, W) -> (B, D): mean class token of the last block before the final norm,
-    L2-normalised (in float32)."""
-    cls = encoder.features(images, [-1])[0]["cls_tokens"]  # (B, n_cls, D)
-    return F.normalize(cls.float().mean(dim=1), dim=1)
-
-
 @torch.no_grad()
 def extract_features(
     encoder: FeatureEncoder,
