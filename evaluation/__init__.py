@@ -1,5 +1,5 @@
 """Frozen-encoder evaluation: depth and segmentation heads (linear, DPT), sliding-window
-inference, metrics, and k-NN classification (SPEC section 7; docs/evaluation.md).
+inference, metrics, and k-NN classification (docs/evaluation.md, docs/reproduction.md).
 
 Apps: `python -m evaluation.knn` (k-NN), and the depth / segmentation apps beside it.
 Importing the package stays light: the building blocks are imported from their modules.

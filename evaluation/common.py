@@ -159,7 +159,7 @@ def check_output_owner(cfg: Any, app: str, **digest: str | None) -> None:
     require(problem is None, "output_dir", str(problem))
 
 
-REFERENCE_SIZES = {"crop_size": 256, "window": 256, "stride": 170}  # SPEC section 7, patch 16
+REFERENCE_SIZES = {"crop_size": 256, "window": 256, "stride": 170}  # the protocol, patch 16
 
 
 def protocol_sizes(patch: int, crop: int | None, window: int | None, stride: int | None) -> dict[str, int]:  # fmt: skip
@@ -287,7 +287,7 @@ def build_task(cfg: Any, app: str, info: DistInfo) -> HeadTask:
 
 
 # ---- the run ------------------------------------------------------------------------------------
-REFERENCE_GPUS = 8  # SPEC section 7: every head is trained on 8 GPUs
+REFERENCE_GPUS = 8  # the protocol trains every head on 8 GPUs
 
 
 def warn_if_not_reference_world(world_size: int, batch_size: int) -> None:

@@ -3,8 +3,8 @@
 The encoder is a Pixio one (`encoder.source=pixio`, the registry) or a baseline behind the same
 feature API (`transformers`: ViT, ViTMAE, DINOv2 folders; `timm`: ViTs and hybrids by name), see
 `pixio.models.baselines`. Heads consume, per used block, concat(final-normed patch tokens, mean
-of the final-normed class tokens broadcast to every patch) as a (B, 2D, h, w) map (SPEC section
-7; patch tokens first).
+of the final-normed class tokens broadcast to every patch) as a (B, 2D, h, w) map (the protocol;
+patch tokens first).
 The DPT head reads blocks depth // 4 * k - 1 for k = 1..4, the linear head the last block.
 """
 
@@ -27,7 +27,7 @@ from pixio.runtime.config import ConfigError, check_choice, require, require_set
 log = logging.getLogger("pixio.eval")
 
 
-REFERENCE_SIDE = 256  # the protocol's crop and window side for Pixio's patch 16 (SPEC section 7)
+REFERENCE_SIDE = 256  # the protocol's crop and window side for patch 16 (docs/reproduction.md)
 
 
 def reference_side(patch: int) -> int:

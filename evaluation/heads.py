@@ -1,4 +1,5 @@
-"""Evaluation heads on frozen features: linear (BatchNorm + 1x1 conv) and DPT (SPEC section 7).
+"""Evaluation heads on frozen features: linear (BatchNorm + 1x1 conv) and DPT (see
+docs/reproduction.md).
 
 Both take the list of (B, 2D, h, w) maps of `evaluation.features.FrozenFeatures` and the output
 size, and return logits (B, out, H, W) upsampled bilinearly (align_corners=True). Sigmoid *

@@ -1,4 +1,4 @@
-"""Sliding-window inference on full images (SPEC section 7, "Protocol details").
+"""Sliding-window inference on full images (docs/reproduction.md, "Protocol details").
 
 Window 256, stride int(256 * 2 / 3) = 170; rows and columns start at 0, 170, 340, ... while
 < H (resp. W). A window running past the border is cut and zero-padded to 256 x 256 after

@@ -1,4 +1,4 @@
-"""k-NN classification of frozen global features (SPEC section 7), function and app.
+"""k-NN classification of frozen global features (docs/reproduction.md), function and app.
 
     python -m evaluation.knn encoder.name=pixio_vith16 encoder.checkpoint=pixio_vith16.pth \
         data.root=/datasets/imagenet launcher.gpus=8

@@ -1,4 +1,4 @@
-"""Evaluation metrics and the depth loss (SPEC section 7).
+"""Evaluation metrics and the depth loss (docs/reproduction.md).
 
 Units: every share-type metric is in percent (depth d1/d2/d3, mIoU, pixel accuracy, k-NN top-k),
 as the published tables print them; error metrics (abs_rel, rmse, ...) are in their own units

@@ -1,4 +1,5 @@
-"""Find the split lists of an evaluation dataset, write them, and compare their sizes to SPEC's.
+"""Find the split lists of an evaluation dataset, write them, and compare their sizes to the
+reference's (docs/reproduction.md, Datasets).
 
     python -m evaluation.prepare DATASET ROOT [--train-list F] [--val-list F]
         [--image-dir D] [--target-dir D] [--out DIR] [--verify] [--label-format raw|reduced]
@@ -12,7 +13,9 @@ to `--out` (default ROOT/splits/{train,val}.txt) as "image target" lines relativ
 there that this command did not write is kept unless `--force`. Data files are never modified.
 `--verify` decodes every pair and reports each unreadable file (a depth png that is not 16-bit or
 holds metres, a label out of range, ...); for segmentation it also prints the stored label values
-of each split and the `--label-format`s they fit. Exit status 1 on any error.
+of each split and the `--label-format`s they fit; and it compares each split's count with the
+published one (docs/reproduction.md, Datasets): equal, or a `warning:` naming both (a subset for
+a trial run is fine; a full copy should match). Exit status 1 on any error.
 """
 
 from __future__ import annotations
@@ -81,7 +84,7 @@ def collect(
 
 
 def expected_size(info: DatasetInfo, split: str, pairs: list[Pair]) -> int:
-    """SPEC's size; VOC train is 10,582 with the SBD masks and 1,464 without."""
+    """The reference's size; VOC train is 10,582 with the SBD masks and 1,464 without."""
     if info.name == "pascal" and split == "train":
         if not any(target.parent.name == "SegmentationClassAug" for _, target in pairs):
             return VOC_PLAIN_TRAIN_SIZE
@@ -116,6 +119,20 @@ def verify(info: DatasetInfo, split: str, pairs: list[Pair], label_format: str) 
     return notes
 
 
+def count_note(info: DatasetInfo, split: str, found: int) -> str:
+    """`<split>: N pairs, as published`, or a warning naming both counts and the usual causes
+    (VOC's own 1,464 training pairs too: the published split adds SBD's)."""
+    expected = info.expected_sizes[SPLITS.index(split)]
+    if found == expected:
+        return f"{split}: {found:,} pairs, as published"
+    why = "a subset, missing files or another list"
+    if info.name == "kitti":
+        why += " (lines without ground truth are dropped: Eigen's test list has 697, 652 with it)"
+    elif info.name == "pascal" and split == "train":
+        why += " (10,582 needs SBD's SegmentationClassAug and train_aug.txt)"
+    return f"warning: {info.name} {split}: {found:,} pairs, the published split has {expected:,}: {why}"  # fmt: skip
+
+
 def label_notes(
     info: DatasetInfo, split: str, values: np.ndarray, label_format: str, masks: int
 ) -> list[str]:
@@ -142,9 +159,10 @@ def prepare_split(args: argparse.Namespace, info: DatasetInfo, split: str) -> tu
         notes.append(f"read {out}")  # KITTI's layout is its list: nothing to write
     else:
         notes.append(write_list(out, args.root, pairs, args.force))
+    expected = expected_size(info, split, pairs)
     if args.verify:
         notes += verify(info, split, pairs, args.label_format)
-    expected = expected_size(info, split, pairs)
+        notes.append(count_note(info, split, len(pairs)))
     return f"{info.name:<8} {split:<6} {len(pairs):>7} {expected:>9}", notes
 
 

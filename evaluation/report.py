@@ -1,4 +1,5 @@
-"""Two tables of every evaluation under an output root, beside the published numbers (SPEC 8).
+"""Two tables of every evaluation under an output root, beside the published numbers
+(docs/reproduction.md).
 
     python -m evaluation.report outputs/eval/pixio_vith16
 
@@ -49,7 +50,7 @@ PUBLISHED: dict[tuple[str, str], float] = {
     ("pascal", "dpt"): 85.9, ("pascal", "linear"): 82.2,
     ("loveda", "dpt"): 54.7, ("loveda", "linear"): 53.9,
 }  # fmt: skip
-# MAE ViT-H/14 on the same protocol (SPEC 8).
+# MAE ViT-H/14 on the same protocol (the paper).
 PUBLISHED_MAE: dict[tuple[str, str], float] = {("nyuv2", "dpt"): 80.8, ("ade20k", "dpt"): 37.6}
 TASK_OF = {"nyuv2": "depth", "kitti": "depth", "ade20k": "semseg", "pascal": "semseg", "loveda": "semseg"}  # fmt: skip
 HEADLINE = {"depth": "d1", "semseg": "miou"}

@@ -3,7 +3,7 @@ and semantic segmentation (cross-entropy, ignore 255).
 
 Modules: `encoder` (`FrozenFeatures`, frozen: eval mode, no gradients, bf16 on GPUs, only the
 blocks the head reads) and `head` (trainable; one AdamW). Validation runs the full image through
-batched sliding windows (SPEC section 7) and returns per-image statistics that the trainer sums
+batched sliding windows (the protocol) and returns per-image statistics that the trainer sums
 over real samples and ranks: each image counts once however the set is split. The first
 `vis_images` validation images are drawn at every validation (`vis/val_<index>.png`, the latest
 validation; at the end, the final weights).

@@ -1,6 +1,6 @@
 """Map-style depth and segmentation datasets over (image, target) pairs, and `build_dataset`.
 
-Items (SPEC section 7): training crops of `crop_size` (default 256), validation full images.
+Items (docs/reproduction.md): training crops of `crop_size` (default 256), validation full images.
 - depth: {"image": (3, H, W) float normalised, "depth": (1, H, W) float metres (0 = invalid),
   "index": int}; NYUv2 images and depths are Eigen-cropped in both splits.
 - semseg: {"image": (3, H, W), "mask": (H, W) int64 in 0..K-1 and 255, "index": int}.

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True)
 class DatasetInfo:
-    """Static facts about one benchmark (SPEC section 7)."""
+    """Static facts about one benchmark (docs/reproduction.md, Datasets)."""
 
     name: str
     task: str  # "depth" | "semseg"

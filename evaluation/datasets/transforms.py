@@ -1,4 +1,4 @@
-"""Decoding, label remaps and the training augmentations of SPEC section 7.
+"""Decoding, label remaps and the training augmentations of the protocol (docs/reproduction.md).
 
 Randomness comes only from torch's global generator, which `pixio.runtime.maploader` seeds per
 (seed, epoch, index) before each sample: results do not depend on workers, and a resume replays

@@ -39,7 +39,7 @@ log = logging.getLogger("pixio.data")
 
 IMAGE_MEMBER = re.compile(r"^(?:.*/)?[^./]+\.(jpe?g)$", re.IGNORECASE)  # webdataset's key split
 MASK_RATIO = 0.75
-REFERENCE_HIST_THRESH = 4.5  # SPEC section 5 / the 5B web recipe
+REFERENCE_HIST_THRESH = 4.5  # the 5B web recipe (docs/reproduction.md)
 REFERENCE_IMGRES_THRESH = 320
 QUANTILES = (0.01, 0.05, 0.25, 0.5, 0.75, 0.95, 0.99)
 

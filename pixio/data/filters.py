@@ -1,7 +1,7 @@
 """The web-data filters (histogram score, resolution, soft sampling) and the missing-JSON policy.
 
-SPEC section 5: keep if `histogram_score > hist_thresh`; keep if both sides `>= imgres_thresh`;
-soft sampling keeps an image with probability `mae_loss`. They run in that order and a sample is
+The reference filters (docs/reproduction.md): keep if `histogram_score > hist_thresh`; keep if
+both sides `>= imgres_thresh`; soft sampling keeps an image with probability `mae_loss`. They run in that order and a sample is
 counted under the first one that drops it.
 """
 

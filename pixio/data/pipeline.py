@@ -4,7 +4,7 @@ Each reader (a logical worker of a rank) walks its shard plan, reads `shard_inte
 at once, filters, shuffles *encoded* samples (pixio/data/stream.py) and only then decodes + crops,
 one decode per image delivered. The crop of a sample is drawn from (seed, epoch, salt, rank,
 worker, position in the stream), so a stream can be resumed at any position by re-reading bytes.
-See docs/data.md for the design and SPEC section 5 for the formats and filter rules.
+See docs/data.md for the design and docs/reproduction.md for the formats and filter rules.
 """
 
 from __future__ import annotations

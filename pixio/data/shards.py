@@ -100,7 +100,7 @@ def discover_shards(
 
 
 def stats_path(shard: str | Path, json_root: str | Path) -> Path:
-    """`<json_root>/<parent dir of the tar>/<tar name>.json` (SPEC section 5)."""
+    """`<json_root>/<parent dir of the tar>/<tar name>.json` (the reference's layout)."""
     shard = Path(shard)
     return Path(json_root) / shard.parent.name / f"{shard.stem}.json"
 

@@ -11,7 +11,7 @@ from torch import nn
 
 
 def is_no_decay(name: str, param: torch.Tensor) -> bool:
-    """SPEC rule: no weight decay for parameters with ndim <= 1 or names ending in `.bias`.
+    """The reference rule: no weight decay for parameters with ndim <= 1 or names ending in `.bias`.
     Everything else is decayed, including cls_token, mask_token and the position tables."""
     return param.ndim <= 1 or name.endswith(".bias")
 

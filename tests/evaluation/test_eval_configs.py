@@ -1,5 +1,5 @@
 """The depth and segmentation configs: every dataset x head and both demos compose and validate
-with the SPEC section 7 hyper-parameters; a sweep gives each job its own output_dir; mistakes
+with the reference hyper-parameters; a sweep gives each job its own output_dir; mistakes
 stop with one `config error:` line naming the key (exit code 2) before anything is built."""
 
 from __future__ import annotations

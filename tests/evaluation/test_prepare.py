@@ -1,5 +1,5 @@
 """`python -m evaluation.prepare`: lists written from the layouts or converted from BTS-style
-lists, counts printed beside SPEC's sizes, user files never touched, clear errors."""
+lists, counts printed beside the reference's sizes, user files never touched, clear errors."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """`python -m evaluation.report ROOT`: one table of the results.json files of several runs (written
-here by the apps' own `write_results`), labelled best and final, beside the SPEC section 8 numbers."""
+here by the apps' own `write_results`), labelled best and final, beside the published numbers."""
 
 from __future__ import annotations
 

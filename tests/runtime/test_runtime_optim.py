@@ -1,4 +1,4 @@
-"""AdamW parameter groups and the lr schedule (SPEC section 4)."""
+"""AdamW parameter groups and the lr schedule (the pre-training recipe)."""
 
 from __future__ import annotations
 
