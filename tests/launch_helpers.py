@@ -53,7 +53,8 @@ def record_launches(monkeypatch: pytest.MonkeyPatch) -> list[Any]:
 def app_args(tmp_path: Path, module: str) -> list[str]:
     """Overrides under which `module` passes its config check (existing data root and
     checkpoint, a fresh output_dir), so a test can add one mistake and see only that."""
-    root, ckpt = tmp_path / "data", tmp_path / "encoder.safetensors"
+    # A reference .pth records no architecture: validation checks that it exists, reads nothing.
+    root, ckpt = tmp_path / "data", tmp_path / "encoder.pth"
     for folder in (root / "train", root / "val"):
         folder.mkdir(parents=True, exist_ok=True)
     ckpt.touch()
