@@ -4,8 +4,8 @@ Pre-training, evaluation heads and distillation run the same `Trainer`; they dif
 `Task` they hand it (dinov3-style: distillation is a second meta-architecture, not a second
 trainer). A task declares its modules (trainable or frozen, with their FSDP units), its
 optimisers (one per trainable group, each with its own `optim` config: lr, schedule, scaler,
-clipping), and the loss of one micro-batch; optional hooks add validation, pictures and exported
-artifacts. See docs/DESIGN.md, "Trainer and tasks", for a complete small example.
+clipping), and the loss of one micro-batch; optional hooks add validation, pictures, periodic
+evaluations and exported artifacts. See docs/DESIGN.md, "Trainer and tasks", for a complete small example.
 """
 
 from __future__ import annotations
@@ -72,6 +72,17 @@ class Validation:
 
 
 @dataclass
+class Periodic:
+    """An evaluation the trainer runs every `every` iterations, on every rank at the same
+    iteration (so `run` may be collective), under eval mode, no gradients and autocast; `run`
+    gets the wrapped modules by name and returns scalars, the same on every rank, logged to
+    metrics.jsonl and wandb (e.g. pre-training's `monitor/knn_top1`)."""
+
+    every: int
+    run: Callable[[dict[str, nn.Module]], dict[str, float]]
+
+
+@dataclass
 class StepOutput:
     """What `Task.step` returns: the loss to minimise and scalars to log (means over the log
     window and over ranks). `losses` (one per optimiser name) is needed only with fp16 and more
@@ -121,6 +132,10 @@ class Task:
     def pictures(self, modules: dict[str, nn.Module], batch: Any) -> dict[str, np.ndarray]:
         """(H, W, 3) uint8 pictures of the current behaviour on `batch`, by name."""
         return {}
+
+    def periodic(self) -> Sequence[Periodic]:
+        """Evaluations to run during training, each every `Periodic.every` iterations."""
+        return ()
 
     def export(self, states: dict[str, dict[str, torch.Tensor]], output_dir: Path) -> list[Path]:
         """Write final artifacts from the trainable modules' full states; returns the paths."""

@@ -46,7 +46,7 @@ from pixio.runtime.logging import (
 from pixio.runtime.parallel import choose_parallel, fully_shard_model, materialize, num_params
 from pixio.runtime.preemption import PreemptionHandler
 from pixio.runtime.runconfig import CONFIG_NAME, write_run_config
-from pixio.runtime.task import ModuleSpec, OptimizerSpec, StepOutput, Task
+from pixio.runtime.task import ModuleSpec, OptimizerSpec, Periodic, StepOutput, Task
 from pixio.runtime.validation import RESULTS_NAME, ValidationRecord, add_real, sum_over_ranks
 from pixio.runtime.vis import save_png
 
@@ -458,6 +458,9 @@ class Trainer:
             self._log(done, stop)
         if self.t.vis_every and done % self.t.vis_every == 0:
             self._pictures(done, batch)
+        for periodic in self.task.periodic():
+            if done % periodic.every == 0:
+                self._periodic(done, periodic)
         if self._validation_due(done):
             self.validate()
         if boundary and (done % self.t.save_every_iters == 0) and done < stop:
@@ -647,6 +650,16 @@ class Trainer:
         for name, picture in pictures.items():
             path = save_png(picture, self.output_dir / "vis" / f"{name}_step{done}.png")
             self.wandb.log_image(name, path, step=done)
+
+    def _periodic(self, done: int, periodic: Periodic) -> None:
+        """A task's periodic evaluation, on every rank (it may be collective), in eval mode;
+        its scalars (the same on every rank) go to metrics.jsonl, wandb and the log."""
+        with self._evaluating():
+            row = periodic.run(self.modules)
+        self.metrics.write({"step": done, "epoch": done / self.iters_per_epoch, **row})
+        self.wandb.log(row, step=done)
+        if self.info.rank == 0:
+            log.info("iteration %d: %s", done, ", ".join(f"{k} {v:.4g}" for k, v in row.items()))
 
     def _finish(self) -> None:
         """Final validation (at the schedule's end) and checkpoint, exports, closing the loggers."""
