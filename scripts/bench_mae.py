@@ -8,7 +8,7 @@ same weights), compiled and warmed up; then the timed steps interleave the modes
 ...), so a machine whose speed drifts (a shared one) slows every mode alike, and the ratio to
 the first mode is taken step by step. Prints a markdown table of medians and, with --json, the
 records. The first step (compilation included) is reported apart. The models and steps are
-scripts/gpu_check_stages.py's (the GPU check's MAE benchmark).
+scripts/gpu_check_common.py's (the GPU check's MAE benchmark).
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import gpu_check_stages as stages  # noqa: E402
+import gpu_check_common as common  # noqa: E402
 
 # The pre-training demo's MAE (configs/experiment/demo.yaml) and the paper's ViT-H.
 MODELS = {
@@ -59,25 +59,25 @@ def main(argv: list[str] | None = None) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     plan = dataclasses.replace(
-        stages.PLANS[args.device], mae=MODELS[args.model], batch=args.batch,
+        common.PLANS[args.device], mae=MODELS[args.model], batch=args.batch,
         warmup=args.warmup, steps=args.steps, bf16=args.bf16,
     )  # fmt: skip
-    ctx = stages.Ctx(args.device, Path(tempfile.gettempdir()), plan)
+    ctx = common.Ctx(args.device, Path(tempfile.gettempdir()), plan)
     records = {mode: {} for mode in args.modes.split(",")}
-    runs = {mode: stages.mae_step(ctx, m, mode) for mode, m in records.items()}
+    runs = {mode: common.mae_step(ctx, m, mode) for mode, m in records.items()}
     for _ in range(args.warmup):
         for run in runs.values():
             run.step()
     times: dict[str, list[float]] = {mode: [] for mode in runs}
     for _ in range(args.steps):
         for mode, run in runs.items():
-            times[mode] += stages.time_steps(run.step, 1, args.device)
+            times[mode] += common.time_steps(run.step, 1, args.device)
     first = next(iter(runs))
     print(f"threads {torch.get_num_threads()}, batch {args.batch}, {args.steps} interleaved steps per mode")  # fmt: skip
     print(f"| compile | first step (s) | ms/step median (min-max) | img/s | TFLOP/s | MFU | time / {first} (median of pairs) |")  # fmt: skip
     print("|---|---|---|---|---|---|---|")
     for mode, m in records.items():
-        stages.throughput(ctx, m, times[mode])
+        common.throughput(ctx, m, times[mode])
         ratio = statistics.median(a / b for a, b in zip(times[mode], times[first], strict=True))
         s, mfu = m["step_ms"], "-" if m["mfu"] is None else f"{m['mfu']:.1%}"
         print(f"| {mode} | {m['first_step_s']} | {s['median']:.1f} ({s['min']:.1f}-{s['max']:.1f}) | {m['images_per_s']} | {m['tflops']:.3g} | {mfu} | {ratio:.2f} |")  # fmt: skip
