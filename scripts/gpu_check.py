@@ -60,7 +60,7 @@ STAGES = (
     Stage("mae_eager", 120, 90, "ViT-H/16 MAE fwd+bwd, batch 64, bf16, eager: ms/step, MFU, split"),
     Stage("mae_compiled", 300, 300, "the same under torch.compile (compile time apart)"),
     Stage("pretrain_resume", 180, 240, "pre-training demo stopped at max_iters, resumed, vs whole"),
-    Stage("fsdp2", 120, 120, "FSDP2 on a one-rank group: compile, act. ckpt, DCP, RNG round trip"),
+    Stage("fsdp2", 180, 120, "FSDP2 on a one-rank group: compile, act. ckpt, DCP, RNG round trip"),
     Stage("trainer_keys", 180, 240, "the trainer with parallel=fsdp, compile, act. ckpt: resume"),
     Stage("depth_demo", 120, 150, "python -m evaluation.depth experiment=depth_demo"),
     Stage("semseg_demo", 120, 150, "python -m evaluation.semseg experiment=semseg_demo"),
