@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import pytest
 import submitit
@@ -59,7 +60,7 @@ def test_bad_values_name_the_key(node: dict, key: str) -> None:
 
 
 def test_local_runs_main_in_process(tmp_path, monkeypatch) -> None:
-    monkeypatch.setattr(launcher.subprocess, "run", lambda *a, **k: pytest.fail("spawned"))
+    monkeypatch.setattr(launcher.subprocess, "Popen", lambda *a, **k: pytest.fail("spawned"))
     for key in ("RANK", "WORLD_SIZE", "SLURM_STEP_ID"):
         monkeypatch.delenv(key, raising=False)
     cfg = _cfg(tmp_path)
@@ -69,7 +70,7 @@ def test_local_runs_main_in_process(tmp_path, monkeypatch) -> None:
 
 
 def test_inside_torchrun_does_not_spawn_again(tmp_path, monkeypatch) -> None:
-    monkeypatch.setattr(launcher.subprocess, "run", lambda *a, **k: pytest.fail("spawned"))
+    monkeypatch.setattr(launcher.subprocess, "Popen", lambda *a, **k: pytest.fail("spawned"))
     monkeypatch.setenv("RANK", "1")
     monkeypatch.setenv("WORLD_SIZE", "2")
     assert launch(lambda c: "worker", _cfg(tmp_path, gpus=2), []) == "worker"
@@ -95,8 +96,8 @@ def test_multi_gpu_local_spawns_torchrun(tmp_path, monkeypatch) -> None:
     for key in ("RANK", "WORLD_SIZE", "SLURM_STEP_ID"):
         monkeypatch.delenv(key, raising=False)
     ran = []
-    result = subprocess.CompletedProcess([], 3)
-    monkeypatch.setattr(launcher.subprocess, "run", lambda cmd, **kw: ran.append(cmd) or result)
+    monkeypatch.setattr(launcher.subprocess, "Popen", lambda cmd, **kw: SimpleNamespace(args=cmd))
+    monkeypatch.setattr(launcher, "wait_through_signals", lambda child: ran.append(child.args) or 3)
     with pytest.raises(SystemExit) as exit_info:  # the workers' failure is the run's failure
         launch(lambda c: pytest.fail("ran in process"), _cfg(tmp_path, gpus=3), ["x=1"])
     assert exit_info.value.code == 3
