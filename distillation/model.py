@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from pixio.checkpoint import StateMismatchError, broadcast_encoder_state
+from pixio.checkpoint import ArchitectureError, StateMismatchError, broadcast_encoder_state
 from pixio.models.encoder import LayerNorm, PixioEncoder
 from pixio.models.init import init_parameters
 from pixio.models.masking import group_masking
@@ -74,12 +74,13 @@ def teacher_loader(path: str | Path) -> Callable[[nn.Module], None]:
     reads; a training checkpoint directory verified against its manifest, once, there) and
     checks it strictly, then the weights are broadcast into the placed (replicated or sharded)
     module (`pixio.checkpoint.broadcast_encoder_state`); a damaged, unreadable or mismatched
-    checkpoint is a `teacher.checkpoint` config error on every rank."""
+    checkpoint is a `teacher.checkpoint` config error on every rank, naming the differing sizes
+    when the file records its architecture."""
 
     def load(module: nn.Module) -> None:
         try:
             broadcast_encoder_state(module, path)
-        except StateMismatchError as err:
+        except (StateMismatchError, ArchitectureError) as err:
             raise ConfigError(
                 f"teacher.checkpoint: {err} (check teacher.name, teacher.img_size and the size "
                 "overrides)"

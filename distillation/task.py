@@ -21,6 +21,7 @@ from torch import nn
 from distillation.loss import feature_alignment_loss
 from distillation.model import Student, teacher_tokens
 from distillation.vis import pca_grid
+from pixio.architecture import model_architecture
 from pixio.checkpoint import encoder_state, save_state_dict
 from pixio.data.loader import images_and_noise
 from pixio.models.encoder import PixioEncoder
@@ -100,7 +101,18 @@ class DistillTask(Task):
         return out
 
     def export(self, states: dict[str, dict[str, torch.Tensor]], output_dir: Path) -> list[Path]:
+        """encoder-<name>.safetensors per student: the encoder (no `last_proj`) and its
+        architecture in the file's metadata."""
         return [
-            save_state_dict(encoder_state(state), Path(output_dir) / export_name(name))
+            save_state_dict(
+                encoder_state(state),
+                Path(output_dir) / export_name(name),
+                student_architecture(self.students[name], name),
+            )  # fmt: skip
             for name, state in states.items()
         ]
+
+
+def student_architecture(student: Student, module: str) -> dict[str, Any]:
+    """What a student's export records: its encoder's sizes under its registry name."""
+    return model_architecture(student, module.removeprefix(STUDENT_PREFIX)) | {"kind": "encoder"}

@@ -18,7 +18,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from pixio.checkpoint import broadcast_checked_state, broadcast_encoder_state, checkpoint_digest
+from pixio.architecture import ArchitectureError, resolve
+from pixio.checkpoint import (
+    broadcast_checked_state,
+    broadcast_encoder_state,
+    checkpoint_digest,
+    read_architecture,
+)
 from pixio.models.baselines import SOURCES, BaselineError, build_baseline
 from pixio.models.features import FeatureEncoder
 from pixio.models.registry import build_encoder, encoder_kwargs, list_models
@@ -93,6 +99,8 @@ class EncoderConfig:
     # from_pretrained folder; timm: a weights file, or a folder holding one
     checkpoint: str | None = None
     module: str | None = None  # pixio: trained module of a multi-module training checkpoint
+    # pixio: sizes for a checkpoint that does not record its architecture (every .safetensors
+    # file Pixio writes and a training checkpoint directory do: set, they must agree with it)
     img_size: int | None = None  # pixio, timm: position-table size the checkpoint was trained at
     embed_dim: int | None = None  # pixio: override the registry width (small demo/test encoders)
     depth: int | None = None  # pixio: override the registry depth
@@ -124,12 +132,28 @@ def _has_checkpoint(cfg: Any) -> bool:
     return cfg.checkpoint is not None and Path(cfg.checkpoint).exists()
 
 
+def pixio_build(cfg: Any) -> tuple[str, dict[str, Any]]:
+    """(registry name, build overrides) of a Pixio `encoder` node: the architecture its
+    checkpoint records (every `.safetensors` file Pixio writes), checked against `name` and the
+    size keys that are set (ConfigError naming the differing sizes); else `name` and those keys
+    (a training checkpoint directory's tensors name any differing size when they are read)."""
+    overrides = encoder_overrides(cfg)
+    if not _has_checkpoint(cfg):
+        return cfg.name, overrides
+    try:
+        arch = read_architecture(cfg.checkpoint, cfg.get("module"), run_config=False)
+        return resolve(arch, cfg.name, overrides, cfg.checkpoint)
+    except ArchitectureError as err:
+        raise ConfigError(f"encoder.checkpoint: {err}") from None
+
+
 def build_meta_encoder(cfg: Any) -> FeatureEncoder:
     """The encoder of an `encoder` node on the meta device: its architecture, no weights, no
     memory (a transformers folder's config.json gives a baseline's)."""
     with torch.device("meta"):
         if cfg.get("source", "pixio") == "pixio":
-            return build_encoder(cfg.name, **encoder_overrides(cfg))
+            name, overrides = pixio_build(cfg)
+            return build_encoder(name, **overrides)
         folder = cfg.checkpoint if _has_checkpoint(cfg) else None
         return build_baseline(cfg.source, cfg.name, folder, **baseline_kwargs(cfg))
 
@@ -137,7 +161,8 @@ def build_meta_encoder(cfg: Any) -> FeatureEncoder:
 def encoder_patch_size(cfg: Any) -> int:
     """The patch grid's stride of an `encoder` node's model (a hybrid's: stem stride x patch)."""
     if cfg.get("source", "pixio") == "pixio":
-        return encoder_kwargs(cfg.name, **encoder_overrides(cfg))["patch_size"]
+        name, overrides = pixio_build(cfg)
+        return encoder_kwargs(name, **overrides)["patch_size"]
     return build_meta_encoder(cfg).patch_size
 
 

@@ -29,21 +29,36 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
+from pixio.architecture import (
+    ArchitectureError,
+    compare,
+    config_architecture,
+    from_metadata,
+    model_architecture,
+    resolve,
+    size_mismatch,
+    to_metadata,
+)
 from pixio.hf import hf_to_pixio_state
 from pixio.models.encoder import PixioEncoder
 from pixio.models.registry import build_encoder
 from pixio.runtime.checkpoint_dir import (
     MANIFEST_NAME,
+    META_NAME,
+    CheckpointError,
     CheckpointReader,
     DamagedCheckpointError,
+    read_meta,
     state_digest,
 )
 from pixio.safe_load import METADATA_NAME, UnsafeCheckpointError, safe_error_text, safe_torch_load
 
 __all__ = [
+    "ArchitectureError",
     "DamagedCheckpointError",
     "StateMismatchError",
     "UnsafeCheckpointError",
@@ -52,10 +67,12 @@ __all__ = [
     "is_dcp_checkpoint",
     "load_encoder",
     "load_encoder_state",
+    "read_architecture",
     "read_module_states",
     "read_state_dict",
     "safe_torch_load",
     "save_encoder",
+    "save_mae",
     "save_state_dict",
     "trained_modules",
 ]
@@ -207,24 +224,36 @@ def encoder_state(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def load_encoder_state(encoder: PixioEncoder, sd: dict[str, torch.Tensor], source: str) -> None:
-    """Strict load; an error that lists missing and unexpected keys, naming the source."""
-    expected = set(encoder.state_dict())
-    missing, unexpected = sorted(expected - set(sd)), sorted(set(sd) - expected)
+    """Strict load. A checkpoint of other sizes: StateMismatchError naming the sizes; other
+    keys: KeyError listing the missing and unexpected ones; both name the source."""
+    expected = encoder.state_dict()
+    problem = size_mismatch(expected, sd, source)
+    if problem is not None:
+        raise StateMismatchError(problem)
+    missing, unexpected = sorted(set(expected) - set(sd)), sorted(set(sd) - set(expected))
     if missing or unexpected:
         raise KeyError(
             f"{source} does not match the encoder: missing keys {missing[:20]}"
             f"{' ...' if len(missing) > 20 else ''}; unexpected keys {unexpected[:20]}"
             f"{' ...' if len(unexpected) > 20 else ''}"
         )
+    problem = state_mismatch(encoder, sd, source)  # same keys, other shapes (a non-square grid)
+    if problem is not None:
+        raise StateMismatchError(problem)
     encoder.load_state_dict(sd, strict=True)
 
 
 def state_mismatch(
     module: torch.nn.Module, state: dict[str, torch.Tensor], source: str
 ) -> str | None:
-    """Why `state` cannot be loaded strictly into `module` (None when it can): missing,
-    unexpected and mis-shaped keys (a sharded module's parameters report their full shape)."""
-    expected = {k: tuple(v.shape) for k, v in module.state_dict().items()}
+    """Why `state` cannot be loaded strictly into `module` (None when it can): the differing
+    sizes of a Pixio model or MAE (`architecture.size_mismatch`), else the missing, unexpected and
+    mis-shaped keys (a sharded module's parameters report their full shape)."""
+    current = module.state_dict()
+    sizes = size_mismatch(current, state, source) if isinstance(module, PixioEncoder) else None
+    if sizes is not None:  # a Pixio model: its sizes (a baseline's keys are its own)
+        return sizes
+    expected = {k: tuple(v.shape) for k, v in current.items()}
     problems = {
         "missing keys": sorted(set(expected) - set(state)),
         "unexpected keys": sorted(set(state) - set(expected)),
@@ -294,19 +323,74 @@ def broadcast_encoder_state(
     encoder: torch.nn.Module, path: str | Path, module: str | None = None
 ) -> None:
     """`broadcast_checked_state` of a Pixio encoder checkpoint `path` (any supported format;
-    `module`: the trained module of a training checkpoint)."""
-    broadcast_checked_state(
-        encoder, lambda: encoder_state(read_state_dict(path, module)), str(path)
-    )
+    `module`: the trained module of a training checkpoint). A file that records another
+    architecture is refused in one line naming the differing sizes, before its tensors are read."""
+
+    def read() -> dict[str, torch.Tensor]:
+        check_architecture(encoder, path, module)
+        return encoder_state(read_state_dict(path, module))
+
+    broadcast_checked_state(encoder, read, str(path))
+
+
+def read_architecture(
+    path: str | Path, module: str | None = None, run_config: bool = True
+) -> dict[str, Any] | None:
+    """The architecture checkpoint `path` records (`pixio.architecture`): a `.safetensors`
+    file's metadata (its header only), or, with `run_config`, a training checkpoint directory's
+    saved run config (`meta.pt`, verified; `module` as in `read_state_dict`). None for other
+    formats and for files written without it. ArchitectureError naming the file for a
+    malformed record. Readers that know the model pass `run_config=False`: an encoder read then
+    hashes only the files that hold its tensors, whose shapes name any differing size anyway."""
+    path = Path(path)
+    if is_dcp_checkpoint(path):
+        if not run_config:
+            return None
+        if not (path / META_NAME).is_file():
+            return None
+        try:
+            config = read_meta(path).get("config")
+        except CheckpointError as err:  # damaged (a ValueError already) or unreadable
+            raise ValueError(str(err)) from None
+        return config_architecture(config, module) if isinstance(config, dict) else None
+    if not (path.is_file() and path.suffix == ".safetensors"):
+        return None
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            meta = handle.metadata()
+    except Exception as err:  # safetensors' own error types: a truncated or foreign file
+        raise ValueError(f"{path}: not a readable safetensors file ({safe_error_text(err)})") from None  # fmt: skip
+    return from_metadata(meta, path)
+
+
+def check_architecture(model: torch.nn.Module, path: str | Path, module: str | None = None) -> None:
+    """ArchitectureError naming each size in which built Pixio `model` differs from the
+    architecture checkpoint `path` records; nothing when it records none."""
+    arch = read_architecture(path, module, run_config=False)
+    if arch is not None:
+        compare(model_architecture(model), arch, path)
 
 
 def load_encoder(
-    name: str, path: str | Path, module: str | None = None, **overrides: Any
+    name_or_path: str | Path | None,
+    path: str | Path | None = None,
+    module: str | None = None,
+    **overrides: Any,
 ) -> PixioEncoder:
-    """Build encoder `name` and load weights from any supported checkpoint format; `module`
-    picks the trained module of a training checkpoint (None: the only one)."""
-    encoder = build_encoder(name, **overrides)
+    """Build an encoder and load weights from any supported checkpoint format:
+    `load_encoder(path)` for a file that records its architecture (every `.safetensors` file
+    Pixio writes, a training checkpoint directory), `load_encoder(name, path, **overrides)`
+    otherwise (`name` None: the recorded one). A name or size override that disagrees with the
+    recorded architecture is refused
+    in one line naming the differing sizes (ArchitectureError); `module` picks the trained module
+    of a training checkpoint (None: the only one)."""
+    if path is None:  # load_encoder(path)
+        name_or_path, path = None, name_or_path
+    name = None if name_or_path is None else str(name_or_path)
     source = str(path) if module is None else f"{path} (module {module!r})"
+    arch = read_architecture(path, module, run_config=name is None)
+    name, kwargs = resolve(arch, name, overrides, source)
+    encoder = build_encoder(name, **kwargs)
     load_encoder_state(encoder, encoder_state(read_state_dict(path, module)), source)
     return encoder
 
@@ -335,8 +419,12 @@ def checkpoint_digest(path: str | Path) -> str:
     return digest.hexdigest()
 
 
-def save_state_dict(state: dict[str, torch.Tensor], path: str | Path) -> Path:
-    """Write a plain state dict as `.safetensors` or `.pth` (format from the extension)."""
+def save_state_dict(
+    state: dict[str, torch.Tensor], path: str | Path, architecture: dict[str, Any] | None = None
+) -> Path:
+    """Write a plain state dict as `.safetensors` or `.pth` (format from the extension). A
+    `.safetensors` file records `architecture` (`pixio.architecture.model_architecture`) in
+    its metadata; a `.pth` file stays a plain state dict (the reference's format)."""
     path = Path(path)
     if path.suffix not in (".safetensors", ".pth", ".pt"):
         raise ValueError(
@@ -345,12 +433,23 @@ def save_state_dict(state: dict[str, torch.Tensor], path: str | Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in state.items()}
     if path.suffix == ".safetensors":
-        save_file(state, str(path), metadata={"format": "pt"})
+        metadata = {"format": "pt", **(to_metadata(architecture) if architecture else {})}
+        save_file(state, str(path), metadata=metadata)
     else:
         torch.save(state, path)
     return path
 
 
-def save_encoder(encoder: PixioEncoder, path: str | Path) -> Path:
-    """Save the encoder weights (reference key names; an MAE's decoder is left out)."""
-    return save_state_dict(encoder_state(encoder.state_dict()), path)
+def save_encoder(encoder: PixioEncoder, path: str | Path, name: str | None = None) -> Path:
+    """Save the encoder weights (reference key names; an MAE's decoder is left out) with their
+    architecture; `name`: the registry name to record (None: the registry size of the
+    encoder's width and heads, if one has them)."""
+    arch = model_architecture(encoder, name) | {"kind": "encoder"}
+    return save_state_dict(encoder_state(encoder.state_dict()), path, arch)
+
+
+def save_mae(mae: torch.nn.Module, path: str | Path, name: str | None = None) -> Path:
+    """Save the whole pre-training model (encoder + decoder, reference key names) with its
+    architecture, decoder sizes included: what `pixio.hub.load_mae` and pre-training's
+    `train.init_from` read."""
+    return save_state_dict(mae.state_dict(), path, model_architecture(mae, name))

@@ -1,7 +1,7 @@
 r"""Class and patch features of every image of a folder or of webdataset shards, written as
 safetensors shards and a JSON index.
 
-    python -m pixio.extract --model pixio_vith16 --checkpoint encoder.safetensors \
+    python -m pixio.extract --checkpoint encoder.safetensors \
         --images photos/ --out feats/ [--size 256] [--resize short|fixed] [--blocks 7,15,-1]
     torchrun --nproc_per_node 8 -m pixio.extract --model pixio_vith16 --checkpoint enc.pth \
         --shards '/data/web/**/*.tar' --out feats/ --save-dtype bfloat16
@@ -48,6 +48,7 @@ from pixio.inference import (
     Resize,
     add_encoder_args,
     add_image_args,
+    encoder_build,
     list_images,
     load_frozen_encoder,
     normalize,
@@ -467,14 +468,15 @@ def check_args(args: argparse.Namespace, depth: int) -> None:
 
 def extract(args: argparse.Namespace) -> dict[str, Any]:
     """The run (every rank): plan, load, claim the output, encode this rank's units, index."""
-    arch = encoder_kwargs(args.model, **dict(args.override))
+    args.model, build = encoder_build(args.model, args.checkpoint, args.module, dict(args.override))
+    arch = encoder_kwargs(args.model, **build)
     check_args(args, arch["depth"])
     resize = Resize.parse(args.size, args.resize, arch["patch_size"])
     info = rd.init_distributed(device=args.device, timeout_min=180.0)
     try:
         units = on_rank0(lambda: make_units(args.images, args.shards, args.shard_size))
         encoder = load_frozen_encoder(
-            args.model, args.checkpoint, args.module, info.device, **dict(args.override)
+            args.model, args.checkpoint, args.module, info.device, **build
         )
         settings = on_rank0(lambda: _claim(args, units, resize))
         digest = settings_digest(settings)

@@ -3,12 +3,15 @@
     encoder = torch.hub.load("path/to/pixio", "pixio_vith16", source="local", weights="enc.pth")
     mae = torch.hub.load("path/to/pixio", "pixio_mae_vith16", source="local",
                          weights="run/checkpoint-last")
+    mae = pixio.hub.load_mae("mae.safetensors")  # a full file of `python -m pixio.convert --full`
 
 One encoder entry per registry size (`pixio_vitt16` ... `pixio_vit5b16`) and one pre-training
 model entry per size (`pixio_mae_*`). They return exactly what `pixio.load_encoder` /
 `pixio.build_mae` return. `weights` is a local path (any format `pixio.load_encoder` reads; for
 the MAE, a checkpoint that holds the decoder) or None for random weights; nothing is downloaded.
-Size overrides are those of `build_encoder` / `build_mae` (`depth=4`, `img_size=512`, ...).
+Size overrides are those of `build_encoder` / `build_mae` (`depth=4`, `img_size=512`, ...); a
+file that records its architecture (`pixio.architecture`) needs none, and one that disagrees with
+it is refused in one line naming the differing sizes.
 """
 
 from __future__ import annotations
@@ -19,7 +22,8 @@ from typing import Any
 
 import torch
 
-from pixio.checkpoint import load_encoder, read_state_dict, state_mismatch
+from pixio.architecture import describe, resolve
+from pixio.checkpoint import load_encoder, read_architecture, read_state_dict, state_mismatch
 from pixio.models.encoder import PixioEncoder
 from pixio.models.mae import DECODER_PREFIXES, PixioMAE
 from pixio.models.registry import build_encoder, build_mae, list_models
@@ -40,22 +44,42 @@ def load_checked(module: torch.nn.Module, state: dict[str, torch.Tensor], source
     module.load_state_dict(state, strict=True)
 
 
-def load_mae(name: str, path: str | Path, module: str | None = None, **overrides: Any) -> PixioMAE:
-    """Build the pre-training model `name` (encoder + decoder) and load a checkpoint that holds
-    both, strictly: a pre-training checkpoint directory (`output_dir/checkpoint-N`, module
-    "mae") or a `.pth` file with a `'model'` entry. An encoder-only file is refused in one line
-    (EncoderOnlyCheckpointError); other mismatches name the keys (ValueError)."""
+def load_mae(
+    name_or_path: str | Path | None,
+    path: str | Path | None = None,
+    module: str | None = None,
+    **overrides: Any,
+) -> PixioMAE:
+    """Build the pre-training model (encoder + decoder) and load a checkpoint that holds both,
+    strictly: `load_mae(path)` for a file that records its architecture (a full file of
+    `python -m pixio.convert --full`, a pre-training checkpoint directory `output_dir/
+    checkpoint-N`), `load_mae(name, path, **overrides)` otherwise (a `.pth` file with a
+    `'model'` entry). An encoder-only file is refused in one line
+    (EncoderOnlyCheckpointError); other mismatches name the sizes or keys (ValueError)."""
+    if path is None:  # load_mae(path)
+        name_or_path, path = None, name_or_path
     source = str(path) if module is None else f"{path} (module {module!r})"
+    arch = read_architecture(path, module, run_config=name_or_path is None)
+    if arch is not None and arch["kind"] != "mae":
+        raise EncoderOnlyCheckpointError(
+            f"{source} holds an encoder only ({describe(arch)}): {ENCODER_ONLY}"
+        )
+    name, kwargs = resolve(arch, name_or_path and str(name_or_path), overrides, source, "mae")
     state = read_state_dict(path, module)
     if not any(k.startswith(DECODER_PREFIXES) for k in state):
         raise EncoderOnlyCheckpointError(
-            f"{source} holds an encoder only (no decoder_* weights): the pre-training model needs "
-            "a full pre-training checkpoint (output_dir/checkpoint-N, or a file whose 'model' "
-            "entry holds the decoder)"
+            f"{source} holds an encoder only (no decoder_* weights): {ENCODER_ONLY}"
         )
-    mae = build_mae(name, **overrides)
+    mae = build_mae(name, **kwargs)
     load_checked(mae, state, source)
     return mae
+
+
+ENCODER_ONLY = (
+    "the pre-training model needs a full file (python -m pixio.convert --full), "
+    "a pre-training checkpoint (output_dir/checkpoint-N) or a file whose 'model' entry holds "
+    "the decoder"
+)
 
 
 # entry kind -> (entry name prefix, random build, load, what `weights` must hold)

@@ -15,7 +15,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from pixio.checkpoint import broadcast_encoder_state
+from pixio.architecture import resolve
+from pixio.checkpoint import broadcast_encoder_state, read_architecture
 from pixio.constants import IMAGENET_MEAN, IMAGENET_STD
 from pixio.convert import parse_override
 from pixio.models.encoder import PixioEncoder
@@ -113,6 +114,17 @@ def normalize(images: torch.Tensor) -> torch.Tensor:
     return (images.float() / 255.0 - mean) / std
 
 
+def encoder_build(
+    name: str | None, checkpoint: str | Path, module: str | None, overrides: dict[str, Any]
+) -> tuple[str, dict[str, Any]]:
+    """(registry name, build overrides) of the encoder in `checkpoint`: the architecture it
+    records, checked against `name` and `overrides` (one line naming the differing sizes), or
+    those two when it records none (`name` is then required)."""
+    source = str(checkpoint) if module is None else f"{checkpoint} (module {module!r})"
+    arch = read_architecture(checkpoint, module, run_config=name is None)
+    return resolve(arch, name, overrides, source)
+
+
 def load_frozen_encoder(
     name: str,
     checkpoint: str | Path,
@@ -132,8 +144,13 @@ def load_frozen_encoder(
 
 
 def add_encoder_args(parser: argparse.ArgumentParser) -> None:
-    """--model, --checkpoint, --module, --override: which encoder and its weights."""
-    parser.add_argument("--model", required=True, choices=list_models())
+    """--model, --checkpoint, --module, --override: which encoder and its weights (--model and
+    --override only for a checkpoint that does not record its architecture)."""
+    parser.add_argument(
+        "--model", choices=list_models(),
+        help="registry name; needed only when the checkpoint does not record its architecture "
+        "(a reference .pth, a Hugging Face folder)",
+    )  # fmt: skip
     parser.add_argument(
         "--checkpoint", required=True,
         help="local weights: any format pixio.load_encoder reads (.pth, .safetensors, a "

@@ -10,7 +10,9 @@ block_ids)`) with timm's model methods added. `pretrained=True` reads the `file`
 of the resolved `pretrained_cfg` with Pixio's own reader: `weights_only`, and every format
 `pixio.load_encoder` reads (`.pth`, `.safetensors`, a training checkpoint directory, a Hugging
 Face Pixio folder); `checkpoint_module=` picks the trained module of a training checkpoint.
-Nothing is downloaded: without a local file `pretrained=True` is an error.
+Nothing is downloaded: without a local file `pretrained=True` is an error. A file that records
+its architecture (every `.safetensors` file Pixio writes) sets the sizes: `depth=`, `img_size=`
+... are then not needed, and a value that disagrees is refused in one line naming it.
 
 timm's `import` is already paid by `import pixio` (the encoder is built from timm layers), so
 registering costs a few function definitions.
@@ -27,7 +29,8 @@ from timm.models import build_model_with_cfg, generate_default_cfgs, register_mo
 from timm.models import resolve_pretrained_cfg as timm_resolve_pretrained_cfg
 from torch import nn
 
-from pixio.checkpoint import encoder_state, read_state_dict
+from pixio.architecture import resolve
+from pixio.checkpoint import encoder_state, read_architecture, read_state_dict
 from pixio.constants import DEFAULT_IMG_SIZE, IMAGENET_MEAN, IMAGENET_STD
 from pixio.hub import load_checked
 from pixio.models.encoder import PixioEncoder
@@ -233,6 +236,10 @@ def _build(
     timm_args = {
         k: kwargs.pop(k) for k in ("global_pool", "in_chans", "dynamic_img_size") if k in kwargs
     }
+    if weights is not None and not isinstance(weights, dict):  # a file records its sizes
+        source = str(weights) if module is None else f"{weights} (module {module!r})"
+        arch = read_architecture(weights, module, run_config=False)  # timm names the model
+        name, kwargs = resolve(arch, name, kwargs, source)
     model = PixioTimmEncoder(**timm_args, **encoder_kwargs(name, **kwargs))
     if weights is not None:
         _load(model, weights, module)

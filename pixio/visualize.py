@@ -1,10 +1,10 @@
 r"""Pictures of what a Pixio encoder sees in your own images, as titled PNG grids.
 
-    python -m pixio.visualize pca --model pixio_vith16 --checkpoint enc.pth --images photos/ \
+    python -m pixio.visualize pca --checkpoint encoder.safetensors --images photos/ \
         --out pca.png [--basis per-image|shared] [--block -1]
     python -m pixio.visualize similarity --model pixio_vith16 --checkpoint enc.pth \
         --images photos/ --out sim.png (--patch ROW,COL | --point X,Y) [--query NAME]
-    python -m pixio.visualize reconstruct --model pixio_vith16 --checkpoint run/checkpoint-last \
+    python -m pixio.visualize reconstruct --checkpoint run/checkpoint-last \
         --images photos/ --out recon.png [--mask-ratio 0.75] [--seed 0]
 
 pca: the patch features' first three principal components as RGB, fitted per image or on the
@@ -12,7 +12,9 @@ whole set (`shared`: the same colour means the same feature across images). simi
 cosine similarity of every patch of every image to one patch of the query image (the first,
 or `--query`), given as a patch (`--patch ROW,COL`) or a pixel of the stored image (`--point
 X,Y`). reconstruct: the pre-training model's masked-patch reconstruction (needs a checkpoint
-with the decoder). `--out` is a .png file, or a folder that gets `<command>.png`. Unreadable
+with the decoder: a pre-training checkpoint directory or a full file of `python -m pixio.convert
+--full`). `--model` / `--override` only for a checkpoint that does not record its architecture
+(a reference `.pth`, a Hugging Face folder). `--out` is a .png file, or a folder that gets `<command>.png`. Unreadable
 images are skipped and named on stderr.
 """
 
@@ -30,6 +32,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 
+from pixio.checkpoint import read_architecture
 from pixio.data.images import DecodeError, load_rgb
 from pixio.hub import load_mae
 from pixio.inference import (
@@ -37,6 +40,7 @@ from pixio.inference import (
     Resize,
     add_encoder_args,
     add_image_args,
+    encoder_build,
     list_images,
     load_frozen_encoder,
     normalize,
@@ -295,10 +299,10 @@ def visualize(args: argparse.Namespace) -> Path:
     device = pick_device(args.device)
     if args.command == "reconstruct":
         return _reconstruct(args, device)
-    overrides = dict(args.override)
-    patch = encoder_kwargs(args.model, **overrides)["patch_size"]
+    name, build = encoder_build(args.model, args.checkpoint, args.module, dict(args.override))
+    patch = encoder_kwargs(name, **build)["patch_size"]
     images = load_images(args.images, Resize.parse(args.size, args.resize, patch), args.max_images)
-    encoder = load_frozen_encoder(args.model, args.checkpoint, args.module, device, **overrides)
+    encoder = load_frozen_encoder(name, args.checkpoint, args.module, device, **build)
     feats = patch_features(encoder, images, args.block, args.norm, device)
     what = f"block {args.block % encoder.depth}{'' if args.norm else ', before the final norm'}"
     if args.command == "pca":
@@ -308,7 +312,7 @@ def visualize(args: argparse.Namespace) -> Path:
         rc = query_patch(args, images[query], patch)
         rows = similarity_rows(images, feats, query, rc, patch)
         what += f", patch {rc[0]},{rc[1]} of {images[query].name}"
-    title = f"{args.model} {args.command} ({what})"
+    title = f"{name} {args.command} ({what})"
     return save_png(render(rows, title), output_path(args.out, args.command))
 
 
@@ -319,7 +323,8 @@ def _reconstruct(args: argparse.Namespace, device: torch.device) -> Path:
     resize = Resize.parse(args.size, args.resize, multiple, "patch size x mask grid")
     images = load_images(args.images, resize, args.max_images)
     rows = reconstruct_rows(mae.to(device).eval(), images, args.mask_ratio, args.seed, device)
-    title = f"{args.model} reconstructions ({args.checkpoint})"
+    name = args.model or (read_architecture(args.checkpoint, args.module, False) or {}).get("name")
+    title = f"{name or 'Pixio MAE'} reconstructions ({args.checkpoint})"
     return save_png(render(rows, title), output_path(args.out, args.command))
 
 
