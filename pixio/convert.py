@@ -101,7 +101,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--output", required=True, help=".safetensors, .pth, or a folder (HF)")
     parser.add_argument(
         "--module",
-        help="which trained module of a training checkpoint directory, e.g. student_vith16 "
+        help="which trained module of a training checkpoint directory, e.g. student_pixio_vith16 "
         "(default: the only one)",
     )
     parser.add_argument(
