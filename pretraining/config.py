@@ -9,16 +9,23 @@ the paths exist, before any model or GPU is touched; ConfigError names the first
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
+import torch
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig
 
+from pixio.architecture import compare, describe, model_architecture
+from pixio.checkpoint import read_architecture
 from pixio.constants import DEFAULT_PATCH_SIZE as PATCH
 from pixio.data.config import DataConfig, check_data
+from pixio.models.mae import PixioMAE
 from pixio.models.masking import num_kept
-from pixio.models.registry import list_models
+from pixio.models.registry import build_mae, list_models
+from pixio.monitor import MonitorConfig, check_monitor
 from pixio.runtime.config import (
+    ConfigError,
     LauncherConfig,
     LoggerConfig,
     OptimConfig,
@@ -54,11 +61,21 @@ class ModelConfig:
 
 
 @dataclass
+class PretrainTrainConfig(TrainConfig):
+    # a fresh run's initial MAE weights (not the optimiser, not the step): a full file of
+    # `python -m pixio.convert --full` or a pre-training checkpoint dir; ignored on resume
+    init_from: str | None = None
+
+
+@dataclass
 class PretrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)  # the MAE being pre-trained
     data: DataConfig = field(default_factory=DataConfig)  # shards and filters
     optim: OptimConfig = field(default_factory=OptimConfig)  # AdamW and lr schedule
-    train: TrainConfig = field(default_factory=TrainConfig)  # loop, precision, checkpoints
+    train: PretrainTrainConfig = field(default_factory=PretrainTrainConfig)  # loop, checkpoints
+    monitor: MonitorConfig = field(
+        default_factory=MonitorConfig
+    )  # online k-NN (off: knn_root null)
     launcher: LauncherConfig = field(default_factory=LauncherConfig)  # local or SLURM
     logger: LoggerConfig = field(default_factory=LoggerConfig)  # wandb
     output_dir: str = MISSING  # checkpoints, metrics.jsonl, vis/, encoder.safetensors
@@ -76,7 +93,42 @@ def validate_pretrain(cfg: DictConfig | PretrainConfig) -> None:
     ipe = cfg.train.iters_per_epoch
     require(ipe is not None, "train.iters_per_epoch", "is required for pre-training (a shard stream has no length)")  # fmt: skip
     _check_model(cfg.model)
+    check_monitor(cfg.monitor, PATCH)
     check_data(cfg.data)
+    check_init_from(cfg)
+
+
+def build_model(cfg: Any) -> PixioMAE:
+    """The Pixio MAE named by `model.*` (size overrides only where set)."""
+    m = cfg.model
+    sizes = {k: m[k] for k in ("embed_dim", "depth", "num_heads") if m[k] is not None}
+    return build_mae(
+        m.name, img_size=m.img_size, drop_path=m.drop_path, n_cls_tokens=m.n_cls_tokens,
+        decoder_embed_dim=m.decoder_embed_dim, decoder_depth=m.decoder_depth,
+        decoder_num_heads=m.decoder_num_heads, mask_grid=m.mask_grid,
+        norm_pix_loss=m.norm_pix_loss, **sizes,
+    )  # fmt: skip
+
+
+def check_init_from(cfg: Any) -> None:
+    """`train.init_from` exists and, where it records its architecture (a full file, a
+    pre-training checkpoint dir), is a full MAE of `model.*`'s sizes: ConfigError naming the
+    differing sizes otherwise. The tensors themselves are checked when they are loaded."""
+    path = cfg.train.init_from
+    if path is None:
+        return
+    require(Path(path).exists(), "train.init_from", f"not found: {path}")
+    try:
+        arch = read_architecture(path, "mae")
+        if arch is None:
+            return
+        require(arch["kind"] == "mae", "train.init_from", f"{path} holds an encoder only ({describe(arch)}): it needs the decoder too (python -m pixio.convert --full, or a pre-training checkpoint dir)")  # fmt: skip
+        with torch.device("meta"):  # shapes only: nothing allocated
+            compare(model_architecture(build_model(cfg)), arch, path)
+    except ConfigError:
+        raise
+    except ValueError as err:  # unreadable, damaged, other sizes
+        raise ConfigError(f"train.init_from: {err}") from None
 
 
 def _check_model(m: Any) -> None:

@@ -18,29 +18,19 @@ import torch
 from omegaconf import DictConfig
 
 from pixio.data.loader import build_data
-from pixio.models.registry import build_mae
+from pixio.monitor import KnnMonitor
+from pixio.runtime.checkpoint_dir import has_checkpoints
 from pixio.runtime.config import to_container
 from pixio.runtime.job import run_job
 from pixio.runtime.launcher import validate_and_launch
+from pixio.runtime.rank0 import rank0_result
 from pixio.runtime.runconfig import check_resume
 from pixio.runtime.trainer import Trainer
-from pretraining.config import SHAPE_KEYS, register_configs, validate_pretrain
+from pretraining.config import SHAPE_KEYS, build_model, register_configs, validate_pretrain
 from pretraining.task import MAETask
 
 log = logging.getLogger("pixio.pretrain")
 register_configs()
-
-
-def build_model(cfg: DictConfig) -> torch.nn.Module:
-    """The Pixio MAE named by `model.*` (size overrides only where set)."""
-    m = cfg.model
-    sizes = {k: m[k] for k in ("embed_dim", "depth", "num_heads") if m[k] is not None}
-    return build_mae(
-        m.name, img_size=m.img_size, drop_path=m.drop_path, n_cls_tokens=m.n_cls_tokens,
-        decoder_embed_dim=m.decoder_embed_dim, decoder_depth=m.decoder_depth,
-        decoder_num_heads=m.decoder_num_heads, mask_grid=m.mask_grid,
-        norm_pix_loss=m.norm_pix_loss, **sizes,
-    )  # fmt: skip
 
 
 def main(cfg: DictConfig) -> None:
@@ -51,9 +41,13 @@ def main(cfg: DictConfig) -> None:
         check_resume(cfg.output_dir, config, SHAPE_KEYS)
         # data mistakes stop before the model exists
         data = build_data(cfg.data, cfg.train, cfg.model.img_size, info.rank, info.world_size)
+        monitor = KnnMonitor(cfg.monitor, cfg.model.img_size, info) if cfg.monitor.knn_root else None  # fmt: skip
+        init_from = initial_weights(cfg, info.rank)
         torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
         with torch.device("meta"):  # materialised (FSDP: shard by shard) by the trainer
-            task = MAETask(build_model(cfg), cfg.model.mask_ratio, cfg.optim)
+            model = build_model(cfg)
+        task = MAETask(model, cfg.model.mask_ratio, cfg.optim, cfg.model.name, init_from)
+        task.monitor(monitor, cfg.monitor.every)
         torch.manual_seed(cfg.train.seed + 1 + info.rank)  # different masks / drop path per rank
         Trainer(cfg, task, data, info, config).fit()
         if info.rank == 0:
@@ -61,6 +55,17 @@ def main(cfg: DictConfig) -> None:
                 "done: checkpoints, metrics.jsonl, vis/ and encoder.safetensors in %s",
                 Path(cfg.output_dir).resolve(),
             )
+
+
+def initial_weights(cfg: DictConfig, rank: int) -> str | None:
+    """`train.init_from` for a fresh run; None (logged) when the run resumes from its own
+    checkpoint, whose weights win."""
+    path = cfg.train.init_from
+    if path is not None and rank0_result(lambda: has_checkpoints(cfg.output_dir)):
+        if rank == 0:
+            log.info("train.init_from=%s ignored: the run resumes from its own checkpoint", path)
+        return None
+    return path
 
 
 # Absolute, so the configs are found however the module is started (python -m, -c, an import).

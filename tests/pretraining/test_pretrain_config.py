@@ -340,7 +340,7 @@ def test_recipe_scripts_pass_valid_overrides(script, dirs, tmp_path):
         ("+train.epoch=1", UNKNOWN_EPOCH),
         ("++train.epoch=1", UNKNOWN_EPOCH),
         ("+model.drop_pth=0.1", "config error: model.drop_pth: unknown key (a '+' override adds it, but nothing reads it); did you mean model.drop_path?\n"),
-        ("+seed=1", "config error: seed: unknown key (a '+' override adds it, but nothing reads it); the keys of the config are model, data, optim, train, launcher, logger, output_dir\n"),
+        ("+seed=1", "config error: seed: unknown key (a '+' override adds it, but nothing reads it); the keys of the config are model, data, optim, train, monitor, launcher, logger, output_dir\n"),
     ],
 )  # fmt: skip
 def test_keys_the_schema_lacks_are_refused_even_with_plus(override, line, required, capsys):
