@@ -6,11 +6,20 @@ Rank and world size come from, in order:
   ``MASTER_PORT``);
 - the SLURM variables of an ``srun`` step (a submitit task, or a plain ``srun python -m ...``),
   read by submitit's ``TorchDistributedEnvironment``: rank ``SLURM_PROCID``, world size
-  ``SLURM_NTASKS``, local rank ``SLURM_LOCALID``, master address the first host of
-  ``SLURM_JOB_NODELIST`` and a port in [20000, 30000) derived from the job id (the same for
-  every task of a job, below the ephemeral range); an exported ``MASTER_ADDR`` /
-  ``MASTER_PORT`` is kept. Only a step counts (``SLURM_STEP_ID`` set): the batch script has ``SLURM_PROCID`` / ``SLURM_NTASKS`` too;
+  ``SLURM_NTASKS``, local rank ``SLURM_LOCALID``, master address the first host of the
+  step's node list (``SLURM_STEP_NODELIST``; the job's, ``SLURM_JOB_NODELIST``, when a step
+  has none: a step may run on a subset of the job's nodes) and a port in [20000, 30000) from
+  the job id and the step id (the same for every task of a step, another one for each step of
+  a job, below the ephemeral range); an exported ``MASTER_ADDR`` / ``MASTER_PORT`` is kept.
+  Only a step counts (``SLURM_STEP_ID`` set): the batch script has ``SLURM_PROCID`` /
+  ``SLURM_NTASKS`` too;
 - nothing: one process, no process group.
+
+A process group exists whenever a launcher set the variables, even for one process
+(``torchrun --nproc_per_node=1``): an explicit ``train.parallel=fsdp`` then runs the real FSDP
+path on one GPU. Every process group the job uses is created here, at start-up, so that a
+network mistake fails in the first seconds: the default group (NCCL on GPUs, created eagerly
+with ``device_id``) and the gloo group of checkpoint coordination (``cpu_group``).
 
 ``CUDA_VISIBLE_DEVICES`` is left alone (submitit's ``export()`` would narrow it to the local
 rank); the device is ``local_rank % device_count``, right whether or not the cluster binds one
@@ -25,11 +34,12 @@ import os
 import socket
 import zlib
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
 from submitit.helpers import TorchDistributedEnvironment
-from submitit.slurm.slurm import SlurmJobEnvironment
+from submitit.slurm.slurm import SlurmJobEnvironment, _parse_node_list
 
 log = logging.getLogger(__name__)
 
@@ -78,22 +88,39 @@ class _SlurmStepEnvironment(TorchDistributedEnvironment):
     """
 
     def __init__(self) -> None:
-        # The parent's body, except for the line that picks the job environment.
+        # The parent's body, except for the line that picks the job environment and the host
+        # list, which is the step's (the parent reads the job's).
         self._job_env = SlurmJobEnvironment()
-        self.master_addr = self._job_env.hostnames[0]
-        self.master_port = self._get_master_port()  # MASTER_PORT if exported, else from job id
+        self.master_addr = step_hosts()[0]
+        self.master_port = self._get_master_port()  # MASTER_PORT if exported, else per step
         self.rank = self._job_env.global_rank
         self.world_size = self._job_env.num_tasks
         self.local_rank = self._job_env.local_rank
         self.local_world_size = self._job_env.num_tasks // self._job_env.num_nodes
 
     def _get_master_port(self) -> int:
-        """An exported MASTER_PORT, else one derived from the job id below Linux's ephemeral
-        range (32768+), so it cannot clash with an outgoing connection on a busy node; array
-        tasks and jobs sharing a node get different ports."""
+        """An exported MASTER_PORT, else `step_port` of this job and step."""
         if "MASTER_PORT" in os.environ:
             return int(os.environ["MASTER_PORT"])
-        return _PORT_BASE + zlib.crc32(str(self._job_env.job_id).encode()) % _PORT_SPAN
+        return step_port(str(self._job_env.job_id), os.environ.get("SLURM_STEP_ID", "0"))
+
+
+def step_hosts() -> list[str]:
+    """Hosts of this srun step, in SLURM's order: ``SLURM_STEP_NODELIST`` (a step may run on
+    a subset of the job's nodes, e.g. ``srun -N2`` in a 4-node job, whose first host may not be
+    in the step at all), else ``SLURM_JOB_NODELIST``, else this host."""
+    nodes = os.environ.get("SLURM_STEP_NODELIST") or os.environ.get("SLURM_JOB_NODELIST")
+    return _parse_node_list(nodes) if nodes else [socket.gethostname()]
+
+
+def step_port(job_id: str, step_id: str) -> int:
+    """Rendez-vous port of one step, in [20000, 30000): below Linux's ephemeral range (32768+),
+    so it cannot clash with an outgoing connection on a busy node. The job id's hash plus the
+    step id: every task of a step agrees, and each step of a job gets its own port (two steps
+    running side by side on one node, or a step started while the previous one's port is still
+    in TIME_WAIT, never share one); array tasks and jobs sharing a node get different ones."""
+    step = int(step_id) if step_id.isdigit() else zlib.crc32(step_id.encode())
+    return _PORT_BASE + (zlib.crc32(job_id.encode()) + step) % _PORT_SPAN
 
 
 def read_dist_env() -> DistEnv:
@@ -139,12 +166,13 @@ def _device_for(local_rank: int, want: str) -> torch.device:
 def init_distributed(
     backend: str | None = None, device: str = "auto", timeout_min: float = 30.0
 ) -> DistInfo:
-    """Join the job's process group (if there is more than one process) and pick the device.
+    """Join the job's process group and pick the device; create the job's other groups.
 
     ``device``: "auto" (CUDA when available), "cpu" (gloo, even on a GPU node: e.g. a
     ``launcher.use_gpu=false`` job, where SLURM does not hide the GPUs) or "cuda".
-    ``backend``: default nccl on CUDA, gloo on CPU. Idempotent: a second call returns the
-    already-initialised group's info.
+    ``backend``: default nccl on CUDA, gloo on CPU. A group is created whenever a launcher set
+    the variables (torchrun with one process too); a lone process has none. Idempotent: a
+    second call returns the already-initialised group's info.
     """
     env = read_dist_env()
     torch_device = _device_for(env.local_rank, device)
@@ -152,7 +180,8 @@ def init_distributed(
         torch.cuda.set_device(torch_device)
     if dist.is_available() and dist.is_initialized():
         return DistInfo(dist.get_rank(), dist.get_world_size(), env.local_rank, torch_device)
-    if env.world_size <= 1:
+    launched = env.source == "torchrun" and None not in (env.master_addr, env.master_port)
+    if env.world_size <= 1 and not launched:  # one process and nothing to meet at
         return DistInfo(0, 1, env.local_rank, torch_device)
     if env.master_addr is None or env.master_port is None:
         raise RuntimeError(
@@ -167,13 +196,18 @@ def init_distributed(
         LOCAL_RANK=str(env.local_rank),
     )
     backend = backend or ("nccl" if torch_device.type == "cuda" else "gloo")
+    # device_id binds NCCL to this rank's GPU and connects eagerly: a wrong GPU binding or an
+    # unreachable peer fails here, not at the first collective (barrier() guessing the device).
+    bound = {"device_id": torch_device} if "nccl" in backend else {}
     dist.init_process_group(
         backend=backend,
         init_method="env://",
         rank=env.rank,
         world_size=env.world_size,
         timeout=datetime.timedelta(minutes=timeout_min),
+        **bound,
     )
+    cpu_group()  # every group at start-up: a gloo network mistake fails now, not at a save
     log.info(
         "process group: rank %d/%d (local %d) via %s, backend %s, %s:%s",
         env.rank,
@@ -228,6 +262,23 @@ def reduce_device() -> torch.device:
     return torch.device("cpu")
 
 
+_CPU_GROUP: list[Any] = [None, None]  # [the default group it belongs to, the gloo group]
+
+
+def cpu_group() -> dist.ProcessGroup | None:
+    """The job's gloo group for host-side coordination: checkpoint saves and resumes, also from
+    the asynchronous writer's background thread (its own group: never interleaved with the
+    training loop's collectives, NCCL or gloo). Created by `init_distributed` at start-up; a
+    process group formed elsewhere (a test's) gets it at the first call, which is then
+    collective. None without a process group."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return None
+    world = dist.group.WORLD
+    if _CPU_GROUP[0] is not world:  # a new default group (a second job in this process)
+        _CPU_GROUP[:] = [world, dist.new_group(backend="gloo")]
+    return _CPU_GROUP[1]
+
+
 _NODE_GROUPS: dict[int, dist.ProcessGroup | None] = {}
 
 
@@ -247,6 +298,23 @@ def node_group() -> dist.ProcessGroup | None:
 
 
 def cleanup() -> None:
-    """Destroy the process group if one exists."""
+    """Destroy the process group (and its subgroups) if one exists."""
+    _CPU_GROUP[:] = [None, None]
+    _NODE_GROUPS.clear()
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def set_deterministic(enabled: bool) -> None:
+    """`train.deterministic`: bit-reproducible GPU kernels (CPU kernels already are), at a cost
+    (docs/checkpoints.md, "What exact means"). Call it before the first cuBLAS call (the trainer
+    does, in its constructor): cuBLAS reads its workspace setting once. Under strict
+    deterministic mode torch runs flash and memory-efficient attention's backward in their
+    deterministic mode and never picks cuDNN attention, and raises at an op that has no
+    deterministic implementation, naming it. Off: nothing is changed."""
+    if not enabled:
+        return
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # a user's :16:8 is kept
+    torch.use_deterministic_algorithms(True)
+    torch.backends.cudnn.benchmark = False  # autotuning may pick other kernels per run
+    torch.backends.cudnn.deterministic = True

@@ -17,7 +17,7 @@ single-process build with the same seed has.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING
 
 import torch
@@ -51,11 +51,12 @@ def choose_parallel(
     """Resolve `auto` for one module of `numel` parameters: single process -> none; trainable:
     fsdp from FSDP_MIN_PARAMS, ddp below; frozen: fsdp when its weights (`param_bytes` each)
     exceed FROZEN_REPLICATE_MAX_BYTES, else none (replicated). An explicit choice is kept when
-    there is more than one process (a frozen module is never wrapped in DDP: no gradients)."""
+    a process group exists, also one of a single rank (`torchrun --nproc_per_node=1`: the FSDP
+    path checked on one GPU); a frozen module is never wrapped in DDP (no gradients)."""
     if parallel not in PARALLEL_CHOICES:
         raise ValueError(f"parallel must be one of {', '.join(PARALLEL_CHOICES)}, got {parallel!r}")
-    if world_size == 1:  # nothing to replicate or shard
-        return "none"
+    if world_size == 1 and (parallel == "auto" or not _has_process_group()):
+        return "none"  # nothing to replicate or shard
     if not trainable:
         if parallel == "auto":
             return "fsdp" if numel * param_bytes > FROZEN_REPLICATE_MAX_BYTES else "none"
@@ -63,6 +64,29 @@ def choose_parallel(
     if parallel != "auto":
         return parallel
     return "fsdp" if numel >= FSDP_MIN_PARAMS else "ddp"
+
+
+def _has_process_group() -> bool:
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized()
+
+
+def unwrap(module: nn.Module) -> nn.Module:
+    """The model inside the wrappers the trainer may put around it, in any order and number:
+    torch.compile's `OptimizedModule` (`_orig_mod`) and DDP (`module`); FSDP2 wraps nothing
+    (it changes the module's class in place). Code that calls a module on some ranks only (a
+    validation over uneven shards, a bare head) must call the unwrapped one: a compiled DDP
+    module still runs DDP's forward, whose buffer broadcast is a collective."""
+    from torch._dynamo.eval_frame import OptimizedModule
+
+    while True:
+        if isinstance(module, OptimizedModule):
+            module = module._orig_mod
+        elif isinstance(module, nn.parallel.DistributedDataParallel):
+            module = module.module
+        else:
+            return module
 
 
 def fully_shard_model(
@@ -103,6 +127,21 @@ def _shard_wide_dim(param: nn.Parameter):
     return Shard(param.ndim - 1) if param.ndim > 1 and param.shape[0] == 1 else None
 
 
+def frozen_block_dtype(device: torch.device, precision: str) -> torch.dtype:
+    """The dtype of a frozen module's blocks: bf16 on GPUs under bf16 precision (half the
+    memory; autocast computes their matmuls in bf16 anyway, LayerNorm in fp32), fp32 elsewhere.
+    The root's small tables stay fp32, so the residual stream is fp32 on every path."""
+    return torch.bfloat16 if device.type == "cuda" and precision == "bf16" else torch.float32
+
+
+def cast_blocks(units: Iterable[nn.Module], dtype: torch.dtype) -> None:
+    """Cast the blocks of a frozen module to `dtype` where they are (on the CPU or the meta
+    device: before they reach the GPU, never as an fp32 copy there first); fp32 is a no-op."""
+    if dtype != torch.float32:
+        for unit in units:
+            unit.to(dtype)
+
+
 def has_meta(model: nn.Module) -> bool:
     """True when any parameter or buffer still lives on the meta device."""
     return any(t.is_meta for t in (*model.parameters(), *model.buffers()))
@@ -129,13 +168,54 @@ def load_full_state(module: nn.Module, read: Callable[[], dict[str, torch.Tensor
     """Fill a placed module (replicated, DDP-wrapped or FSDP-sharded) from a full state dict
     that only rank 0 reads (`read()`) and broadcasts: one read of the file per job, not one
     per rank (a 5B teacher is 22 GB in fp32; 256 ranks reading it would move 5.6 TB). Strict:
-    a missing or unexpected key is an error. For `ModuleSpec.load`."""
+    a missing, unexpected or mis-shaped key is an error. Device memory: one tensor at a time
+    beyond the module's own (never the full state). For `ModuleSpec.load`."""
     import torch.distributed as dist
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+    from torch.distributed.tensor import DTensor
 
-    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
-        module.load_state_dict(read(), strict=True)
-        return
-    state = read() if dist.get_rank() == 0 else {}
-    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True, strict=True)
-    set_model_state_dict(module, state, options=options)
+    grouped = dist.is_available() and dist.is_initialized()
+    if grouped and any(isinstance(p, DTensor) for p in module.parameters()):
+        # Sharded: torch broadcasts one full tensor at a time and copies its slice.
+        state = read() if dist.get_rank() == 0 else {}
+        options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True, strict=True)
+        set_model_state_dict(module, state, options=options)
+    elif grouped and dist.get_world_size() > 1:
+        _broadcast_replicated(unwrap(module), read)
+    else:
+        unwrap(module).load_state_dict(read(), strict=True)
+
+
+def _broadcast_replicated(module: nn.Module, read: Callable[[], dict[str, torch.Tensor]]) -> None:
+    """Rank 0's full state into every rank's replica, tensor by tensor, each cast to its
+    parameter's dtype before it leaves rank 0 (bf16 blocks travel as bf16), and dropped from
+    `read()`'s dict once sent (rank 0's host copy shrinks as it goes). torch's
+    broadcast_from_rank0 would hold every full tensor on the device until the end (a 5B
+    encoder's 21.8 GB of fp32 beside its 10.9 GB of bf16 weights)."""
+    import torch.distributed as dist
+
+    from pixio.checkpoint import state_mismatch  # the one strictness check (lazy: it imports us)
+    from pixio.runtime.distributed import reduce_device
+
+    targets = module.state_dict()  # name -> tensor sharing the module's storage
+    state, problem, failure = {}, None, None
+    if dist.get_rank() == 0:
+        try:
+            state = read()
+            problem = state_mismatch(module, state, "the broadcast state")
+        except Exception as err:  # the other ranks must not wait for a broadcast
+            failure, problem = err, f"rank 0 could not read the state: {err}"
+    box = [problem]
+    dist.broadcast_object_list(box, src=0)
+    if failure is not None:
+        raise failure
+    if box[0] is not None:
+        raise ValueError(box[0])
+    wire = reduce_device()
+    for name, target in targets.items():  # the same order on every rank
+        if dist.get_rank() == 0:
+            piece = state.pop(name).to(wire, target.dtype)
+        else:
+            piece = torch.empty(target.shape, dtype=target.dtype, device=wire)
+        dist.broadcast(piece, src=0)
+        target.copy_(piece)

@@ -33,7 +33,14 @@ from torch.distributed.checkpoint.state_dict import (
 from pixio.runtime import checkpointing, optim
 from pixio.runtime.checkpointing import CheckpointManager
 from pixio.runtime.config import ConfigError
-from pixio.runtime.distributed import DistInfo, all_reduce_mean, is_dist, node_group, reduce_device
+from pixio.runtime.distributed import (
+    DistInfo,
+    all_reduce_mean,
+    is_dist,
+    node_group,
+    reduce_device,
+    set_deterministic,
+)
 from pixio.runtime.logging import (
     METRICS_NAME,
     RUN_ID_NAME,
@@ -43,7 +50,14 @@ from pixio.runtime.logging import (
     format_progress,
     set_aside_stale,
 )
-from pixio.runtime.parallel import choose_parallel, fully_shard_model, materialize, num_params
+from pixio.runtime.parallel import (
+    cast_blocks,
+    choose_parallel,
+    frozen_block_dtype,
+    fully_shard_model,
+    materialize,
+    num_params,
+)
 from pixio.runtime.preemption import PreemptionHandler
 from pixio.runtime.runconfig import CONFIG_NAME, write_run_config
 from pixio.runtime.task import ModuleSpec, OptimizerSpec, Periodic, StepOutput, Task
@@ -126,6 +140,7 @@ class Trainer:
         val_data: Iterable | None = None,
     ) -> None:
         self.cfg, self.task, self.data, self.info = cfg, task, data, info
+        set_deterministic(cfg.train.deterministic)  # before any module is placed or run
         self.val_data = val_data
         self.config_dict = config_dict
         self.t = cfg.train
@@ -699,14 +714,12 @@ class Trainer:
 
 def cast_frozen_blocks(spec: ModuleSpec, device: torch.device, precision: str) -> int:
     """On GPUs under bf16 precision, a frozen module's blocks (`shard_units`) hold bf16
-    weights: half the memory, while the residual stream and the root's small tables stay fp32
-    as on every other path (autocast computes the blocks' matmuls in bf16 anyway). Returns the
-    bytes per parameter that decide replication vs sharding."""
-    if device.type != "cuda" or precision != "bf16":
-        return 4
-    for unit in spec.shard_units:
-        unit.to(torch.bfloat16)
-    return 2
+    weights (`pixio.runtime.parallel.frozen_block_dtype`), cast where the module is (CPU or
+    meta device), before it is moved or materialised on the GPU. Returns the bytes per
+    parameter that decide replication vs sharding."""
+    dtype = frozen_block_dtype(device, precision)
+    cast_blocks(spec.shard_units, dtype)
+    return dtype.itemsize
 
 
 def _fetch(batches: Iterator[tuple[int, Any]]) -> tuple[tuple[int, Any] | None, Exception | None]:
