@@ -133,17 +133,23 @@ def _rank_worker(rank: int, world: int, port: int, root: str, out: str) -> None:
                       WORLD_SIZE=str(world), LOCAL_RANK=str(rank))  # fmt: skip
     from pixio.runtime.distributed import cleanup, init_distributed
 
+    from pixio.runtime.parallel import fully_shard_model
+
     info = init_distributed()
     torch.set_num_threads(1)
     torch.manual_seed(0)
     mae = pixio.build_mae("pixio_vitt16", depth=2, img_size=64, decoder_depth=1).eval()
+    monitor = KnnMonitor(_monitor_cfg(Path(root), batch_size=3), 64, info)
     with torch.no_grad():
-        row = KnnMonitor(_monitor_cfg(Path(root), batch_size=3), 64, info)(mae)
-    torch.save(row, f"{out}.{rank}")
+        row = monitor(mae)
+        sharded = fully_shard_model(mae, [*mae.blocks, *mae.decoder_blocks], None)
+        torch.save([row, monitor(sharded)], f"{out}.{rank}")  # FSDP2: `features` gathers too
     cleanup()
 
 
 def test_two_ranks_share_the_work_and_agree_with_one(tmp_path):
+    """2 gloo ranks (odd shares, padded batches), plain and FSDP2-sharded, give one process's
+    result."""
     import socket
 
     with socket.socket() as s:
@@ -157,12 +163,14 @@ def test_two_ranks_share_the_work_and_agree_with_one(tmp_path):
             for process in workers.processes:
                 process.kill()
             pytest.fail("the two gloo processes did not finish within 300 s")
-    rows = [torch.load(f"{out}.{r}", weights_only=True) for r in range(2)]
+    (plain0, fsdp0), (plain1, fsdp1) = (
+        torch.load(f"{out}.{r}", weights_only=True) for r in range(2)
+    )
     torch.manual_seed(0)
     mae = pixio.build_mae("pixio_vitt16", depth=2, img_size=64, decoder_depth=1).eval()
     with torch.no_grad():
         one = KnnMonitor(_monitor_cfg(root), 64, SINGLE)(mae)  # 30 / 2: odd shares, padded
-    assert rows[0] == rows[1] and rows[0] == pytest.approx(one)
+    assert plain0 == plain1 == fsdp0 == fsdp1 and plain0 == pytest.approx(one)
 
 
 def _labelled_tar(path: Path, start: int, labels: list[int | None]) -> None:
