@@ -30,10 +30,12 @@ current world size. A candidate that fails is logged with the one tried next; if
 and none loads, CheckpointError is raised and nothing on disk is changed.
 
 Async saves (`async_save=True`): `save` returns once the state is copied to host memory; the
-write and hashing run in a background thread, on a gloo process group of their own (so they
-never interleave with the training loop's collectives); the commit happens in `wait()`, which the
-next `save`, `load_latest` and `close` call first. A process killed before `wait()` leaves only a
-temporary directory: the previous checkpoint stays the latest.
+write and hashing run in a background thread, bound to the rank's CUDA device, writing the
+staged host tensors without a CUDA stream, on the job's gloo group for host-side coordination
+(`pixio.runtime.distributed.cpu_group`, created at start-up; so they never interleave with the
+training loop's collectives); the commit happens in `wait()`, which the next `save`,
+`load_latest` and `close` call first. A process killed before `wait()` leaves only a temporary
+directory: the previous checkpoint stays the latest.
 
 One directory on its own (names, manifest, retention, and the verified reads of every other
 reader: tools, encoder readers) is `pixio.runtime.checkpoint_dir`; its names are re-exported.
@@ -47,7 +49,6 @@ import json
 import logging
 import os
 import pickle
-import random
 import shutil
 import time
 import uuid
@@ -57,7 +58,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NoReturn, TypeVar
 
-import numpy as np
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
@@ -92,12 +92,15 @@ from pixio.runtime.checkpoint_dir import (
     read_meta,
     verify_files,
 )
+from pixio.runtime.distributed import cpu_group
+from pixio.runtime.rng import capture_rng_state, restore_rng_state
 from pixio.safe_load import SafeDCPReader, SafeLoadPlanner, read_dcp_metadata, safe_torch_load
 
 log = logging.getLogger("pixio.checkpoint")
 T = TypeVar("T")
 _FULL_BELOW = 64 << 20  # free bytes under which a failed write is put down to a full disk
 _PLAIN = (int, float, bool, str, type(None), torch.dtype)
+_COPY_AHEAD = 10_000_000  # bytes DCP copies from the GPU ahead of the write (its default)
 
 # Re-exported: the one-directory functions are part of this module's interface.
 __all__ = [
@@ -204,16 +207,32 @@ def _bad_leaf(obj: Any, key: str = "") -> str | None:
     return None
 
 
+def _holds_cuda(tree: Any) -> bool:
+    """Whether a nested state holds a tensor (or DTensor shard) on a CUDA device."""
+    if isinstance(tree, torch.Tensor):
+        return tree.device.type == "cuda"
+    if isinstance(tree, dict):
+        return any(_holds_cuda(v) for v in tree.values())
+    if isinstance(tree, (list, tuple)):
+        return any(_holds_cuda(v) for v in tree)
+    return False
+
+
+def _bind_device(device: int | None) -> None:
+    """Initializer of the background writer thread: the rank's CUDA device (None: no CUDA)."""
+    if device is not None:
+        torch.cuda.set_device(device)
+
+
 # ---- collectives ------------------------------------------------------------------------------
 class _Comm:
-    """Rank, world size and object collectives on the checkpoint's own gloo group (no group
-    without torch.distributed). Its own group: async writes talk from a background thread while
+    """Rank, world size and object collectives on the job's gloo group for host-side
+    coordination (`pixio.runtime.distributed.cpu_group`, created at start-up; no group without
+    torch.distributed). Its own group: async writes talk from a background thread while
     training uses the default group, and small objects need no GPU round trip."""
 
     def __init__(self) -> None:
-        self.group = None
-        if dist.is_available() and dist.is_initialized():
-            self.group = dist.new_group(backend="gloo")
+        self.group = cpu_group()
         self.rank = dist.get_rank() if self.group is not None else 0
         self.world = dist.get_world_size() if self.group is not None else 1
 
@@ -264,16 +283,10 @@ class CheckpointManager:
         self.keep_last = max(1, keep_last)
         self.keep_every = keep_every
         self.async_save = async_save
-        self._comm: _Comm | None = None
+        self.comm = _Comm()  # every rank builds the manager (the trainer, at start-up)
         self._pending: _Pending | None = None
         self._pool: ThreadPoolExecutor | None = None
         self._stager: BlockingAsyncStager | None = None
-
-    @property
-    def comm(self) -> _Comm:
-        if self._comm is None:  # created in a collective call: new_group needs every rank
-            self._comm = _Comm()
-        return self._comm
 
     # ---- saving ---------------------------------------------------------------------------
     def save(self, step: int, state: dict[str, Any], meta: dict[str, Any]) -> Path:
@@ -287,7 +300,7 @@ class CheckpointManager:
         pending = _Pending(step, Path(self.comm.broadcast(str(began))), final, time.perf_counter())
         try:
             if self.async_save:
-                staged = self._agree(lambda: self._staging().stage(state), final)
+                staged = self._agree(lambda: self._staging(state).stage(state), final)
                 pending.future = self._executor().submit(self._write, pending.tmp, staged)
                 self._pending = pending
                 return final
@@ -320,13 +333,21 @@ class CheckpointManager:
 
     def _executor(self) -> ThreadPoolExecutor:
         if self._pool is None:
-            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pixio-ckpt")
+            # A new thread's current CUDA device is 0: anything there that touches CUDA would
+            # open a context on GPU 0 from every rank of the node. Bind it to the rank's.
+            device = torch.cuda.current_device() if torch.cuda.is_initialized() else None
+            self._pool = ThreadPoolExecutor(
+                max_workers=1,
+                thread_name_prefix="pixio-ckpt",
+                initializer=_bind_device,
+                initargs=(device,),
+            )
         return self._pool
 
-    def _staging(self) -> BlockingAsyncStager:
+    def _staging(self, state: dict[str, Any]) -> BlockingAsyncStager:
         if self._stager is None:
-            # With CUDA: pinned host buffers, kept between saves (copies run at full speed).
-            self._stager = BlockingAsyncStager(cache_staged_state_dict=torch.cuda.is_available())
+            # GPU state: pinned host buffers, kept between saves (copies run at full speed).
+            self._stager = BlockingAsyncStager(cache_staged_state_dict=_holds_cuda(state))
         return self._stager
 
     def _agree(self, fn: Callable[[], T], final: Path) -> T:
@@ -364,7 +385,12 @@ class CheckpointManager:
         """DCP-write this rank's shard into `tmp` and hash the files this rank wrote. Returns
         every rank's digests (or error line), gathered. Runs in the background when async."""
         comm = self.comm
-        writer = FileSystemWriter(tmp, single_file_per_rank=True, sync_files=True)
+        # Host tensors (a staged async save, a CPU run) are written as they are; DCP's
+        # copy-ahead would run them through a CUDA stream of the thread's current device.
+        ahead = _COPY_AHEAD if _holds_cuda(state) else 0
+        writer = FileSystemWriter(
+            tmp, single_file_per_rank=True, sync_files=True, per_thread_copy_ahead=ahead
+        )
         # Plan caching: after the first save the ranks send no plans and rank 0 reuses the
         # global plan, saving O(tensors x ranks) work per save (~1 min for 5B on 256 ranks).
         planner = DefaultSavePlanner(enable_plan_caching=True)
@@ -549,40 +575,3 @@ class CheckpointManager:
             local = [str(exc)]
         gathered = comm.all_gather(local)
         return list(dict.fromkeys(p for problems in gathered for p in problems))
-
-
-# ---- random number generators -----------------------------------------------------------------
-def capture_rng_state() -> dict[str, Any]:
-    """Python, numpy, torch CPU and CUDA generator states as tensors/ints/lists only, so the
-    result survives `weights_only=True` loading."""
-    version, internal, gauss = random.getstate()
-    name, keys, pos, has_gauss, cached = np.random.get_state()
-    state: dict[str, Any] = {
-        "python": {"version": version, "state": list(internal), "gauss_next": gauss},
-        "numpy": {
-            "name": str(name),
-            "keys": torch.from_numpy(keys.astype(np.int64)),
-            "pos": int(pos),
-            "has_gauss": int(has_gauss),
-            "cached_gaussian": float(cached),
-        },
-        "torch": torch.get_rng_state(),
-    }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def restore_rng_state(state: dict[str, Any]) -> None:
-    """Inverse of `capture_rng_state`. CUDA states are restored for the devices present in
-    both the checkpoint and this process."""
-    py = state["python"]
-    random.setstate((py["version"], tuple(py["state"]), py["gauss_next"]))
-    n = state["numpy"]
-    keys = n["keys"].numpy().astype(np.uint32)
-    np.random.set_state((n["name"], keys, n["pos"], n["has_gauss"], n["cached_gaussian"]))
-    torch.set_rng_state(state["torch"].cpu())
-    cuda = state.get("cuda")
-    if cuda and torch.cuda.is_available():
-        for device, s in enumerate(cuda[: torch.cuda.device_count()]):
-            torch.cuda.set_rng_state(s.cpu(), device)
