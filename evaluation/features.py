@@ -29,6 +29,7 @@ from pixio.models.baselines import SOURCES, BaselineError, build_baseline
 from pixio.models.features import FeatureEncoder
 from pixio.models.registry import build_encoder, encoder_kwargs, list_models
 from pixio.runtime.config import ConfigError, check_choice, require, require_set
+from pixio.runtime.parallel import cast_blocks, frozen_block_dtype
 
 log = logging.getLogger("pixio.eval")
 
@@ -214,12 +215,18 @@ def encoder_digest(cfg: Any) -> str | None:
     return None
 
 
-def load_frozen_encoder(cfg: Any, device: torch.device | None = None) -> FeatureEncoder:
+def load_frozen_encoder(
+    cfg: Any, device: torch.device | None = None, precision: str = "fp32"
+) -> FeatureEncoder:
     """The encoder of an `encoder` config node on `device` (default CPU), in eval mode with
     gradients off; random weights (with a warning) only when `random_if_missing` and the
     checkpoint is absent. Built on the meta device and filled by rank 0's read of the
-    checkpoint, broadcast to the others: one read and one host copy per job, not per rank."""
+    checkpoint, broadcast to the others: one read and one host copy per job, not per rank.
+    `precision` (the run's `train.precision`): bf16 on a GPU gives bf16 blocks (the trainer's
+    frozen policy, `pixio.runtime.parallel.frozen_block_dtype`), cast before the encoder
+    reaches the GPU: a 5B encoder never holds its 21.8 GB of fp32 weights there."""
     device = device or torch.device("cpu")
+    dtype = frozen_block_dtype(device, precision)
     if not _has_checkpoint(cfg):
         if not cfg.get("random_if_missing", False):
             raise ConfigError(f"encoder.checkpoint: not found: {cfg.checkpoint}")
@@ -228,9 +235,12 @@ def load_frozen_encoder(cfg: Any, device: torch.device | None = None) -> Feature
             cfg.checkpoint,
             cfg.name,
         )
-        encoder = _random_encoder(cfg).to(device)
+        encoder = _random_encoder(cfg)
+        cast_blocks(encoder.blocks, dtype)  # on the CPU
+        encoder = encoder.to(device)
     else:
         encoder = build_meta_encoder(cfg)  # no initialisation: the checkpoint fills every value
+        cast_blocks(encoder.blocks, dtype)  # on the meta device: allocated in bf16 below
         encoder.to_empty(device=device)
         try:
             _fill(encoder, cfg)
