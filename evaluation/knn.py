@@ -263,11 +263,14 @@ def gather_positions(
 ) -> torch.Tensor | None:
     """Rank r holds positions r, r + W, ... of the padded set (EvalLoader) with their `real`
     flags; rank 0 interleaves every rank's rows back into position order and keeps the real
-    ones: (n, D) in dataset order. Gathered in slices of `rows` to bound device memory."""
+    ones: (n, D) in dataset order. Gathered in slices of `rows` rows over all ranks (`rows // W`
+    from each), so rank 0's receive buffer on its device is `rows` x (D + 1) floats whatever
+    the number of ranks (336 MB at D = 1280; docs/evaluation.md)."""
     flagged = torch.cat([local.float(), real.to(local.device, torch.float32)[:, None]], dim=1)
     parts: list[list[torch.Tensor]] = [[] for _ in range(info.world_size)]
-    for start in range(0, flagged.shape[0], rows):
-        piece = flagged[start : start + rows].contiguous().to(reduce_device())
+    per_rank = max(1, rows // info.world_size)  # every rank has as many rows: the same slices
+    for start in range(0, flagged.shape[0], per_rank):
+        piece = flagged[start : start + per_rank].contiguous().to(reduce_device())
         if not is_dist():
             parts[0].append(piece.cpu())
             continue
@@ -366,7 +369,7 @@ def run_knn(cfg: DictConfig, info: DistInfo) -> tuple[dict[str, Any], dict[str, 
     if cfg.data.build_demo and info.is_main:
         build_demo_folders(cfg.data.root)
     barrier()
-    encoder = load_frozen_encoder(cfg.encoder, info.device)
+    encoder = load_frozen_encoder(cfg.encoder, info.device, cfg.train.precision)
     protocol = knn_protocol(cfg.data.resize, cfg.data.crop, encoder.patch_size)
     train_set, val_set = image_folders(cfg.data.root, protocol["resize"], protocol["crop"])
     start = time.perf_counter()
