@@ -35,6 +35,7 @@ from evaluation.metrics import (
 )
 from evaluation.vis import depth_picture, segmentation_picture
 from pixio.runtime.job import DataError
+from pixio.runtime.parallel import unwrap
 from pixio.runtime.task import ModuleSpec, OptimizerSpec, StepOutput, Task, Validation
 from pixio.runtime.vis import save_png
 
@@ -49,12 +50,6 @@ class Windows:
     window: int = 256
     stride: int = 170
     window_batch: int = 16
-
-
-def unwrap(module: nn.Module) -> nn.Module:
-    """The module inside a DDP wrapper. Validation calls the bare head: ranks run different
-    numbers of windows, and DDP's forward may broadcast buffers (a collective) on each call."""
-    return module.module if isinstance(module, nn.parallel.DistributedDataParallel) else module
 
 
 def share_buffers(module: nn.Module) -> None:
@@ -109,6 +104,8 @@ class HeadTask(Task):
 
     def validate(self, modules: dict[str, nn.Module], batch: dict) -> dict[str, torch.Tensor]:
         """Per image (validation images differ in size): full-image prediction, statistics."""
+        # The bare head (torch.compile and DDP removed): ranks run different numbers of
+        # windows, and DDP's forward may broadcast buffers (a collective) on each call.
         encoder, head = modules["encoder"], unwrap(modules["head"])
         share_buffers(head)
 
