@@ -59,7 +59,7 @@ def load_mae(
     if path is None:  # load_mae(path)
         name_or_path, path = None, name_or_path
     source = str(path) if module is None else f"{path} (module {module!r})"
-    arch = read_architecture(path, module, run_config=name_or_path is None)
+    arch = read_architecture(path, module)  # a checkpoint dir: its run config (meta.pt) too
     if arch is not None and arch["kind"] != "mae":
         raise EncoderOnlyCheckpointError(
             f"{source} holds an encoder only ({describe(arch)}): {ENCODER_ONLY}"
