@@ -17,6 +17,7 @@ import logging
 import os
 import re
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig
 
 from evaluation.datasets import build_dataset, get_info
+from evaluation.demo_data import demo_root_problem, ensure_demo, is_demo_root
 from evaluation.features import (
     EncoderConfig,
     FrozenFeatures,
@@ -37,8 +39,9 @@ from evaluation.features import (
 )
 from evaluation.heads import HEAD_KINDS, build_head, convert_sync_bn, head_block_ids
 from evaluation.report import encoder_label
-from evaluation.results import RESULTS_FILE, app_identity, is_random, owner_problem
+from evaluation.results import RESULTS_FILE, app_identity, encoder_record, owner_problem
 from evaluation.task import DepthTask, HeadTask, SegmentationTask, Windows
+from pixio.models.baselines import BaselineError
 from pixio.runtime.atomic import write_text_atomic
 from pixio.runtime.config import (
     ConfigError,
@@ -57,6 +60,7 @@ from pixio.runtime.distributed import DistInfo, barrier
 from pixio.runtime.job import run_job
 from pixio.runtime.launcher import validate_and_launch
 from pixio.runtime.maploader import EvalLoader, MapLoader
+from pixio.runtime.paths import PathsConfig, check_path_refs
 from pixio.runtime.rank0 import rank0_result
 from pixio.runtime.runconfig import check_resume
 from pixio.runtime.trainer import Trainer
@@ -91,7 +95,7 @@ class HeadConfig:
 
 @dataclass
 class EvalDataConfig:
-    root: str = MISSING  # the dataset's root, in its public release's layout
+    root: str = MISSING  # the dataset's root in its release's layout (default: paths.<dataset>)
     train_split: str | None = None  # "image target" list relative to root (None: scan / default)
     val_split: str | None = None  # same, for validation
     label_format: str = "raw"  # raw (release masks, remapped on the fly) | reduced (0..K-1/255)
@@ -112,6 +116,7 @@ class InferenceConfig:
 
 @dataclass
 class EvalConfig:
+    paths: PathsConfig = field(default_factory=PathsConfig)  # this machine's dataset roots
     encoder: EncoderConfig = field(default_factory=EncoderConfig)  # the frozen encoder
     dataset: DatasetConfig = field(default_factory=DatasetConfig)  # benchmark + reference lrs
     head: HeadConfig = field(default_factory=HeadConfig)  # dpt | linear
@@ -134,8 +139,10 @@ def register_configs() -> None:
 def validate_eval(cfg: Any, app: str) -> int:
     """Check values, then paths, before anything is built; ConfigError names the first bad key.
     Returns the encoder's patch size (the null sizes follow it)."""
+    check_path_refs(cfg, "data.root")  # an unset paths.<dataset>: name the key to set
     require_set(cfg, "encoder.name", "dataset.name", "head.name", "data.root", "output_dir")
     check_choice(cfg.head, "head", "name", HEAD_KINDS)  # before optim.lr, which reads it
+    resolve_encoder_name(cfg)  # before output_dir, which may name it
     _check_dataset(cfg, app)
     validate_common(cfg)
     check_choice(cfg.data, "data", "label_format", ("raw", "reduced"))
@@ -149,6 +156,24 @@ def validate_eval(cfg: Any, app: str) -> int:
     check_random_weights(cfg)
     check_output_owner(cfg, app)
     return patch
+
+
+def resolve_encoder_name(cfg: Any) -> None:
+    """A transformers folder without `encoder.name` (the apps' default is a Pixio name): the
+    family is the folder's config.json model_type, written into encoder.name (so logs, config.yaml
+    and results.json name it); ConfigError naming the key when it cannot be read."""
+    e = cfg.encoder
+    if e.source != "transformers" or e.checkpoint is None or not Path(e.checkpoint).is_dir():
+        return
+    from pixio.models.baselines.transformers_vit import app_family
+
+    try:
+        family = app_family(e.name, e.checkpoint)
+    except BaselineError as err:
+        raise ConfigError(f"encoder.{err.key}: {err}") from None
+    if family != e.name:
+        log.info("encoder.name: %s (the model_type of %s/config.json)", family, e.checkpoint)
+        e.name = family
 
 
 def check_output_owner(cfg: Any, app: str, **digest: str | None) -> None:
@@ -203,6 +228,9 @@ def _check_paths(d: Any) -> None:
     root = Path(d.root).expanduser()
     if not d.build_demo:
         require(root.is_dir(), "data.root", f"{root} does not exist or is not a directory")
+    else:  # built, reused or rebuilt there: never real data, nor an unmarked older demo set
+        problem = demo_root_problem(root)
+        require(problem is None, "data.root", str(problem))
     for key in ("train_split", "val_split"):
         split = d[key]
         if split is not None:
@@ -238,14 +266,30 @@ def check_sweep_output(overrides: list[str], multirun: bool, swept: list[str] = 
 
 # ---- building -----------------------------------------------------------------------------------
 def ensure_demo_data(cfg: Any, info: DistInfo) -> None:
-    """Build the demo dataset at data.root (rank 0) unless it is already there."""
-    root = Path(cfg.data.root)
-    if info.rank == 0 and not (root.is_dir() and any(root.iterdir())):
-        from evaluation.demo_data import build_demo
-
-        log.info("building the demo %s dataset in %s", cfg.dataset.name, root)
-        build_demo(cfg.dataset.name, root, n_train=cfg.data.demo_train, n_val=cfg.data.demo_val)
+    """The demo dataset at data.root (rank 0 builds it, or rebuilds one of an older version or
+    other counts); the other ranks wait."""
+    if info.rank == 0:
+        d = cfg.data
+        log.info("demo %s dataset in %s (evaluation.demo_data)", cfg.dataset.name, d.root)
+        ensure_demo(cfg.dataset.name, d.root, d.demo_train, d.demo_val)
     barrier()
+
+
+def is_demo_run(cfg: Any) -> bool:
+    """Whether this run's data is a demo set: built by it (data.build_demo) or marked so
+    (evaluation.demo_data's DEMO.json). Its results are labelled demo and never compared with
+    the paper's."""
+    return bool(cfg.data.build_demo) or is_demo_root(Path(cfg.data.root).expanduser())
+
+
+class IterationLoader(MapLoader):
+    """A MapLoader whose batches say which training iteration they are for (`iteration`, (B,)
+    int64), so the task's pictures can name the step they show, also after a resume."""
+
+    def iterate(self, start_iteration: int) -> Iterator[Any]:
+        for it, batch in enumerate(super().iterate(start_iteration), start_iteration):
+            batch["iteration"] = torch.full((len(batch["index"]),), it, dtype=torch.int64)
+            yield batch
 
 
 def build_loaders(cfg: Any, info: DistInfo) -> tuple[MapLoader, EvalLoader]:
@@ -258,7 +302,7 @@ def build_loaders(cfg: Any, info: DistInfo) -> tuple[MapLoader, EvalLoader]:
     except (FileNotFoundError, ValueError) as err:
         raise ConfigError(f"data.root: {err}") from None
     pin = info.device.type == "cuda"
-    loader = MapLoader(train, cfg.train.batch_size, info.rank, info.world_size, d.num_workers, cfg.train.seed, pin_memory=pin)  # fmt: skip
+    loader = IterationLoader(train, cfg.train.batch_size, info.rank, info.world_size, d.num_workers, cfg.train.seed, pin_memory=pin)  # fmt: skip
     val_loader = EvalLoader(val, 1, info.rank, info.world_size, d.num_workers)
     log.info("data: %d training pairs, %d validation images", len(train), len(val))  # type: ignore[arg-type]
     return loader, val_loader
@@ -266,9 +310,8 @@ def build_loaders(cfg: Any, info: DistInfo) -> tuple[MapLoader, EvalLoader]:
 
 def build_task(cfg: Any, app: str, info: DistInfo) -> HeadTask:
     """Frozen features for the head's blocks, the head (SyncBatchNorm on multi-GPU runs), the task."""
-    encoder = load_frozen_encoder(
-        cfg.encoder, info.device
-    )  # straight to the GPU: no host copy per rank
+    torch.manual_seed(cfg.train.seed)  # a demo's random weights: the same in every run
+    encoder = load_frozen_encoder(cfg.encoder, info.device)  # to the GPU: no host copy per rank
     features = FrozenFeatures(encoder, head_block_ids(cfg.head.name, encoder.depth))
     dataset = get_info(cfg.dataset.name)
     out_channels = 1 if app == "depth" else dataset.num_classes
@@ -283,7 +326,8 @@ def build_task(cfg: Any, app: str, info: DistInfo) -> HeadTask:
                   val_source=val_source)  # fmt: skip
     if app == "depth":
         return DepthTask(features, head, cfg.optim, **common, min_depth=dataset.min_depth, max_depth=dataset.max_depth)  # fmt: skip
-    return SegmentationTask(features, head, cfg.optim, **common, num_classes=dataset.num_classes)
+    return SegmentationTask(features, head, cfg.optim, **common, num_classes=dataset.num_classes,
+                            class_names=dataset.class_names)  # fmt: skip
 
 
 # ---- the run ------------------------------------------------------------------------------------
@@ -322,6 +366,7 @@ def run_eval(cfg: DictConfig, app: str) -> dict[str, Any] | None:
         # Hashed once per start, on rank 0; kept in the config (checkpoints, config.yaml) for
         # the resume check and results.json.
         config["encoder"]["sha256"] = rank0_result(lambda: encoder_digest(cfg.encoder))
+        config["data"]["demo"] = is_demo_run(cfg)  # results.json's `demo`, the report's label
         check_resume(cfg.output_dir, config, SHAPE_KEYS, {"encoder.source": "pixio"}, ENCODER_FILE)  # fmt: skip
         check_output_owner(cfg, app, sha256=config["encoder"]["sha256"])
         if cfg.data.build_demo:
@@ -381,7 +426,8 @@ def write_results(
     extra: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """`results.json`, written atomically: every end-of-epoch validation, the best over epochs
-    and the final one (both labelled), the encoder (source, name, checkpoint, its sha256 as the
+    and the final one (both labelled), whether the data was a demo set (`demo`, from the
+    config's data.demo), the encoder (source, name, checkpoint, its sha256 as the
     config records it, random_weights), `extra` (the protocol's sizes, the encoder's
     architecture) and the config."""
     metric = json.loads((Path(output_dir) / RESULTS_NAME).read_text())["metric"]
@@ -393,13 +439,13 @@ def write_results(
     results = {
         "task": app,
         "dataset": config["dataset"]["name"],
+        "demo": bool(config.get("data", {}).get("demo", False)),  # demo data: never beside the paper
         "head": config["head"]["name"],
         "metric": metric,
         "best": {"label": "best over epochs", **best},
         "final": {"label": "final epoch", **epochs[-1]},
         "epochs": epochs,
-        "encoder": {"source": enc.get("source", "pixio"), "name": enc["name"], "checkpoint": enc["checkpoint"],
-                    "module": enc.get("module"), "sha256": enc.get("sha256"), "random_weights": is_random(enc)},
+        "encoder": encoder_record(enc, enc.get("sha256")),
         **(extra or {}),
         "config": config,
     }  # fmt: skip

@@ -41,6 +41,7 @@ from PIL import Image
 from torch.utils.data import default_collate
 from torchvision import datasets, transforms
 
+from evaluation.common import resolve_encoder_name
 from evaluation.datasets import UnreadableImageError
 from evaluation.datasets.transforms import read_rgb
 from evaluation.features import (
@@ -51,7 +52,7 @@ from evaluation.features import (
     load_frozen_encoder,
     reference_side,
 )
-from evaluation.results import RESULTS_FILE, app_identity, owner_problem
+from evaluation.results import RESULTS_FILE, app_identity, encoder_record, owner_problem
 from pixio.knn import build_demo_folders, global_features, knn_classify, knn_evaluate
 from pixio.models.features import FeatureEncoder
 from pixio.runtime.atomic import atomic_path, write_text_atomic
@@ -72,6 +73,7 @@ from pixio.runtime.job import DataError, OutputDirError, run_job
 from pixio.runtime.launcher import validate_and_launch
 from pixio.runtime.logging import WandbLogger
 from pixio.runtime.maploader import EvalLoader
+from pixio.runtime.paths import PathsConfig, check_path_refs
 from pixio.runtime.rank0 import rank0_result
 
 __all__ = ["build_demo_folders", "global_features", "knn_classify", "knn_evaluate"]  # re-exported
@@ -85,7 +87,7 @@ FEATURES_NAME = "features.pt"
 # ---- configuration ----------------------------------------------------------------------------
 @dataclass
 class KnnDataConfig:
-    root: str = MISSING  # ImageNet-style folder with train/<class>/* and val/<class>/*
+    root: str = MISSING  # train/<class>/*, val/<class>/* (default: paths.imagenet_folders)
     num_workers: int = 8  # data-loader processes per rank
     resize: int = 256  # short side after the bicubic resize
     crop: int | None = None  # center crop (None: 256; patch 14: 252, a multiple of the patch)
@@ -111,6 +113,7 @@ class KnnRunConfig:
 
 @dataclass
 class KnnAppConfig:
+    paths: PathsConfig = field(default_factory=PathsConfig)  # this machine's dataset roots
     encoder: EncoderConfig = field(default_factory=EncoderConfig)  # the frozen encoder
     data: KnnDataConfig = field(default_factory=KnnDataConfig)  # the image folders
     knn: KnnConfig = field(default_factory=KnnConfig)  # k, temperature
@@ -127,8 +130,10 @@ def register_configs() -> None:
 
 def validate_knn(cfg: Any) -> None:
     """Check values and paths before anything is built; ConfigError names the first bad key."""
+    check_path_refs(cfg, "data.root")  # unset paths.imagenet_folders: name the key to set
     require_set(cfg, "data.root", "output_dir")
     require(bool(cfg.output_dir), "output_dir", "is empty")
+    resolve_encoder_name(cfg)  # a transformers folder without encoder.name: its model_type
     patch = check_encoder(cfg)
     require(len(cfg.knn.k) > 0 and all(k >= 1 for k in cfg.knn.k), "knn.k", f"must be a non-empty list of positive integers, got {list(cfg.knn.k)}")  # fmt: skip
     check_positive(cfg.knn, "knn", "temperature", "chunk_size")
@@ -302,22 +307,28 @@ def results_record(
     digest: str | None,
     extra: dict[str, Any],
 ) -> dict[str, Any]:
-    """What results.json holds: accuracies by k, the encoder and its checkpoint's digest (taken
-    at the start; None: random weights), sizes, timings and the resolved config."""
-    random = digest is None
+    """results.json in the schema of the depth and segmentation runs (evaluation.results):
+    task, dataset (`demo` for the demo folders), metric top-1, `best` (the best k) and `final`
+    (the largest k), each labelled, the encoder record (its checkpoint's digest taken at
+    the start; None: random weights); then every k (`by_k`, and `top1` / `top5` by k), sizes,
+    timings, `extra` (protocol, architecture) and the resolved config. The demo (data.build_demo)
+    is labelled `demo: true`: its 6 classes of photo crops are not ImageNet."""
+    by_k = [{"k": k, "top1": t1, "top5": t5} for k, (t1, t5) in sorted(results.items())]
+    best = max(by_k, key=lambda row: row["top1"])  # the first of equal ones: the smallest k
+    encoder = encoder_record(cfg.encoder, digest)
     return {
-        "task": "knn",
-        "top1": {str(k): r[0] for k, r in sorted(results.items())},
-        "top5": {str(k): r[1] for k, r in sorted(results.items())},
-        "encoder": cfg.encoder.name,
-        "encoder_source": cfg.encoder.source,
-        "encoder_checkpoint": None if random else str(Path(cfg.encoder.checkpoint).resolve()),
-        "encoder_module": cfg.encoder.module,
-        "checkpoint_sha256": digest,
-        "random_weights": random,
+        "task": "knn", "dataset": "imagenet", "demo": bool(cfg.data.build_demo), "head": None,
+        "metric": "top1",
+        "best": {"label": "best over k", **best},
+        "final": {"label": "largest k", **by_k[-1]},
+        "by_k": by_k,
+        "top1": {str(row["k"]): row["top1"] for row in by_k},
+        "top5": {str(row["k"]): row["top5"] for row in by_k},
+        "encoder": encoder,
+        "random_weights": encoder["random_weights"],  # also at the top, as k-NN files had it
         **extra,
         "config": to_container(cfg),
-    }
+    }  # fmt: skip
 
 
 def features_record(
@@ -369,6 +380,7 @@ def run_knn(cfg: DictConfig, info: DistInfo) -> tuple[dict[str, Any], dict[str, 
     if cfg.data.build_demo and info.is_main:
         build_demo_folders(cfg.data.root)
     barrier()
+    torch.manual_seed(0)  # a demo's random weights: the same in every run
     encoder = load_frozen_encoder(cfg.encoder, info.device, cfg.train.precision)
     protocol = knn_protocol(cfg.data.resize, cfg.data.crop, encoder.patch_size)
     train_set, val_set = image_folders(cfg.data.root, protocol["resize"], protocol["crop"])

@@ -7,17 +7,19 @@ Reads each `results.json` below the root: depth and segmentation runs (best over
 final, labelled) and k-NN runs (top-1 / top-5 per k). A run folder with `val_results.json` but
 no `results.json` yet (running, or stopped) is shown from that file and marked `incomplete`.
 Encoders are labelled by name for Pixio and `source:name` for a baseline (`timm:...`,
-`transformers:...`).
+`transformers:...`), followed by `@` and the first 8 hex digits of their checkpoint's sha256.
 
 The first table puts the encoders side by side: one line per task / dataset / head (k-NN: per
-k), one column per encoder with its headline number (best over epochs; k-NN top-1), then the
+k), one column per checkpoint (two checkpoints of one architecture are two columns, never one
+holding the better of them) with its headline number (best over epochs; k-NN top-1), then the
 published ViT-H/16 numbers of the paper and those of MAE ViT-H/14. The second lists every run
-with its sizes (crop/window/stride; k-NN resize/crop), its best and final numbers, and the
-published ones.
+with its checkpoint (short digest and file name), its sizes (crop/window/stride; k-NN
+resize/crop), its best and final numbers, and the published ones.
 
-A run of random weights (a demo without a checkpoint: `random_weights` in results.json) is
-marked `random-weights` in the second table, beside no published number, and left out of the
-first. A file that cannot be read, is cut short or lacks a finished run's values is skipped and
+A run on demo data (`demo` in results.json: the demo experiments' tiny generated sets) is
+listed as `demo-<dataset>` and a run of random weights (a demo without a checkpoint:
+`random_weights`) is marked `random-weights`; either stands in the second table beside no
+published number, and is left out of the first. A file that cannot be read, is cut short or lacks a finished run's values is skipped and
 named on stderr (`skipped <file>: <why>`); the rest is reported. Exit status 1 only when nothing
 could be reported.
 """
@@ -36,6 +38,7 @@ from evaluation.results import (
     RESULTS_FILE,
     VAL_RESULTS_FILE,
     ResultsFileError,
+    encoder_of,
     is_knn,
     is_random,
     read_results,
@@ -55,13 +58,22 @@ PUBLISHED_MAE: dict[tuple[str, str], float] = {("nyuv2", "dpt"): 80.8, ("ade20k"
 TASK_OF = {"nyuv2": "depth", "kitti": "depth", "ade20k": "semseg", "pascal": "semseg", "loveda": "semseg"}  # fmt: skip
 HEADLINE = {"depth": "d1", "semseg": "miou"}
 PAPER_COLUMNS = ("Pixio H/16 paper", "MAE H/14 paper")
-COLUMNS = ("task", "dataset", "head", "encoder", "metric", "sizes", "best (epoch)", "final",
-           *PAPER_COLUMNS, "run")  # fmt: skip
+COLUMNS = ("task", "dataset", "head", "encoder", "checkpoint", "metric", "sizes", "best (epoch)",
+           "final", *PAPER_COLUMNS, "run")  # fmt: skip
 TASK_ORDER = {"depth": 0, "semseg": 1, "knn": 2}
 RANDOM_MARK = "random-weights"
 COMPARISON_TITLE = "side by side (best over epochs; k-NN top-1)"
 COMPARISON_NOTE = "+ best of several runs; * incomplete run; - no run."
-NO_COMPARISON = "(no run of a trained encoder: nothing to put beside the published numbers)"
+NO_COMPARISON = (
+    "(no run of a trained encoder on real data: nothing to put beside the published numbers)"
+)
+DEMO_PREFIX = "demo-"
+DEMO_NOTE = (
+    f"{DEMO_PREFIX}<dataset>: a demo experiment's tiny generated set in that dataset's layout; "
+    "its numbers show that the head learns, they measure no encoder: they stand beside no "
+    "published number and are left out of the side-by-side table."
+)
+DIGEST_CHARS = 8  # of the checkpoint's sha256 in labels
 RANDOM_NOTE = (
     f"{RANDOM_MARK}: a demo's encoder without a checkpoint; its numbers measure no encoder, so "
     "they stand beside no published number and are left out of the side-by-side table."
@@ -80,6 +92,17 @@ def encoder_label(source: str, name: str) -> str:
     return name if source == PIXIO else f"{source}:{name}"
 
 
+def checkpoint_cell(sha256: str | None, checkpoint: str | None, random: bool) -> str:
+    """`encoder.safetensors@1a2b3c4d`: the checkpoint's file name and short digest (one word);
+    `random` for random weights, `-` for what a run did not record."""
+    if random:
+        return "random"
+    if not (sha256 or checkpoint):
+        return "-"
+    name = Path(checkpoint).name if checkpoint else ""
+    return f"{name}@{sha256[:DIGEST_CHARS]}" if sha256 else name
+
+
 @dataclass
 class Row:
     task: str
@@ -95,10 +118,23 @@ class Row:
     source: str = PIXIO
     sizes: str = "-"
     random: bool = False  # random weights (a demo without a checkpoint)
+    demo: bool = False  # a demo experiment's generated data
+    sha256: str | None = None  # the checkpoint's digest (None: random or not recorded)
+    checkpoint: str | None = None  # the checkpoint's path as recorded
 
     @property
     def label(self) -> str:
         return encoder_label(self.source, self.encoder)
+
+    @property
+    def column(self) -> str:
+        """The side-by-side column: the encoder label and its checkpoint's short digest."""
+        return f"{self.label}@{self.sha256[:DIGEST_CHARS]}" if self.sha256 else self.label
+
+    @property
+    def comparable(self) -> bool:
+        """A trained encoder on real data: may stand beside the published numbers."""
+        return not (self.random or self.demo)
 
     @property
     def cell(self) -> tuple[str, str, str]:
@@ -107,8 +143,10 @@ class Row:
     def cells(self) -> list[str]:
         epoch = "" if self.best_epoch is None else f" ({self.best_epoch:g})"
         marks = [m for m in (self.status, RANDOM_MARK if self.random else "") if m]
-        published = ["-", "-"] if self.random else _published(self.dataset, self.head)
-        return [self.task, self.dataset, self.head, self.label, self.metric, self.sizes,
+        published = _published(self.dataset, self.head) if self.comparable else ["-", "-"]
+        dataset = f"{DEMO_PREFIX}{self.dataset}" if self.demo else self.dataset
+        checkpoint = checkpoint_cell(self.sha256, self.checkpoint, self.random)
+        return [self.task, dataset, self.head, self.label, checkpoint, self.metric, self.sizes,
                 f"{_num(self.best)}{epoch}", _num(self.final), *published,
                 " ".join([self.run, *marks])]  # fmt: skip
 
@@ -132,27 +170,32 @@ def _sizes(protocol: dict[str, Any] | None, keys: tuple[str, ...]) -> str:
     return "/".join(str(protocol[k]) for k in keys)
 
 
+def _encoder_fields(enc: dict[str, Any]) -> dict[str, Any]:
+    """Row fields of an encoder record (results.json's, or a config's `encoder`)."""
+    return {"source": enc.get("source") or PIXIO, "sha256": enc.get("sha256"),
+            "checkpoint": enc.get("checkpoint"), "random": bool(enc.get("random_weights"))}  # fmt: skip
+
+
 def head_rows(results: dict[str, Any], run: str) -> list[Row]:
     """The row of a depth / segmentation results.json."""
     metric = results["metric"]
-    best, final, enc = results["best"], results["final"], results["encoder"]
+    best, final, enc = results["best"], results["final"], encoder_of(results)
     sizes = _sizes(results.get("protocol"), ("crop_size", "window", "stride"))
     return [Row(results["task"], results["dataset"], results["head"], enc["name"], metric,
-                best[metric], best.get("epoch"), final[metric], run,
-                source=enc.get("source", PIXIO), sizes=sizes,
-                random=bool(enc.get("random_weights")))]  # fmt: skip
+                best[metric], best.get("epoch"), final[metric], run, sizes=sizes,
+                demo=bool(results.get("demo")), **_encoder_fields(enc))]  # fmt: skip
 
 
 def knn_rows(results: dict[str, Any], run: str) -> list[Row]:
     """One row per k of a k-NN results.json (top-1 as best and final; top-5 in the metric)."""
-    source = results.get("encoder_source", PIXIO)  # older files: Pixio only
+    enc = encoder_of(results)  # also the encoder of a file of an earlier version
     sizes = _sizes(results.get("protocol"), ("resize", "crop"))
     rows = []
     for k, top1 in sorted(results["top1"].items(), key=lambda kv: int(kv[0])):
         metric = f"top1 (top5 {_num(results.get('top5', {}).get(k))})"
-        rows.append(Row("knn", "imagenet", f"k={k}", results["encoder"], metric, top1, None,
-                        top1, run, source=source, sizes=sizes,
-                        random=bool(results.get("random_weights"))))  # fmt: skip
+        rows.append(Row("knn", results.get("dataset") or "imagenet", f"k={k}", enc["name"],
+                        metric, top1, None, top1, run, sizes=sizes,
+                        demo=bool(results.get("demo")), **_encoder_fields(enc)))  # fmt: skip
     return rows
 
 
@@ -162,11 +205,12 @@ def incomplete_rows(record: dict[str, Any], run_dir: Path, run: str) -> list[Row
     config = _read_yaml(run_dir / "config.yaml")
     dataset = (config.get("dataset") or {}).get("name", "?")
     head = (config.get("head") or {}).get("name", "?")
-    encoder = config.get("encoder") or {}
+    encoder, data = config.get("encoder") or {}, config.get("data") or {}
+    demo = bool(data.get("demo", data.get("build_demo")))  # data.demo: the apps record it
     metric, best, last = record["metric"], record["best"], record.get("last") or {}
     return [Row(TASK_OF.get(dataset, "?"), dataset, head, encoder.get("name", "?"), metric,
                 best[metric], best.get("epoch"), last.get(metric), run, "incomplete",
-                source=encoder.get("source") or PIXIO, random=is_random(encoder))]  # fmt: skip
+                demo=demo, **{**_encoder_fields(encoder), "random": is_random(encoder)})]  # fmt: skip
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:
@@ -232,9 +276,10 @@ def format_table(rows: list[Row]) -> str:
 
 
 def encoder_columns(rows: list[Row]) -> list[str]:
-    """The encoder labels of the runs: Pixio's first, then the baselines, each group sorted."""
-    source = {r.label: r.source for r in rows}
-    return sorted(source, key=lambda label: (source[label] != PIXIO, label))
+    """The side-by-side columns of the runs, one per checkpoint (`Row.column`): Pixio's first,
+    then the baselines, each group sorted."""
+    source = {r.column: r.source for r in rows}
+    return sorted(source, key=lambda column: (source[column] != PIXIO, column))
 
 
 def _score(row: Row) -> float:
@@ -252,10 +297,10 @@ def best_cell(runs: list[Row]) -> str:
 
 
 def format_comparison(rows: list[Row]) -> str:
-    """One line per task / dataset / head (k-NN: per k), one column per encoder label, then the
+    """One line per task / dataset / head (k-NN: per k), one column per checkpoint, then the
     paper's numbers; lines in the order of `rows` (as `collect` sorts them). Runs of random
-    weights are left out."""
-    rows = [r for r in rows if not r.random]
+    weights or on demo data are left out."""
+    rows = [r for r in rows if r.comparable]
     if not rows:
         return NO_COMPARISON
     labels = encoder_columns(rows)
@@ -263,7 +308,7 @@ def format_comparison(rows: list[Row]) -> str:
     body = []
     for task, dataset, head in cells:
         here = [r for r in rows if r.cell == (task, dataset, head)]
-        values = [best_cell([r for r in here if r.label == label]) for label in labels]
+        values = [best_cell([r for r in here if r.column == label]) for label in labels]
         body.append([task, dataset, head, *values, *_published(dataset, head)])
     return _align(["task", "dataset", "head", *labels, *PAPER_COLUMNS], body)
 
@@ -290,9 +335,11 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     print(COMPARISON_TITLE, format_comparison(rows), COMPARISON_NOTE, "", sep="\n")
     print("every run", format_table(rows), RUNS_NOTE, sep="\n")
+    if any(r.demo for r in rows):
+        print(DEMO_NOTE)
     if any(r.random for r in rows):
         print(RANDOM_NOTE)
-    if gaps := missing([r for r in rows if not r.random]):
+    if gaps := missing([r for r in rows if r.comparable]):
         print(f"no run for: {', '.join(gaps)}")
     if skipped:
         print(f"skipped {len(skipped)} file(s) that could not be read (named on stderr)")

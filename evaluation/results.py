@@ -1,11 +1,13 @@
 """The results files of evaluation runs: read and checked (one line naming a bad file), what run
 each belongs to, and whether a new run may write its results into a folder.
 
-- `results.json`: a finished depth / segmentation run (`task`, `dataset`, `head`, `metric`,
-  `best`, `final`, `encoder` {source, name, module, sha256, random_weights}) or a k-NN run
-  (`task: knn`, `top1` / `top5` by k, `encoder`, `encoder_source`, `encoder_module`,
-  `checkpoint_sha256`, `random_weights`; files written before `task` was recorded are told
-  apart by `top1`).
+- `results.json`, one schema for every task: `task`, `dataset`, `demo` (demo data), `head`
+  (k-NN: null), `metric`, `best` and `final` (labelled rows holding the metric), the `encoder`
+  record {source, name, checkpoint, module, sha256, random_weights} (`encoder_record`),
+  `protocol`, `architecture` and `config`. Head runs add every epoch's validation (`epochs`);
+  k-NN adds `by_k` and the `top1` / `top5` maps by k. k-NN files of earlier versions (`encoder`
+  a name, `encoder_source`, `encoder_module`, `checkpoint_sha256`; the oldest without `task`,
+  told apart by `top1`) still read (`encoder_of`).
 - `val_results.json`: the trainer's best and last validation of a head run (`metric`, `best`,
   `last`), there while it runs and after.
 
@@ -94,7 +96,9 @@ def _check_knn(record: Mapping[str, Any], path: Path) -> None:
     for key, table in (("top1", top1), ("top5", top5)):
         for k, value in table.items():
             _need(k.isdigit() and _is_number(value), path, f"`{key}.{k}` is {_shown(value)}, not an accuracy")  # fmt: skip
-    _need(isinstance(record.get("encoder"), str), path, f"`encoder` is {_shown(record.get('encoder'))}, not a name")  # fmt: skip
+    encoder = record.get("encoder")
+    named = isinstance(encoder, str) or (isinstance(encoder, dict) and isinstance(encoder.get("name"), str))  # fmt: skip
+    _need(named, path, f"`encoder` is {_shown(encoder)}, not an encoder record")
 
 
 def read_results(path: str | os.PathLike) -> dict[str, Any]:
@@ -127,16 +131,38 @@ def is_random(encoder_config: Mapping[str, Any]) -> bool:
     return "sha256" in encoder_config and encoder_config["sha256"] is None
 
 
+def encoder_record(encoder: Mapping[str, Any], sha256: str | None) -> dict[str, Any]:
+    """results.json's `encoder` for an `encoder` config and its checkpoint's digest (None:
+    random weights, no checkpoint): source, name, checkpoint (resolved path), module, sha256,
+    random_weights."""
+    random = sha256 is None
+    checkpoint = encoder.get("checkpoint")
+    return {"source": encoder.get("source", PIXIO), "name": encoder["name"],
+            "checkpoint": None if random or checkpoint is None else str(Path(checkpoint).resolve()),
+            "module": encoder.get("module"), "sha256": sha256, "random_weights": random}  # fmt: skip
+
+
+def encoder_of(record: Mapping[str, Any]) -> dict[str, Any]:
+    """The `encoder` record of a checked results.json, also of a k-NN file of an earlier
+    version (the encoder's name, with `encoder_source`, `encoder_checkpoint`, `encoder_module`,
+    `checkpoint_sha256`, `random_weights` beside it)."""
+    encoder = record["encoder"]
+    if isinstance(encoder, Mapping):
+        return {"source": PIXIO, "checkpoint": None, "module": None, **encoder}
+    return {"source": record.get("encoder_source", PIXIO), "name": encoder,
+            "checkpoint": record.get("encoder_checkpoint"), "module": record.get("encoder_module"),
+            "sha256": record.get("checkpoint_sha256"),
+            "random_weights": bool(record.get("random_weights"))}  # fmt: skip
+
+
 def run_identity(record: Mapping[str, Any]) -> dict[str, Any]:
     """What a checked results.json was computed from (IDENTITY_KEYS): the task, a head run's
     dataset and head, and the encoder (source, name, module, checkpoint sha256; None: random)."""
-    if is_knn(record):
-        return {"task": "knn", "dataset": None, "head": None,
-                "source": record.get("encoder_source", PIXIO), "name": record["encoder"],
-                "module": record.get("encoder_module"), "sha256": record.get("checkpoint_sha256")}  # fmt: skip
-    enc = record["encoder"]
-    return {"task": record["task"], "dataset": record["dataset"], "head": record["head"],
-            "source": enc.get("source", PIXIO), "name": enc["name"], "module": enc.get("module"),
+    enc = encoder_of(record)
+    knn = is_knn(record)
+    return {"task": "knn" if knn else record["task"],
+            "dataset": None if knn else record["dataset"], "head": None if knn else record["head"],
+            "source": enc["source"], "name": enc["name"], "module": enc.get("module"),
             "sha256": enc.get("sha256")}  # fmt: skip
 
 

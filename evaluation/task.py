@@ -12,6 +12,7 @@ validation; at the end, the final weights).
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -80,6 +81,9 @@ class HeadTask(Task):
         self.vis_dir = None if vis_dir is None else Path(vis_dir)
         self.vis_images = vis_images
         self.val_source = val_source  # names the split in errors, e.g. "kitti val split (<list>)"
+        # Training iterations done when the head was last stepped (the batches' `iteration`,
+        # common.IterationLoader); the pictures' titles say it (None: none in this process).
+        self.steps_done: int | None = None
 
     def modules(self) -> dict[str, ModuleSpec]:
         # Replicated, never sharded: validation ranks run different window counts, and an FSDP
@@ -100,6 +104,8 @@ class HeadTask(Task):
 
     def step(self, modules: dict[str, nn.Module], batch: dict) -> StepOutput:
         out = self.logits(modules["encoder"], modules["head"], batch["image"])
+        if "iteration" in batch:
+            self.steps_done = int(batch["iteration"][0]) + 1
         return StepOutput(self.loss(out.float(), batch))
 
     def validate(self, modules: dict[str, nn.Module], batch: dict) -> dict[str, torch.Tensor]:
@@ -120,21 +126,30 @@ class HeadTask(Task):
                 predict, sample["image"], w.window, w.stride, w.window_batch, self.reduce
             )
             rows.append(self.image_stats(pred, sample))
-            self._maybe_draw(sample, pred)
+            self._maybe_draw(sample, pred, rows[-1])
         return {k: torch.cat([r[k] for r in rows]) for k in rows[0]}
 
-    def _maybe_draw(self, sample: dict, pred: torch.Tensor) -> None:
+    def _maybe_draw(self, sample: dict, pred: torch.Tensor, stats: dict[str, torch.Tensor]) -> None:  # fmt: skip
         index = int(sample["index"])
         if self.vis_dir is not None and index < self.vis_images:
-            save_png(self.picture(sample, pred), self.vis_dir / f"val_{index}.png")
+            title = f"validation image {index}, {self._step_text()}: {self.metric_text(stats)}"
+            save_png(self.picture(sample, pred, title), self.vis_dir / f"val_{index}.png")
+
+    def _step_text(self, steps: int | None = None) -> str:
+        steps = self.steps_done if steps is None else steps
+        return "the loaded weights" if steps is None else f"step {steps}"
 
     @torch.no_grad()
     def pictures(self, modules: dict[str, nn.Module], batch: dict) -> dict[str, np.ndarray]:
-        """The first training crop of the batch: input, prediction, ground truth."""
+        """The first training crop of the batch: input, prediction, ground truth, titled with
+        the step and the crop's metric."""
         image = batch["image"][:1]
         out = self.window_output(self.logits(modules["encoder"], modules["head"], image).float())
         sample = {k: v[0] for k, v in batch.items()}
-        return {"train_crop": self.picture(sample, out[0])}
+        steps = int(sample["iteration"]) + 1 if "iteration" in sample else None
+        metric = self.metric_text(self.image_stats(out[0], sample))
+        title = f"training crop, {self._step_text(steps)}: {metric}"
+        return {"train_crop": self.picture(sample, out[0], title)}
 
     # ---- what a subclass says ------------------------------------------------------------
     def loss(self, out: torch.Tensor, batch: dict) -> torch.Tensor:
@@ -148,7 +163,11 @@ class HeadTask(Task):
         """(1, ...) statistics of one image from its full prediction (C, H, W)."""
         raise NotImplementedError
 
-    def picture(self, sample: dict, pred: torch.Tensor) -> np.ndarray:
+    def metric_text(self, stats: dict[str, torch.Tensor]) -> str:
+        """One image's metric for a picture's title, from its `image_stats`."""
+        raise NotImplementedError
+
+    def picture(self, sample: dict, pred: torch.Tensor, title: str) -> np.ndarray:
         raise NotImplementedError
 
 
@@ -188,8 +207,14 @@ class DepthTask(HeadTask):
             )
         return {**summarize_depth(totals), "samples": float(totals["samples"])}
 
-    def picture(self, sample: dict, pred: torch.Tensor) -> np.ndarray:
-        return depth_picture(sample["image"], pred, sample["depth"], self.max_depth)
+    def metric_text(self, stats: dict[str, torch.Tensor]) -> str:
+        if not float(stats["count"].sum()):
+            return f"fewer than {MIN_VALID_PIXELS} valid depth pixels"
+        m = summarize_depth({k: v.sum() for k, v in stats.items()})
+        return f"d1 {m['d1']:.1f} %, abs_rel {m['abs_rel']:.3f}, rmse {m['rmse']:.3g} m"
+
+    def picture(self, sample: dict, pred: torch.Tensor, title: str) -> np.ndarray:
+        return depth_picture(sample["image"], pred, sample["depth"], self.max_depth, title)
 
 
 class SegmentationTask(HeadTask):
@@ -200,9 +225,15 @@ class SegmentationTask(HeadTask):
     validation = Validation("miou", mode="max")
     reduce = "sum"
 
-    def __init__(self, *args: Any, num_classes: int, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        *args: Any,
+        num_classes: int,
+        class_names: Sequence[str] | None = None,
+        **kwargs: Any,
+    ) -> None:
         super().__init__(*args, **kwargs)
-        self.num_classes = num_classes
+        self.num_classes, self.class_names = num_classes, class_names
 
     def window_output(self, logits: torch.Tensor) -> torch.Tensor:
         return torch.softmax(logits, dim=1)
@@ -228,6 +259,14 @@ class SegmentationTask(HeadTask):
             )
         return {**summarize_segmentation(totals), "samples": float(totals["samples"])}
 
-    def picture(self, sample: dict, pred: torch.Tensor) -> np.ndarray:
+    def metric_text(self, stats: dict[str, torch.Tensor]) -> str:
+        if not float(stats["target_area"].sum()):
+            return "no labelled pixel"
+        m = summarize_segmentation({k: v.sum(0) for k, v in stats.items()})
+        return f"mIoU {m['miou']:.1f} % (classes of this image), pixel accuracy {m['acc']:.1f} %"
+
+    def picture(self, sample: dict, pred: torch.Tensor, title: str) -> np.ndarray:
         labels = pred.argmax(0) if pred.ndim == 3 else pred
-        return segmentation_picture(sample["image"], labels, sample["mask"], self.num_classes)
+        return segmentation_picture(
+            sample["image"], labels, sample["mask"], self.num_classes, title, self.class_names
+        )

@@ -1,19 +1,22 @@
-"""Pictures of the depth and segmentation heads: the input, the prediction and the ground truth
-side by side, as (H, 3W, 3) uint8 arrays (written under `output_dir/vis/` and logged to wandb)."""
+"""Pictures of the depth and segmentation heads: input | prediction | ground truth, titled, as
+(H, W, 3) uint8 arrays (written under `output_dir/vis/` and logged to wandb).
+
+Depth maps share one colour scale with a colour bar in metres; segmentation maps carry a legend
+of the classes shown (names and colours). The caller's title says which image, the training
+step and the image's metric. Rendering: `pixio.runtime.vis.render_panels` (matplotlib, Agg).
+"""
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import numpy as np
 import torch
 
-from pixio.runtime.vis import to_pixels
+from pixio.runtime.vis import Panel, render_panels, to_pixels
 
-# Anchors of a perceptually ordered colour map (dark blue -> teal -> yellow), near to the viridis
-# colours, so the pictures need no plotting library.
-_ANCHORS = np.array(
-    [[68, 1, 84], [59, 82, 139], [33, 145, 140], [94, 201, 98], [253, 231, 37]], dtype=np.float64
-)
-IGNORE_COLOUR = (0, 0, 0)  # invalid depth / ignored segmentation pixels
+IGNORE_COLOUR = (0, 0, 0)  # ignored segmentation pixels (invalid depth: the maps' bad colour)
+LEGEND_CLASSES = 12  # the most frequent classes of a picture named in its legend
 
 
 def unnormalize(image: torch.Tensor) -> np.ndarray:
@@ -22,27 +25,26 @@ def unnormalize(image: torch.Tensor) -> np.ndarray:
     return (rgb.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
 
 
-def colorize(values: np.ndarray, low: float, high: float) -> np.ndarray:
-    """(H, W) values -> (H, W, 3) uint8 on the colour map, `low` dark, `high` bright."""
-    t = np.clip((values - low) / max(high - low, 1e-12), 0.0, 1.0) * (len(_ANCHORS) - 1)
-    i = np.minimum(t.astype(np.int64), len(_ANCHORS) - 2)
-    frac = (t - i)[..., None]
-    return ((1 - frac) * _ANCHORS[i] + frac * _ANCHORS[i + 1]).round().astype(np.uint8)
+def _plane(values: torch.Tensor) -> np.ndarray:
+    """(H, W), (1, H, W) or (C=1, H, W) tensor -> (H, W) float64 array."""
+    return values.detach().float().cpu().reshape(values.shape[-2:]).numpy().astype(np.float64)
 
 
 def depth_picture(
-    image: torch.Tensor, pred: torch.Tensor, target: torch.Tensor, max_depth: float
+    image: torch.Tensor, pred: torch.Tensor, target: torch.Tensor, max_depth: float, title: str
 ) -> np.ndarray:
-    """input | predicted depth | ground truth (black where invalid); near is bright. One colour
-    scale for both maps: 0 to the largest ground-truth depth (max_depth when none)."""
-    pred_np = pred.detach().float().cpu().reshape(pred.shape[-2:]).numpy()
-    gt_np = target.detach().float().cpu().reshape(target.shape[-2:]).numpy()
-    valid = gt_np > 0
-    far = float(gt_np[valid].max()) if valid.any() else max_depth
-    pred_rgb = colorize(far - pred_np, 0.0, far)
-    gt_rgb = colorize(far - gt_np, 0.0, far)
-    gt_rgb[~valid] = IGNORE_COLOUR
-    return np.concatenate([unnormalize(image), pred_rgb, gt_rgb], axis=1)
+    """input | predicted depth | ground truth (black where invalid), one colour scale from 0 to
+    the largest ground-truth depth (max_depth when none), with a colour bar in metres."""
+    pred_m, gt_m = _plane(pred), _plane(target)
+    valid = gt_m > 0
+    far = float(gt_m[valid].max()) if valid.any() else max_depth
+    scale = dict(vmin=0.0, vmax=far, colorbar="depth (m)", cmap="viridis_r")  # near = bright
+    rows = [[
+        Panel(unnormalize(image), "input"),
+        Panel(pred_m, "prediction", **scale),
+        Panel(np.ma.masked_array(gt_m, ~valid), "ground truth (black: no depth)", **scale),
+    ]]  # fmt: skip
+    return render_panels(rows, title)
 
 
 def palette(num_classes: int) -> np.ndarray:
@@ -51,18 +53,41 @@ def palette(num_classes: int) -> np.ndarray:
     return rng.integers(40, 256, size=(num_classes, 3), dtype=np.uint8)
 
 
+def class_legend(
+    labels: Sequence[np.ndarray], colours: np.ndarray, names: Sequence[str] | None
+) -> list[tuple[str, np.ndarray]]:
+    """(name, colour) of the classes in `labels` (id maps; ids outside the palette ignored),
+    most frequent first, at most LEGEND_CLASSES of them."""
+    ids = np.concatenate([m[(m >= 0) & (m < len(colours))].ravel() for m in labels])
+    counts = np.bincount(ids, minlength=len(colours))
+    shown = [int(k) for k in np.argsort(-counts, kind="stable") if counts[k]][:LEGEND_CLASSES]
+    return [(names[k] if names else f"class {k}", colours[k]) for k in shown]
+
+
+def class_colours(ids: np.ndarray, colours: np.ndarray) -> np.ndarray:
+    """(H, W) class ids -> (H, W, 3) uint8; ids outside the palette (255: ignored) black."""
+    known = (ids >= 0) & (ids < len(colours))
+    out = colours[np.where(known, ids, 0)]
+    out[~known] = IGNORE_COLOUR
+    return out
+
+
 def segmentation_picture(
-    image: torch.Tensor, pred: torch.Tensor, target: torch.Tensor, num_classes: int
+    image: torch.Tensor,
+    pred: torch.Tensor,
+    target: torch.Tensor,
+    num_classes: int,
+    title: str,
+    class_names: Sequence[str] | None = None,
 ) -> np.ndarray:
-    """input | prediction overlaid on the input | ground truth overlaid (ignored pixels black)."""
-    rgb = unnormalize(image).astype(np.float64)
+    """input | predicted classes | ground truth classes (ignored pixels black), one colour per
+    class, the legend naming the classes shown."""
     colours = palette(num_classes)
-
-    def overlay(labels: torch.Tensor) -> np.ndarray:
-        ids = labels.detach().cpu().reshape(labels.shape[-2:]).numpy().astype(np.int64)
-        known = (ids >= 0) & (ids < num_classes)
-        mixed = 0.5 * rgb + 0.5 * colours[np.where(known, ids, 0)]
-        mixed[~known] = IGNORE_COLOUR
-        return mixed.round().astype(np.uint8)
-
-    return np.concatenate([rgb.astype(np.uint8), overlay(pred), overlay(target)], axis=1)
+    pred_ids, gt_ids = (_plane(t).astype(np.int64) for t in (pred, target))
+    legend = class_legend([pred_ids, gt_ids], colours, class_names)
+    rows = [[
+        Panel(unnormalize(image), "input"),
+        Panel(class_colours(pred_ids, colours), "prediction"),
+        Panel(class_colours(gt_ids, colours), "ground truth (black: ignored)", legend=legend),
+    ]]  # fmt: skip
+    return render_panels(rows, title)

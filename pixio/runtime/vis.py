@@ -1,12 +1,14 @@
 """Pictures: what the trainer's tasks (`Task.pictures`) and `pixio.visualize` share, from
-de-normalisation, grid tiling and PNG writing to the PCA colouring of patch features."""
+de-normalisation, grid tiling and PNG writing to the PCA colouring of patch features, and
+`render_panels`: a titled grid of panels with colour bars and legends (matplotlib, Agg)."""
 
 from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -113,3 +115,78 @@ def mae_reconstruction(
     # torch.where, not a blend: visible patches stay bit-identical even if pred holds NaN/inf
     recon = unpatchify(torch.where(masked, pred, target), patch, h, w)
     return recon, unpatchify(masked.to(imgs.dtype), patch, h, w)
+
+
+# ---- titled pictures ---------------------------------------------------------------------------
+PANEL_PX = 256  # default shorter side of a rendered panel, in pixels: a readable size
+DPI = 100
+BAD_COLOUR = "black"  # pixels of a map without a value (masked): invalid depth, ignored labels
+
+
+@dataclass
+class Panel:
+    """One picture of a `render_panels` grid: an (H, W, 3) RGB image (uint8, or float in
+    [0, 1]), or an (H, W) map drawn with `cmap` from `vmin` to `vmax` (a masked array's masked
+    pixels in BAD_COLOUR) and, with `colorbar`, a colour bar labelled with it (units); a title;
+    optional `legend` entries (name, RGB uint8 colour) listed beside it."""
+
+    image: np.ndarray
+    title: str
+    vmin: float | None = None
+    vmax: float | None = None
+    cmap: str = "viridis"
+    colorbar: str | None = None
+    legend: Sequence[tuple[str, Sequence[int]]] = field(default_factory=tuple)
+
+
+def render_panels(
+    rows: Sequence[Sequence[Panel]], title: str = "", panel_px: int = PANEL_PX
+) -> np.ndarray:
+    """A grid of titled panels (one row per sequence) -> (H, W, 3) uint8. Each panel's shorter
+    side is about `panel_px` pixels whatever its data's size (small crops are shown enlarged,
+    nearest neighbour), colour bars and legends beside their panel, `title` above all. Drawn
+    with matplotlib's Agg canvas (no display, no global pyplot state): about 0.1-0.3 s for a
+    row of three panels on one CPU core."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    n_rows, n_cols = len(rows), max(len(r) for r in rows)
+    height, width = rows[0][0].image.shape[:2]
+    scale = panel_px / min(height, width)
+    extra = 1.35 if any(p.legend or p.colorbar for r in rows for p in r) else 1.0
+    inches = (n_cols * width * scale * extra / DPI, n_rows * (height * scale + 40) / DPI + 0.5)
+    fig = Figure(figsize=inches, dpi=DPI)
+    canvas = FigureCanvasAgg(fig)
+    axes = fig.subplots(n_rows, n_cols, squeeze=False)
+    for r in range(n_rows):
+        for c in range(n_cols):
+            axes[r][c].set_axis_off()
+            if c < len(rows[r]):
+                _draw_panel(fig, axes[r][c], rows[r][c])
+    if title:
+        fig.suptitle(title, fontsize=11)
+    fig.tight_layout()
+    canvas.draw()
+    return np.asarray(canvas.buffer_rgba())[..., :3].copy()
+
+
+def _draw_panel(fig: Any, ax: Any, panel: Panel) -> None:
+    if panel.image.ndim == 2:
+        import matplotlib
+
+        cmap = matplotlib.colormaps[panel.cmap].with_extremes(bad=BAD_COLOUR)
+        shown = ax.imshow(panel.image, cmap=cmap, vmin=panel.vmin, vmax=panel.vmax,
+                          interpolation="nearest")  # fmt: skip
+        if panel.colorbar is not None:
+            bar = fig.colorbar(shown, ax=ax, fraction=0.046, pad=0.02)
+            bar.set_label(panel.colorbar)
+    else:
+        image = panel.image if panel.image.dtype == np.uint8 else np.clip(panel.image, 0.0, 1.0)
+        ax.imshow(image, interpolation="nearest")
+    ax.set_title(panel.title, fontsize=9)
+    if panel.legend:
+        from matplotlib.patches import Patch
+
+        handles = [Patch(color=np.asarray(rgb) / 255.0, label=name) for name, rgb in panel.legend]
+        ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.02, 1.0), fontsize=7,
+                  frameon=False, borderaxespad=0.0)  # fmt: skip

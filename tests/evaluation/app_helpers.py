@@ -116,11 +116,12 @@ def run_knn_app(*overrides: str, timeout: int = 120) -> subprocess.CompletedProc
 def fake_run(
     out: Path, app: str, dataset: str, head: str, values: list[float],
     source: str = "pixio", name: str = "pixio_vith16", extra: dict | None = None,
-    sha256: str | None = "ab" * 32,
+    sha256: str | None = "ab" * 32, demo: bool = False,
 ) -> None:  # fmt: skip
     """A finished run's files as the trainer leaves them (4 iterations per epoch), then
     results.json through the app's writer (`extra`: the protocol, as the apps pass it;
-    `sha256`: the checkpoint's digest as the run's config records it, None for random weights)."""
+    `sha256`: the checkpoint's digest as the run's config records it, None for random weights;
+    `demo`: the run's data was a demo set, as run_eval records it in data.demo)."""
     metric = "d1" if app == "depth" else "miou"
     out.mkdir(parents=True)
     rows = [{"step": 4 * (e + 1), "epoch": float(e + 1), f"val/{metric}": v, "val/samples": 3.0}
@@ -128,5 +129,5 @@ def fake_run(
     (out / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     (out / "val_results.json").write_text(json.dumps({"metric": metric, "mode": "max"}))
     config = {"encoder": {"source": source, "name": name, "checkpoint": "/ckpt/encoder.pth", "sha256": sha256},
-              "dataset": {"name": dataset}, "head": {"name": head}}  # fmt: skip
+              "dataset": {"name": dataset}, "head": {"name": head}, "data": {"demo": demo}}  # fmt: skip
     write_results(out, app, config, iters_per_epoch=4, extra=extra)

@@ -157,7 +157,8 @@ def test_knn_app_end_to_end_matches_in_process_features(knn_setup, one_process_r
     record = json.loads((tmp / "out" / "results.json").read_text())
     assert set(record["top1"]) == {"1", "3", "50"} and record["n_train"] == 15
     assert record["n_val"] == 9 and record["num_classes"] == 3 and not record["random_weights"]
-    assert record["checkpoint_sha256"] == hashlib.sha256(ckpt.read_bytes()).hexdigest()
+    assert record["encoder"]["sha256"] == hashlib.sha256(ckpt.read_bytes()).hexdigest()
+    assert record["encoder"]["checkpoint"] == str(ckpt.resolve()) and record["demo"] is False
     train_set, val_set = image_folders(data, 32, 32)
     with torch.no_grad():
         feats = [global_features(encoder, torch.stack([s[0] for s in d])) for d in (train_set, val_set)]  # fmt: skip
@@ -219,7 +220,8 @@ def knn_config(tmp_path: Path, *overrides: str):
 
 
 def knn_results(name: str = "pixio_vith16", sha256: str | None = "ab" * 32) -> dict:
-    """A finished k-NN's results.json (the fields the apps and the report read)."""
+    """A finished k-NN's results.json of an earlier version (the encoder's name, its source,
+    module and digest beside it), which the apps and the report still read."""
     return {"task": "knn", "top1": {"10": 50.0}, "top5": {"10": 80.0}, "encoder": name,
             "encoder_source": "pixio", "encoder_module": None, "checkpoint_sha256": sha256,
             "random_weights": sha256 is None}  # fmt: skip
@@ -373,3 +375,42 @@ def test_a_full_disk_at_features_pt_keeps_a_complete_results_json(knn_setup, tmp
         f"error: cannot write {out / 'features.pt'}: No space left on device; results.json beside it is complete"
     )  # fmt: skip
     assert sorted(p.name for p in out.iterdir() if "features" in p.name) == []  # no partial file
+
+
+def test_knn_results_json_has_the_head_runs_schema(tmp_path):
+    # One schema for every task: task, dataset, demo, head, metric, labelled best / final rows
+    # holding the metric, the same encoder record, protocol, architecture, config.
+    from app_helpers import fake_run
+
+    from evaluation.knn import results_record
+    from evaluation.results import read_results, run_identity
+
+    ckpt = tmp_path / "enc.safetensors"
+    ckpt.write_bytes(b"weights")
+    cfg = knn_config(tmp_path, f"encoder.checkpoint={ckpt}", "knn.k=[20,5,200]")
+    results = {5: (60.0, 80.0), 20: (70.0, 90.0), 200: (65.0, 95.0)}
+    extra = {"protocol": {"resize": 256, "crop": 256}, "architecture": {"patch_size": 16}}
+    record = results_record(cfg, results, "cd" * 32, extra)
+    fake_run(tmp_path / "depth", "depth", "nyuv2", "dpt", [80.0])
+    head = json.loads((tmp_path / "depth" / "results.json").read_text())
+    shared = {"task", "dataset", "demo", "head", "metric", "best", "final", "encoder", "config"}
+    assert shared <= set(head) and shared | set(extra) <= set(record)
+    assert set(record["encoder"]) == set(head["encoder"])
+    assert (record["task"], record["dataset"], record["demo"], record["head"]) == ("knn", "imagenet", False, None)  # fmt: skip
+    assert record["metric"] == "top1"
+    assert record["best"] == {"label": "best over k", "k": 20, "top1": 70.0, "top5": 90.0}
+    assert record["final"] == {"label": "largest k", "k": 200, "top1": 65.0, "top5": 95.0}
+    assert [row["k"] for row in record["by_k"]] == [5, 20, 200]
+    assert record["encoder"] == {"source": "pixio", "name": "pixio_vith16",
+                                 "checkpoint": str(ckpt.resolve()), "module": None,
+                                 "sha256": "cd" * 32, "random_weights": False}  # fmt: skip
+    (tmp_path / "knn").mkdir()
+    (tmp_path / "knn" / "results.json").write_text(json.dumps(record))
+    checked = read_results(tmp_path / "knn" / "results.json")
+    assert run_identity(checked) == {"task": "knn", "dataset": None, "head": None,
+                                     "source": "pixio", "name": "pixio_vith16", "module": None,
+                                     "sha256": "cd" * 32}  # fmt: skip
+    assert run_identity(knn_results(sha256="cd" * 32)) == run_identity(checked)  # older files
+    demo = results_record(knn_config(tmp_path, "experiment=knn_demo"), results, None, extra)
+    assert demo["demo"] is True and demo["random_weights"] is True
+    assert demo["encoder"]["random_weights"] and demo["encoder"]["checkpoint"] is None

@@ -51,26 +51,38 @@ def test_report_prints_every_run_with_best_final_and_published(tmp_path, capsys)
     lines = run_lines(out)
     row = {line.split()[-1]: line.split() for line in lines if line.split()[-1:] != []}
     nyu = next(line for line in lines if line.startswith("depth") and "nyuv2" in line).split()
-    assert nyu[:6] == ["depth", "nyuv2", "dpt", "pixio_vith16", "d1", "-"]  # no protocol: -
-    assert nyu[6:11] == ["93.25", "(2)", "92.50", "95.50", "80.80"]  # best (epoch), final, paper
+    assert nyu[:7] == [
+        "depth",
+        "nyuv2",
+        "dpt",
+        "pixio_vith16",
+        "encoder.pth@abababab",
+        "d1",
+        "-",
+    ]  # no protocol
+    assert nyu[7:12] == ["93.25", "(2)", "92.50", "95.50", "80.80"]  # best (epoch), final, paper
     loveda = next(line for line in lines if "loveda" in line).split()
-    assert loveda[6:11] == ["51.50", "(2)", "51.50", "53.90", "-"]
+    assert loveda[7:12] == ["51.50", "(2)", "51.50", "53.90", "-"]
     assert "incomplete" in row and row["incomplete"][:3] == ["depth", "kitti", "dpt"]
-    assert row["incomplete"][6:9] == ["60.00", "(1)", "55.00"]
+    assert row["incomplete"][4] == "-"  # its config.yaml records no checkpoint
+    assert row["incomplete"][7:10] == ["60.00", "(1)", "55.00"]
     knn_rows = [line.split() for line in lines if line.startswith("knn")]
-    assert [r[2] for r in knn_rows] == ["k=10", "k=20"] and knn_rows[1][8] == "71.25"
+    assert [r[2] for r in knn_rows] == ["k=10", "k=20"] and knn_rows[1][9] == "71.25"
     # Depth rows first, then segmentation, then k-NN; the cells without a run are named.
     tasks = [line.split()[0] for line in lines[2:]]
     assert tasks == ["depth", "depth", "semseg", "knn", "knn"]
-    # The side-by-side table comes first: one Pixio column, the incomplete run starred.
+    # The side-by-side table comes first: one column per checkpoint (the runs without a
+    # recorded digest under the bare name), the incomplete run starred.
     header, cells = comparison(out)
     assert out.index(report.COMPARISON_TITLE) < out.index(lines[0])
-    assert header == ["task", "dataset", "head", "pixio_vith16", *report.PAPER_COLUMNS]
+    pixio = "pixio_vith16@abababab"
+    assert header == ["task", "dataset", "head", "pixio_vith16", pixio, *report.PAPER_COLUMNS]
     assert list(cells) == [("depth", "kitti", "dpt"), ("depth", "nyuv2", "dpt"),
                            ("semseg", "loveda", "linear"), ("knn", "imagenet", "k=10"),
                            ("knn", "imagenet", "k=20")]  # fmt: skip
-    assert cells["depth", "kitti", "dpt"] == ["60.00*", "96.70", "-"]
-    assert cells["knn", "imagenet", "k=20"] == ["71.25", "-", "-"]
+    assert cells["depth", "kitti", "dpt"] == ["60.00*", "-", "96.70", "-"]
+    assert cells["depth", "nyuv2", "dpt"] == ["-", "93.25", "95.50", "80.80"]
+    assert cells["knn", "imagenet", "k=20"] == ["71.25", "-", "-", "-"]
     assert out[-1].startswith("no run for: nyuv2/linear, kitti/linear, ade20k/dpt")
 
 
@@ -94,18 +106,28 @@ def test_report_puts_baselines_beside_pixio(tmp_path, capsys):
     out = printed.splitlines()
     header, cells = comparison(out)
     mae, r50 = "transformers:vit_mae", "timm:vit_base_r50_s16_224"
-    assert header == ["task", "dataset", "head", "pixio_vith16", r50, mae, *report.PAPER_COLUMNS]
-    # pixio, timm (best of two runs), transformers, Pixio paper, MAE paper
-    assert cells["depth", "nyuv2", "dpt"] == ["93.25", "65.00+", "70.00", "95.50", "80.80"]
-    assert cells["knn", "imagenet", "k=20"] == ["-", "-", "55.50", "-", "-"]
+    columns = ["pixio_vith16@abababab", f"{r50}@abababab", mae, f"{mae}@abababab"]
+    assert header == ["task", "dataset", "head", *columns, *report.PAPER_COLUMNS]
+    # pixio, timm (best of two runs of one checkpoint), transformers without a recorded digest
+    # (the k-NN file), transformers, Pixio paper, MAE paper
+    assert cells["depth", "nyuv2", "dpt"] == ["93.25", "65.00+", "-", "70.00", "95.50", "80.80"]
+    assert cells["knn", "imagenet", "k=20"] == ["-", "-", "55.50", "-", "-", "-"]
     assert list(cells) == [("depth", "nyuv2", "dpt"), ("knn", "imagenet", "k=20")]
     runs = {line.split()[-1]: line.split() for line in run_lines(out)[2:]}
-    assert runs["mae"][3:9] == [mae, "d1", "252/252/168", "70.00", "(1)", "69.00"]
-    assert runs["pixio"][3:6] == ["pixio_vith16", "d1", "-"]
-    assert runs["r50_a"][3:7] == [r50, "d1", "-", "60.00"]
-    assert runs["r50_b"][3:7] == [r50, "d1", "-", "65.00"]
-    assert runs["knn_mae"][:4] == ["knn", "imagenet", "k=20", mae]
-    assert runs["knn_mae"][7:10] == ["256/252", "55.50", "55.50"]  # metric: top1 (top5 77.00)
+    assert runs["mae"][3:10] == [
+        mae,
+        "encoder.pth@abababab",
+        "d1",
+        "252/252/168",
+        "70.00",
+        "(1)",
+        "69.00",
+    ]
+    assert runs["pixio"][3:7] == ["pixio_vith16", "encoder.pth@abababab", "d1", "-"]
+    assert runs["r50_a"][3:8] == [r50, "encoder.pth@abababab", "d1", "-", "60.00"]
+    assert runs["r50_b"][3:8] == [r50, "encoder.pth@abababab", "d1", "-", "65.00"]
+    assert runs["knn_mae"][:5] == ["knn", "imagenet", "k=20", mae, "-"]
+    assert runs["knn_mae"][8:11] == ["256/252", "55.50", "55.50"]  # metric: top1 (top5 77.00)
     note = "\n".join(out)
     assert "reference 256/256/170 (k-NN 256/256)" in note and "(patch 14: 252/252/168)" in note
     assert report.COMPARISON_NOTE.startswith("+ best of several runs; * incomplete run")
@@ -149,7 +171,7 @@ def test_bad_files_are_skipped_and_named_and_the_rest_reported(tmp_path, capsys)
     skipped = sorted(captured.err.splitlines())
     assert skipped.pop(0).startswith(f"skipped {broken / 'config.yaml'}: cannot be read (")
     assert skipped == sorted([
-        f"skipped {cut}: not valid JSON, cut short? (Unterminated string starting at: line 7 column 5)",
+        f"skipped {cut}: not valid JSON, cut short? (Unterminated string starting at: line 7 column 3)",
         f"skipped {tmp_path / 'cut' / 'val_results.json'}: `best` is null, not a validation record",
         f"skipped {tmp_path / 'dir' / 'results.json'}: cannot be read (Is a directory)",
         f"skipped {tmp_path / 'fallback' / 'results.json'}: empty",
@@ -159,9 +181,9 @@ def test_bad_files_are_skipped_and_named_and_the_rest_reported(tmp_path, capsys)
     ])  # fmt: skip
     runs = {line.split()[-1]: line.split() for line in run_lines(captured.out.splitlines())[2:]}
     assert list(runs) == ["good", "incomplete"]
-    assert runs["good"][6:8] == ["93.25", "(2)"]
+    assert runs["good"][7:9] == ["93.25", "(2)"]
     assert runs["incomplete"][:4] == ["semseg", "ade20k", "linear", "pixio_vith16"]
-    assert runs["incomplete"][6:8] == ["41.50", "(1)"] and runs["incomplete"][-2] == "fallback"
+    assert runs["incomplete"][7:9] == ["41.50", "(1)"] and runs["incomplete"][-2] == "fallback"
     assert captured.out.splitlines()[-1] == "skipped 8 file(s) that could not be read (named on stderr)"  # fmt: skip
 
 
@@ -185,11 +207,11 @@ def test_random_weight_runs_are_marked_and_never_beside_published_numbers(tmp_pa
     assert report.main([str(tmp_path)]) == 0
     out = capsys.readouterr().out.splitlines()
     header, cells = comparison(out)
-    assert header == ["task", "dataset", "head", "pixio_vith16", *report.PAPER_COLUMNS]
+    assert header == ["task", "dataset", "head", "pixio_vith16@abababab", *report.PAPER_COLUMNS]
     assert cells == {("depth", "nyuv2", "dpt"): ["90.00", "95.50", "80.80"]}  # no demo numbers
     marked = [line.split() for line in run_lines(out)[2:] if line.endswith(report.RANDOM_MARK)]
     assert [r[-2] for r in marked] == ["demo", "knn_demo", "knn_demo"]
-    assert marked[0][3:11] == ["pixio_vitt16", "d1", "-", "97.00", "(1)", "97.00", "-", "-"]
+    assert marked[0][3:12] == ["pixio_vitt16", "random", "d1", "-", "97.00", "(1)", "97.00", "-", "-"]  # fmt: skip
     assert [r[2] for r in marked[1:]] == ["k=5", "k=10"]  # by k, not as text
     assert marked[2][-5:] == ["95.00", "-", "-", "knn_demo", report.RANDOM_MARK]
     assert report.RANDOM_NOTE in out
@@ -200,3 +222,49 @@ def test_random_weight_runs_are_marked_and_never_beside_published_numbers(tmp_pa
     assert report.main([str(tmp_path)]) == 0
     out = capsys.readouterr().out.splitlines()
     assert out[1] == report.NO_COMPARISON and len(run_lines(out)) == 5
+
+
+def test_two_checkpoints_of_one_architecture_are_two_columns(tmp_path, capsys):
+    # Two checkpoints of pixio_vith16 (e.g. two pre-training runs): never one column holding the
+    # better of them; each run names its checkpoint (file and short digest).
+    fake_run(tmp_path / "early", "depth", "nyuv2", "dpt", [80.0], sha256="11" * 32)
+    fake_run(tmp_path / "late", "depth", "nyuv2", "dpt", [90.0], sha256="22" * 32)
+    fake_run(tmp_path / "late_again", "depth", "nyuv2", "dpt", [85.0], sha256="22" * 32)
+    assert report.main([str(tmp_path)]) == 0
+    out = capsys.readouterr().out.splitlines()
+    header, cells = comparison(out)
+    assert header[3:5] == ["pixio_vith16@11111111", "pixio_vith16@22222222"]
+    assert cells["depth", "nyuv2", "dpt"] == ["80.00", "90.00+", "95.50", "80.80"]
+    runs = {line.split()[-1]: line.split() for line in run_lines(out)[2:]}
+    assert runs["early"][4] == "encoder.pth@11111111"
+    assert runs["late"][4] == runs["late_again"][4] == "encoder.pth@22222222"
+
+
+def test_demo_runs_are_labelled_and_never_beside_published_numbers(tmp_path, capsys):
+    # A demo run with a trained encoder (make demo's): its data is a demo set, so its number
+    # stands beside no published one, whatever it is.
+    fake_run(tmp_path / "real", "semseg", "ade20k", "linear", [48.0])
+    fake_run(tmp_path / "demo", "semseg", "ade20k", "linear", [93.7], demo=True)
+    knn = {"task": "knn", "dataset": "imagenet", "demo": True, "head": None, "metric": "top1",
+           "best": {"label": "best over k", "k": 5, "top1": 96.0, "top5": 99.5},
+           "final": {"label": "largest k", "k": 10, "top1": 95.0, "top5": 99.0},
+           "top1": {"5": 96.0, "10": 95.0}, "top5": {"5": 99.5, "10": 99.0},
+           "encoder": {"source": "pixio", "name": "pixio_vitt16", "sha256": "cd" * 32,
+                       "checkpoint": "/x/encoder.safetensors", "module": None,
+                       "random_weights": False}}  # fmt: skip
+    (tmp_path / "knn_demo").mkdir()
+    (tmp_path / "knn_demo" / "results.json").write_text(json.dumps(knn))
+    assert report.main([str(tmp_path)]) == 0
+    out = capsys.readouterr().out.splitlines()
+    header, cells = comparison(out)
+    assert header == ["task", "dataset", "head", "pixio_vith16@abababab", *report.PAPER_COLUMNS]
+    assert cells == {("semseg", "ade20k", "linear"): ["48.00", "50.20", "-"]}
+    runs = {line.split()[-1]: line.split() for line in run_lines(out)[2:]}
+    assert runs["demo"][1] == "demo-ade20k" and runs["demo"][7:12] == ["93.70", "(1)", "93.70", "-", "-"]  # fmt: skip
+    demo_knn = [line.split() for line in run_lines(out)[2:] if line.startswith("knn")]
+    assert [(r[1], r[2], r[4]) for r in demo_knn] == [
+        ("demo-imagenet", "k=5", "encoder.safetensors@cdcdcdcd"),
+        ("demo-imagenet", "k=10", "encoder.safetensors@cdcdcdcd"),
+    ]
+    assert all(r[-3:-1] == ["-", "-"] for r in demo_knn)
+    assert report.DEMO_NOTE in out and not any(line.startswith("no run for") and "ade20k/linear" in line for line in out)  # fmt: skip

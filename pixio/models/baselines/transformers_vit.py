@@ -58,6 +58,49 @@ def model_class(name: str) -> type[nn.Module]:
     return getattr(_transformers(), FAMILIES[name])
 
 
+def folder_family(folder: str | None) -> str | None:
+    """The `model_type` of a local folder's config.json (None: no folder, no config.json, or
+    none recorded); BaselineError naming the file when it does not parse."""
+    path = Path(folder) / "config.json" if folder is not None else None
+    if path is None or not path.is_file():
+        return None
+    try:
+        saved = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise BaselineError("checkpoint", f"{path}: cannot be read as JSON ({err})") from None
+    model_type = saved.get("model_type") if isinstance(saved, dict) else None
+    return model_type if isinstance(model_type, str) else None
+
+
+def resolve_family(name: str | None, folder: str | None) -> str:
+    """The family a folder is built as: `name` when given (None or "": not given), else the
+    folder's config.json `model_type`, which must be one of FAMILIES. BaselineError otherwise,
+    naming the model_type the folder records (so the fix is in the message)."""
+    if name:
+        if name not in FAMILIES:
+            found = folder_family(folder)
+            hint = (f"; {folder}/config.json says {found!r}: leave encoder.name out (or set "
+                    f"encoder.name={found}) to use it") if found in FAMILIES else ""  # fmt: skip
+            raise BaselineError("name", f"unknown transformers model {name!r}: one of {', '.join(FAMILIES)} (the model_type of the folder's config.json){hint}")  # fmt: skip
+        return name
+    found = folder_family(folder)
+    if found is None:
+        where = "no folder" if folder is None else f"{folder} has no config.json with a model_type"
+        raise BaselineError("name", f"is needed: {where} to read the family from (one of {', '.join(FAMILIES)})")  # fmt: skip
+    if found not in FAMILIES:
+        raise BaselineError("checkpoint", f"{folder} holds a {found!r} model (config.json model_type), not one of {', '.join(FAMILIES)}")  # fmt: skip
+    return found
+
+
+def app_family(name: str, folder: str | None) -> str:
+    """`encoder.name` of an evaluation app run on a transformers folder: a Pixio registry name
+    (the apps' default, `pixio_vith16`, which names no transformers model) counts as not given,
+    so the folder's config.json model_type decides (`resolve_family`)."""
+    from pixio.models.registry import list_models
+
+    return resolve_family(None if name in list_models() else name, folder)
+
+
 def hf_config(name: str, folder: str | None, **kwargs: Any) -> Any:
     """The config of family `name`: the folder's config.json (which must be of that family) or
     the family's defaults, with `kwargs` given to the constructor; ViTMAE's masking off."""
@@ -181,9 +224,13 @@ def _init_kwargs(name: str) -> dict[str, Any]:
     return {"add_pooling_layer": False} if name == "vit" else {}
 
 
-def build_transformers(name: str, folder: str | None = None, **kwargs: Any) -> TransformersEncoder:
-    """Family `name` with the architecture of `folder`'s config.json (or the family's default
-    config), `kwargs` applied to the config; weights initialised by transformers."""
+def build_transformers(
+    name: str | None, folder: str | None = None, **kwargs: Any
+) -> TransformersEncoder:
+    """Family `name` (None: the folder's config.json model_type, `resolve_family`) with the
+    architecture of `folder`'s config.json (or the family's default config), `kwargs` applied to
+    the config; weights initialised by transformers."""
+    name = resolve_family(name, folder)
     config = hf_config(name, folder, **kwargs)
     model = model_class(name)(config, **_init_kwargs(name))
     return TransformersEncoder(model.eval(), name, folder, kwargs)
