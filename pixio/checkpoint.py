@@ -287,8 +287,9 @@ def broadcast_checked_state(
     the other ranks read nothing and receive the weights by broadcast. One read per job and one
     full copy in host memory (a 5B checkpoint is 22 GB; 8 ranks each reading it would hold
     350 GB at start-up). A problem (unreadable file, missing / unexpected / mis-shaped keys)
-    raises ValueError on every rank (StateMismatchError for the keys), so none waits for a
-    broadcast that never comes. A training checkpoint is verified by that one read, on rank 0."""
+    raises ValueError on every rank (StateMismatchError for the keys and for other sizes that
+    the file records), so none waits for a broadcast that never comes. A training checkpoint is
+    verified by that one read, on rank 0."""
     import torch.distributed as dist
 
     from pixio.runtime.distributed import get_rank, is_dist
@@ -302,6 +303,7 @@ def broadcast_checked_state(
             mismatch = problem is not None
         except Exception as err:  # any failure must reach the ranks waiting for the broadcast
             problem = _one_line(err, source)
+            mismatch = isinstance(err, ArchitectureError)  # other sizes recorded in the file
     if is_dist():
         box = [(problem, mismatch)]
         dist.broadcast_object_list(box, src=0)

@@ -173,3 +173,32 @@ def test_convert_full_from_a_training_checkpoint(cpu_config, tmp_path):
         "kind": "encoder", "name": "pixio_vitt16", "embed_dim": 32, "depth": 2, "num_heads": 2,
         "mlp_ratio": 4.0, "patch_size": 16, "n_cls_tokens": 8, "img_size": (64, 64),
     }  # fmt: skip
+
+
+def test_evaluation_encoder_builds_from_the_record(shrunk):
+    """evaluation's `encoder` group: sizes from the file; a name of other sizes is a config error."""
+    from omegaconf import OmegaConf
+
+    from evaluation.features import EncoderConfig, load_frozen_encoder, pixio_build
+    from pixio.runtime.config import ConfigError
+
+    encoder, path = shrunk
+    cfg = OmegaConf.structured(EncoderConfig(name="pixio_vitt16", checkpoint=str(path)))
+    assert pixio_build(cfg)[1]["depth"] == 2
+    assert_same_weights(load_frozen_encoder(cfg), encoder)
+    cfg.name = "pixio_vith16"  # the group's default, left on
+    with pytest.raises(ConfigError, match=r"^encoder.checkpoint: .* asked for embed_dim 1280 \(file: 192\)"):  # fmt: skip
+        pixio_build(cfg)
+
+
+def test_distillation_teacher_of_other_sizes_names_them(shrunk):
+    from distillation.model import teacher_loader
+    from pixio.runtime.config import ConfigError
+    from pixio.runtime.parallel import materialize
+
+    _, path = shrunk
+    with torch.device("meta"):
+        teacher = pixio.build_encoder("pixio_vitt16", depth=3, img_size=64)
+    teacher = materialize(teacher, torch.device("cpu"), initialize=False)
+    with pytest.raises(ConfigError, match=r"^teacher.checkpoint: .*; the model built has depth 3 \(file: 2\) \(check"):  # fmt: skip
+        teacher_loader(path)(teacher)
