@@ -132,7 +132,6 @@ def _rank_worker(rank: int, world: int, port: int, root: str, out: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                       WORLD_SIZE=str(world), LOCAL_RANK=str(rank))  # fmt: skip
     from pixio.runtime.distributed import cleanup, init_distributed
-
     from pixio.runtime.parallel import fully_shard_model
 
     info = init_distributed()
