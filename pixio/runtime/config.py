@@ -67,6 +67,7 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda
     seed: int = 0  # global seed (model init, masking, data order)
     max_iters: int | None = None  # stop (with a checkpoint) after this many iterations
+    peak_tflops: float | None = None  # MFU's peak TFLOP/s per device; None = the GPU's bf16 peak
 
 
 @dataclass
@@ -120,6 +121,7 @@ def check_train(t: Any) -> None:
     check_positive(t, "train", "batch_size", "epochs", "accum_iter", "save_every_iters")
     check_positive(t, "train", "log_every", "keep_last")
     check_positive(t, "train", "iters_per_epoch", "max_iters", "keep_every", optional=True)
+    check_positive(t, "train", "peak_tflops", optional=True)
     for key in ("vis_every", "val_every", "seed"):
         require(getattr(t, key) >= 0, f"train.{key}", f"must be >= 0, got {getattr(t, key)}")
     every, accum = t.save_every_iters, t.accum_iter

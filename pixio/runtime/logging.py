@@ -198,6 +198,8 @@ _DISPLAY: dict[str, tuple[str, str]] = {
     "lr": ("lr", "{:.1e}"),
     "grad_norm": ("gnorm", "{:.3g}"),
     "images_per_s": ("img/s", "{:.1f}"),
+    "tflops": ("TFLOP/s", "{:.3g}"),
+    "mfu": ("mfu", "{:.1%}"),
     "data_wait": ("data", "{:.0%}"),
     "max_mem_gb": ("mem", "{:.1f}G"),
 }
@@ -212,8 +214,8 @@ def _fmt(fmt: str, value: Any) -> str:
 
 
 def format_progress(step: int, total: int, eta_s: float, metrics: Mapping[str, Any]) -> str:
-    """One console line, e.g.
-    `[  120/1000] eta 0:03:12 loss 0.8123 lr 1.2e-04 img/s 350.1 data 12% mem 1.2G`."""
+    """One console line, e.g. `[  120/1000] eta 0:03:12 loss 0.8123 lr 1.2e-04 img/s 350.1
+    TFLOP/s 157 mfu 15.9% data 12% mem 1.2G`."""
     parts = [f"[{step:>{len(str(total))}d}/{total}]", f"eta {format_duration(eta_s)}"]
     for key, (label, fmt) in _DISPLAY.items():
         if metrics.get(key) is not None:
@@ -390,3 +392,15 @@ class WandbLogger:
         if self.run is not None:
             self.run.finish()
             self.run = None
+
+
+def max_memory_gb(device: Any) -> float:
+    """Peak memory of this process in GiB: the CUDA allocator's peak on a GPU (`device`, a
+    torch.device), else the resident set size's peak."""
+    if getattr(device, "type", None) == "cuda":
+        import torch
+
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # kB on Linux

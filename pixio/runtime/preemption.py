@@ -2,7 +2,10 @@
 
 Signal handlers only set a flag; the trainer polls it (``requested()``, or ``agree()``, which
 also shares a failed data fetch) between optimizer steps, so a checkpoint is never written in
-the middle of a step. What the signals mean on SLURM (checked on
+the middle of a step. The trainer's poll is asynchronous (``start_agreement()``): the all-reduce
+of the flags starts after a fetch and its result is read an iteration later, so the host never
+waits for the device to agree (an iteration that waited for the device anyway, to log or save,
+agrees at once). What the signals mean on SLURM (checked on
 the one-node cluster of ``scripts/slurm/local_cluster.sh``):
 
 - ``SIGUSR2``: sent to every task ``signal_delay_s`` before the time limit (``--signal=USR2@N``,
@@ -135,13 +138,17 @@ class PreemptionHandler:
 
         Collective when a process group exists: all ranks must call it at the same step.
         """
-        kind, bad = self._kind, distributed.get_rank() + 1 if failed else 0
-        if distributed.is_dist():
-            flags = torch.tensor([kind, bad], dtype=torch.int32, device=distributed.reduce_device())
-            dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-            kind, bad = flags.tolist()  # one device sync for both
-        self._agreed = kind
-        return kind != _NONE, bad - 1 if bad else None
+        return self.start_agreement(failed).result()
+
+    def start_agreement(self, failed: bool = False) -> Agreement:
+        """Start `agree` without waiting: the all-reduce of this rank's flags (its signal as of
+        now, `failed`) runs in the background; `Agreement.result()` reads it later.
+
+        Collective when a process group exists: all ranks must start their agreements in the
+        same order.
+        """
+        bad = distributed.get_rank() + 1 if failed else 0
+        return Agreement(self, [self._kind, bad])
 
     # -- acting ------------------------------------------------------------------------------
     def requeue_and_exit(self, step: int | None = None, saved: bool = True) -> NoReturn:
@@ -191,6 +198,64 @@ class PreemptionHandler:
             subprocess.run(["scontrol", "requeue", job_id], check=True, timeout=60)
             return f"requeued job {job_id}"
         return "not under SLURM, nothing to requeue"
+
+
+class Agreement:
+    """An all-reduce (max) of a few int32 flags, started at once and read by `result()`.
+
+    On CUDA (NCCL) the reduced flags are copied into pinned host memory on a side stream that
+    waits for the all-reduce alone, so `result()` waits for the collective and that copy, never
+    for the compute queued after the start (reading the device tensor itself would wait for all
+    of it). With gloo the all-reduce runs on a CPU tensor in gloo's own thread. Without a
+    process group the flags are this process's own.
+    """
+
+    def __init__(self, handler: PreemptionHandler, flags: list[int]) -> None:
+        self._handler = handler
+        self._local: list[int] | None = flags
+        self._event: Any = None
+        if not distributed.is_dist():
+            return
+        self._local = None
+        device = distributed.reduce_device()
+        self._tensor = torch.tensor(flags, dtype=torch.int32, device=device)
+        self._work = dist.all_reduce(self._tensor, op=dist.ReduceOp.MAX, async_op=True)
+        if device.type == "cuda":
+            self._host = torch.empty(len(flags), dtype=torch.int32, pin_memory=True)
+            stream = _side_stream(device)
+            with torch.cuda.stream(stream):
+                self._work.wait()  # the side stream waits for the all-reduce, not the host
+                self._host.copy_(self._tensor, non_blocking=True)
+                self._event = torch.cuda.Event()
+                self._event.record(stream)
+
+    def values(self) -> list[int]:
+        """The reduced flags (waits for the all-reduce and, on CUDA, its copy only)."""
+        if self._local is not None:
+            return self._local
+        if self._event is not None:
+            self._event.synchronize()
+            return self._host.tolist()  # pinned host memory: no device read
+        self._work.wait()
+        return self._tensor.tolist()  # a CPU tensor (gloo)
+
+    def result(self) -> tuple[bool, int | None]:
+        """(whether any rank had received a signal, the highest rank whose fetch failed or
+        None), as of when every rank started this agreement."""
+        kind, bad = self.values()
+        self._handler._agreed = kind
+        return kind != _NONE, bad - 1 if bad else None
+
+
+_SIDE_STREAMS: dict[int, Any] = {}
+
+
+def _side_stream(device: torch.device) -> Any:
+    """One CUDA stream per device for the agreements' copies (created once)."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _SIDE_STREAMS:
+        _SIDE_STREAMS[index] = torch.cuda.Stream(device=index)
+    return _SIDE_STREAMS[index]
 
 
 def wait_through_signals(child: subprocess.Popen) -> int:

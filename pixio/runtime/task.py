@@ -5,7 +5,8 @@ Pre-training, evaluation heads and distillation run the same `Trainer`; they dif
 trainer). A task declares its modules (trainable or frozen, with their FSDP units), its
 optimisers (one per trainable group, each with its own `optim` config: lr, schedule, scaler,
 clipping), and the loss of one micro-batch; optional hooks add validation, pictures, periodic
-evaluations and exported artifacts. See docs/DESIGN.md, "Trainer and tasks", for a complete small example.
+evaluations, model FLOPs (for the logged TFLOP/s and MFU) and exported artifacts. See
+docs/DESIGN.md, "Trainer and tasks", for a complete small example.
 """
 
 from __future__ import annotations
@@ -128,6 +129,13 @@ class Task:
     def summarize(self, totals: dict[str, torch.Tensor]) -> dict[str, float]:
         """Metrics from the summed statistics (plus `samples`, the number of samples)."""
         raise NotImplementedError
+
+    def flops_per_sample(self, batch: Any) -> float | None:
+        """Model FLOPs of one training sample of `batch` (forward + backward, as
+        `pixio.models.flops` counts them), from which the trainer logs `tflops` and `mfu`.
+        None (the default): unknown, neither is logged. Called at log time; only the batch's
+        shapes may be read (a device value would make the host wait)."""
+        return None
 
     def pictures(self, modules: dict[str, nn.Module], batch: Any) -> dict[str, np.ndarray]:
         """(H, W, 3) uint8 pictures of the current behaviour on `batch`, by name."""

@@ -3,44 +3,36 @@
 A job builds a `Task` (pixio.runtime.task: its modules, optimisers and loss) and its data, and
 hands them to `Trainer.fit()`. The trainer owns everything else: placing each module (DDP or FSDP
 for trainable ones, chosen per module; frozen ones replicated or sharded, bf16 on GPUs),
-precision, the optimisers with their schedules, scalers and clipping, gradient accumulation,
-validation with best/final tracking, logging and pictures, sharded checkpoints and exact resume,
-pre-emption, and the exported artifacts at the end.
+precision, the optimisers with their schedules, scalers and clipping (`pixio.runtime.step`),
+gradient accumulation, validation with best/final tracking, logging and pictures (the log
+window: `pixio.runtime.window`), sharded checkpoints and exact resume, pre-emption, and the
+exported artifacts at the end.
+
+An iteration reads nothing from the device: the loss and metrics, the gradient norm and the
+finite-loss check stay device tensors until an iteration that logs, saves, validates, draws
+pictures or runs a periodic evaluation reads them (fp16's gradient scaler aside), and the
+ranks' agreement on stopping is read an iteration after it started (`_loop`).
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
-import math
 import time
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.distributed.checkpoint.state_dict import (
-    StateDictOptions,
-    get_model_state_dict,
-    get_optimizer_state_dict,
-    set_model_state_dict,
-    set_optimizer_state_dict,
-)
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
 from pixio.runtime import checkpointing, optim
+from pixio.runtime.batches import fetch, iteration_batches, iters_per_epoch
 from pixio.runtime.checkpointing import CheckpointManager
-from pixio.runtime.config import ConfigError
-from pixio.runtime.distributed import (
-    DistInfo,
-    all_reduce_mean,
-    is_dist,
-    node_group,
-    reduce_device,
-    set_deterministic,
-)
+from pixio.runtime.distributed import DistInfo, is_dist, node_group, set_deterministic
 from pixio.runtime.logging import (
     METRICS_NAME,
     RUN_ID_NAME,
@@ -48,6 +40,7 @@ from pixio.runtime.logging import (
     Throughput,
     WandbLogger,
     format_progress,
+    max_memory_gb,
     set_aside_stale,
 )
 from pixio.runtime.parallel import (
@@ -58,11 +51,33 @@ from pixio.runtime.parallel import (
     materialize,
     num_params,
 )
-from pixio.runtime.preemption import PreemptionHandler
+from pixio.runtime.preemption import Agreement, PreemptionHandler
 from pixio.runtime.runconfig import CONFIG_NAME, write_run_config
-from pixio.runtime.task import ModuleSpec, OptimizerSpec, Periodic, StepOutput, Task
-from pixio.runtime.validation import RESULTS_NAME, ValidationRecord, add_real, sum_over_ranks
+from pixio.runtime.step import (
+    Stepper,
+    autocast,
+    autocast_dtype,
+    backward,
+    build_stepper,
+    check_owners,
+    no_sync,
+    optimizer_step,
+)
+from pixio.runtime.task import ModuleSpec, OptimizerSpec, Periodic, Task
+from pixio.runtime.train_state import app_state, load_app_state, merged, restore_streams
+from pixio.runtime.validation import RESULTS_NAME, ValidationRecord, run_validation
 from pixio.runtime.vis import save_png
+from pixio.runtime.window import (
+    FiniteWatch,
+    Window,
+    first_non_finite,
+    gather,
+    merge_over_ranks,
+    read,
+    skipped_counts,
+    step_scalars,
+    utilization_fields,
+)
 
 log = logging.getLogger("pixio.train")
 
@@ -84,38 +99,17 @@ class Progress:
 
 
 @dataclass
-class Stepper:
-    """One optimiser with what belongs to it: schedule, gradient scaler, clipping, and the
-    module whose parameter names key its checkpointed state."""
+class Due:
+    """What runs after an iteration besides the window's sums (each reads the device)."""
 
-    optimizer: torch.optim.AdamW
-    schedule: optim.Schedule
-    scaler: torch.amp.GradScaler
-    clip_grad: float | None
-    root: nn.Module  # the one module it steps, or a ModuleDict of several (state-dict names)
-    groups: list[list[nn.Parameter]]  # its parameters, per module (norms are summed over them)
-    grad_norm: float = float("nan")  # pre-clip norm of the last step
+    log: bool
+    pictures: bool
+    periodic: list[Periodic]
+    validation: bool
+    save: bool
 
-
-@dataclass
-class Window:
-    """Sums of the step scalars since the last log line (logged as their means)."""
-
-    sums: dict[str, float] = field(default_factory=dict)
-    count: int = 0
-
-    def add(self, values: dict[str, float]) -> None:
-        for key, value in values.items():
-            self.sums[key] = self.sums.get(key, 0.0) + value
-        self.count += 1
-
-    def means(self) -> dict[str, float]:
-        return {k: v / self.count for k, v in self.sums.items()} if self.count else {}
-
-
-def autocast_dtype(precision: str) -> torch.dtype | None:
-    """bf16 / fp16 autocast dtype; None for fp32."""
-    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[precision]
+    def __bool__(self) -> bool:
+        return self.log or self.pictures or bool(self.periodic) or self.validation or self.save
 
 
 class Trainer:
@@ -123,11 +117,11 @@ class Trainer:
 
     `data` is a loader with `iterate(start_iteration)` (EpochLoader, MapLoader; optionally
     `state_dict(iteration)` / `load_state_dict`, kept per rank in checkpoints so a resume
-    continues its stream exactly; `iteration` may be one less than the batches it yielded, when
-    the trainer stops after a fetch), or any re-iterable of batches (one pass per epoch,
-    fast-forwarded on resume). The epoch length is `train.iters_per_epoch`, or the data's `len()` when that is
-    null. `val_data` (an EvalLoader: (batch, real) pairs) enables validation every
-    `train.val_every` epochs and at the end, for a task with `validation` set.
+    continues its stream exactly; `iteration` may be one less than the batches it yielded: the
+    trainer fetches one batch ahead), or any re-iterable of batches (one pass per epoch,
+    fast-forwarded on resume). The epoch length is `train.iters_per_epoch`, or the data's
+    `len()` when that is null. `val_data` (an EvalLoader: (batch, real) pairs) enables
+    validation every `train.val_every` epochs and at the end, for a task with `validation` set.
     """
 
     def __init__(
@@ -150,7 +144,8 @@ class Trainer:
         self.progress = Progress()
         self._saved_at = -1  # iteration of the last checkpoint written or loaded
         self._window = Window()
-        self.iters_per_epoch = _iters_per_epoch(self.t.iters_per_epoch, data)
+        self._finite = FiniteWatch()
+        self.iters_per_epoch = iters_per_epoch(self.t.iters_per_epoch, data)
         self.total_iters = self.t.epochs * self.iters_per_epoch
         self.global_batch = self.t.batch_size * self.t.accum_iter * info.world_size
         self.validation = ValidationRecord(task.validation) if task.validation else None
@@ -168,9 +163,7 @@ class Trainer:
         self.modules = {n: self._place(n, s) for n, s in self.specs.items()}
         self.optimizers = self._build_optimizers(task.optimizers())
         # Logged as plain `lr` / `grad_norm` when the whole job has one optimiser, else per name.
-        self._one_optimizer = (
-            len({n for names in _gather(sorted(self.optimizers)) for n in names}) == 1
-        )
+        self._one_optimizer = len({n for names in gather(sorted(self.optimizers)) for n in names}) == 1  # fmt: skip
         self.metrics = MetricsWriter(self.output_dir, enabled=info.rank == 0)
         self.wandb = WandbLogger(cfg.logger, self.output_dir, config_dict, enabled=info.rank == 0)
         self.preemption = PreemptionHandler()
@@ -232,19 +225,17 @@ class Trainer:
 
     def _build_optimizers(self, specs: dict[str, OptimizerSpec]) -> dict[str, Stepper]:
         """One `Stepper` per optimiser spec; every trainable module in exactly one of them."""
-        owner: dict[str, str] = {}
-        for name, spec in specs.items():
-            for module in spec.modules:
-                if module not in self.trainable:
-                    raise ValueError(f"optimiser {name!r}: {module!r} is not a trainable module")
-                if module in owner:
-                    raise ValueError(
-                        f"module {module!r} is in optimisers {owner[module]!r} and {name!r}"
-                    )
-                owner[module] = name
-        if orphans := sorted(set(self.trainable) - set(owner)):
-            raise ValueError(f"trainable modules in no optimiser: {', '.join(orphans)}")
-        return {name: self._stepper(spec) for name, spec in specs.items()}
+        check_owners(specs, self.trainable)
+        return {
+            name: build_stepper(
+                spec,
+                [self.trainable[m] for m in spec.modules],
+                self._optimizer_batch(spec),
+                self.t,
+                self.device,
+            )  # fmt: skip
+            for name, spec in specs.items()
+        }
 
     def _optimizer_batch(self, spec: OptimizerSpec) -> int:
         """Samples per step of one optimiser: its modules' gradients are averaged over their
@@ -255,25 +246,6 @@ class Trainer:
                 f"optimiser over {spec.modules}: its modules live on groups of sizes {sorted(sizes)}"
             )
         return self.t.batch_size * self.t.accum_iter * sizes.pop()
-
-    def _stepper(self, spec: OptimizerSpec) -> Stepper:
-        o = spec.optim
-        parts = [self.trainable[m] for m in spec.modules]
-        root = (
-            parts[0]
-            if len(parts) == 1
-            else nn.ModuleDict(dict(zip(spec.modules, parts, strict=True)))
-        )
-        base_lr = optim.resolve_lr(o.lr, o.blr, self._optimizer_batch(spec))
-        decay_all = getattr(o, "decay_all", False)  # absent from older config nodes
-        optimizer = optim.build_optimizer(
-            root, base_lr, o.weight_decay, tuple(o.betas), o.fused, decay_all
-        )
-        # A gradient scaler only for fp16: bf16 and fp32 have fp32's exponent range.
-        scaler = torch.amp.GradScaler(self.device.type, enabled=self.t.precision == "fp16")
-        groups = [[p for p in part.parameters() if p.requires_grad] for part in parts]
-        schedule = optim.schedule_from_config(o, base_lr, self.t.epochs)
-        return Stepper(optimizer, schedule, scaler, o.clip_grad, root, groups)
 
     # ---- checkpoints ----------------------------------------------------------------------
     def full_state(self, name: str | None = None) -> dict[str, torch.Tensor]:
@@ -287,16 +259,6 @@ class Trainer:
         options = StateDictOptions(full_state_dict=True, cpu_offload=offload)
         return get_model_state_dict(self.trainable[name], options=options)
 
-    def _app_state(self) -> dict[str, Any]:
-        """What DCP saves and loads in place: this rank's shards of every trainable module and
-        optimiser, by name. Frozen modules are not saved: the job rebuilds them."""
-        return {
-            "model": {n: get_model_state_dict(m) for n, m in self.trainable.items()},
-            "optimizer": {
-                n: get_optimizer_state_dict(s.root, s.optimizer) for n, s in self.optimizers.items()
-            },
-        }
-
     def _meta(self) -> dict[str, Any]:
         """The small, plain part of a checkpoint (rank 0 writes it; weights_only-safe)."""
         return {
@@ -304,12 +266,12 @@ class Trainer:
             "epoch": self.progress.iteration // self.iters_per_epoch,
             "samples_seen": self.progress.samples_seen,
             # Every rank's (a rank may hold optimisers the others do not), merged by name.
-            "scalers": _merged(
-                _gather({n: s.scaler.state_dict() for n, s in self.optimizers.items()})
+            "scalers": merged(
+                gather({n: s.scaler.state_dict() for n, s in self.optimizers.items()})
             ),
             "validation": self.validation.state_dict() if self.validation else None,
-            "rng": _gather(checkpointing.capture_rng_state()),
-            "data": _gather(self._data_state()),
+            "rng": gather(checkpointing.capture_rng_state()),
+            "data": gather(self._data_state()),
             "world_size": self.info.world_size,
             "config": self.config_dict,
         }
@@ -319,8 +281,14 @@ class Trainer:
         return state_dict(self.progress.iteration) if callable(state_dict) else None
 
     def save(self) -> Path:
-        """Write a sharded checkpoint (collective: every rank writes its own files)."""
-        path = self.checkpoints.save(self.progress.iteration, self._app_state(), self._meta())
+        """Write a sharded checkpoint (collective: every rank writes its own files). The losses
+        since the last check are checked first: a non-finite one raises NonFiniteLossError and
+        nothing is written."""
+        if self._finite.checked != self.progress.iteration:
+            self._check_finite()
+        path = self.checkpoints.save(
+            self.progress.iteration, app_state(self.trainable, self.optimizers), self._meta()
+        )
         self._saved_at = self.progress.iteration  # the manager logs the save
         return path
 
@@ -330,70 +298,26 @@ class Trainer:
             # Not even a template: building the optimiser's state dict runs a zero-lr step to
             # create AdamW's state, which would shift its bias correction by one step.
             return False
-        state = self._app_state()
+        state = app_state(self.trainable, self.optimizers)
         found = self.checkpoints.load_latest(state)
         if found is None:
             return False
         path, meta = found
-        for name, module in self.trainable.items():
-            set_model_state_dict(module, state["model"][name])
-        for name, stepper in self.optimizers.items():
-            set_optimizer_state_dict(stepper.root, stepper.optimizer, state["optimizer"][name])
-            if saved := (meta.get("scalers") or {}).get(name):
-                stepper.scaler.load_state_dict(saved)
+        load_app_state(state, meta, self.trainable, self.optimizers)
         if self.validation and meta.get("validation"):
             self.validation.load_state_dict(meta["validation"])
         self.progress = Progress(meta["iteration"], meta.get("samples_seen", 0))
-        self._restore_streams(meta)
+        self._finite.checked = self.progress.iteration
+        restore_streams(meta, self.info.rank, self.info.world_size, self.data)
         self._saved_at = self.progress.iteration
         self.metrics.rewind(self.progress.iteration)  # drop records logged after this checkpoint
         log.info("resumed from %s at iteration %d", path, self.progress.iteration)
         return True
 
-    def _restore_streams(self, meta: dict[str, Any]) -> None:
-        """Same world size: every rank continues its own RNG and data streams. Otherwise the
-        streams start afresh (the loader logs that); weights and optimiser are resharded."""
-        if meta.get("world_size") != self.info.world_size:
-            log.warning(
-                "checkpoint written by %s processes, resuming with %d: fresh random streams "
-                "(training continues, but not bit-identically)",
-                meta.get("world_size"), self.info.world_size,
-            )  # fmt: skip
-        elif meta.get("rng"):
-            checkpointing.restore_rng_state(meta["rng"][self.info.rank])
-        # The loader compares the saved layout with its own and says what changed, if anything.
-        data_states = meta.get("data") or []
-        load = getattr(self.data, "load_state_dict", None)
-        if callable(load) and len(data_states) > self.info.rank and data_states[self.info.rank]:
-            load(data_states[self.info.rank])
-
     # ---- the loop -------------------------------------------------------------------------
     def batches(self, start: int) -> Iterator[tuple[int, Any]]:
         """(iteration, batch) from `start` until the schedule ends."""
-        if hasattr(self.data, "iterate"):  # a loader that resumes itself (EpochLoader, MapLoader)
-            return zip(range(start, self.total_iters), self.data.iterate(start), strict=False)
-        return self._epoch_batches(start)
-
-    def _epoch_batches(self, start: int) -> Iterator[tuple[int, Any]]:
-        """A plain re-iterable: one pass per epoch; a mid-epoch resume fast-forwards (the
-        skipped batches are produced and dropped, so keep such data cheap)."""
-        ipe = self.iters_per_epoch
-        for epoch in range(start // ipe, self.t.epochs):
-            if hasattr(self.data, "set_epoch"):
-                self.data.set_epoch(epoch)
-            first, done = epoch * ipe, 0
-            for n, batch in enumerate(self.data):
-                it = first + n
-                done = n + 1
-                if it >= start:
-                    yield it, batch
-                if done == ipe:
-                    break
-            if done < ipe:
-                raise RuntimeError(
-                    f"the data ran out after {done} batches in epoch {epoch}; an epoch is "
-                    f"{ipe} iterations (train.iters_per_epoch)"
-                )
+        return iteration_batches(self.data, start, self.iters_per_epoch, self.t.epochs)
 
     def fit(self) -> None:
         """Train until the schedule (or train.max_iters) ends; save and export at the end."""
@@ -419,33 +343,45 @@ class Trainer:
             self.preemption.uninstall()  # Ctrl-C behaves normally again after the run
 
     def _loop(self, stop: int) -> None:
-        """Fetch, agree on stopping, step, report, until `stop`. The stop check follows the
-        fetch, so that every rank hears at the same point of a fetch that failed on one of them
-        (a dead data-loader worker), and runs once more after the last step."""
+        """Fetch one batch ahead, agree on stopping, step, report, until `stop`.
+
+        The next batch is fetched before the step, and the ranks' agreement on it (a stop
+        signal, a rank's failed fetch) starts right after that fetch and is read after the
+        step: no rank steps without a batch, and the host never waits for the device to agree.
+        A signal that arrives during step k is thus acted on after step k + 1, except when
+        iteration k already waited for the device (it logged, saved, validated, drew pictures
+        or ran a periodic evaluation): then the ranks agree again at once, after step k, as a
+        fully synchronous loop would. The check runs once more after the last step."""
         batches = iter(self.batches(self.progress.iteration))
+        ahead = fetch(batches, self.progress.iteration < stop)
+        agreement = self.preemption.start_agreement(ahead.failure is not None)
+        synced = False  # the first agreement has no step queued behind it
         while True:
             tick = time.perf_counter()
-            item, failure = _fetch(batches) if self.progress.iteration < stop else (None, None)
-            data_time = time.perf_counter() - tick
-            self._stop_if_requested(failure)
-            if item is None:
+            if synced:  # the device is idle anyway: agree on the state after the step
+                agreement.result()  # (started before the step: every rank reads it, in order)
+                agreement = self.preemption.start_agreement(ahead.failure is not None)
+            self._stop_if_requested(agreement, ahead.failure)
+            if ahead.item is None:
                 return
-            it, batch = item
+            (it, batch), data_time = ahead.item, ahead.seconds
+            ahead = fetch(batches, it + 1 < stop)
+            agreement = self.preemption.start_agreement(ahead.failure is not None)
             batch = self.task.to_device(batch, self.device)
             values = self.train_iteration(it, batch)
             samples = self.task.batch_size(batch) * self.info.world_size
             self.progress.iteration = it + 1
             self.progress.samples_seen += samples
-            self.throughput.update(samples, time.perf_counter() - tick, data_time)
-            self._after_iteration(it + 1, values, batch, stop)
+            timing = (tick, data_time + ahead.seconds, samples)
+            synced = self._after_iteration(it + 1, values, batch, stop, timing)
 
-    def _stop_if_requested(self, failure: Exception | None) -> None:
+    def _stop_if_requested(self, agreement: Agreement, failure: Exception | None) -> None:
         """Collective, every iteration. When a rank got a stop signal (acted on at accumulation
         boundaries) or a rank's fetch failed, every rank saves the last completed iteration
         (exact: the data position lives in this process, and a batch fetched but not used is
         not counted) and stops: exit 143 after a signal, else the fetch's error."""
         done = self.progress.iteration
-        stop, failed_rank = self.preemption.agree(failure is not None)
+        stop, failed_rank = agreement.result()
         boundary = done % self.t.accum_iter == 0
         if failed_rank is None and not (stop and boundary):
             return
@@ -465,102 +401,76 @@ class Trainer:
             "error); every rank stops"
         )
 
-    def _after_iteration(self, done: int, values: dict[str, float], batch: Any, stop: int) -> None:
-        """Logging, pictures, validation, periodic checkpoints."""
+    def _due(self, done: int, stop: int) -> Due:
         boundary = done % self.t.accum_iter == 0
-        self._window.add(values)
-        if done % self.t.log_every == 0 or done == stop:
-            self._log(done, stop)
-        if self.t.vis_every and done % self.t.vis_every == 0:
-            self._pictures(done, batch)
-        for periodic in self.task.periodic():
-            if done % periodic.every == 0:
-                self._periodic(done, periodic)
-        if self._validation_due(done):
-            self.validate()
-        if boundary and (done % self.t.save_every_iters == 0) and done < stop:
-            self.save()
+        return Due(
+            log=done % self.t.log_every == 0 or done == stop,
+            pictures=bool(self.t.vis_every) and done % self.t.vis_every == 0,
+            periodic=[p for p in self.task.periodic() if done % p.every == 0],
+            validation=self._validation_due(done),
+            save=boundary and done % self.t.save_every_iters == 0 and done < stop,
+        )
 
-    def train_iteration(self, it: int, batch: Any) -> dict[str, float]:
+    def _after_iteration(
+        self, done: int, values: dict[str, torch.Tensor], batch: Any, stop: int,
+        timing: tuple[float, float, int],
+    ) -> bool:  # fmt: skip
+        """The window's sums, then what is due: logging, pictures, periodic evaluations,
+        validation, periodic checkpoints. Returns True when any ran (the host waited for the
+        device): the finite-loss check runs first, and its wait counts in the step time."""
+        self._window.add(values)
+        self._finite.add(done - 1, values["loss"])
+        due = self._due(done, stop)
+        if due:
+            self._check_finite()
+        tick, data_time, samples = timing
+        self.throughput.update(samples, time.perf_counter() - tick, data_time)
+        if due.log:
+            self._log(done, stop, batch)
+        if due.pictures:
+            self._pictures(done, batch)
+        for periodic in due.periodic:
+            self._periodic(done, periodic)
+        if due.validation:
+            self.validate()
+        if due.save:
+            self.save()
+        return bool(due)
+
+    def train_iteration(self, it: int, batch: Any) -> dict[str, torch.Tensor]:
         """One micro-batch: forward, backward, and at accumulation boundaries the optimiser
-        steps. Returns the step's scalars: `loss` (mean over ranks) and the task's metrics."""
+        steps. Returns this rank's scalars, `loss` and the task's metrics, as 0-dim float64
+        device tensors (read, and merged over ranks, when logged). Reads nothing from the
+        device, but for fp16's gradient scaler (`found_inf`)."""
         accum = self.t.accum_iter
         if it % accum == 0:
             epoch = it / self.iters_per_epoch
             for stepper in self.optimizers.values():
                 optim.set_lr(stepper.optimizer, stepper.schedule(epoch))
         boundary = (it + 1) % accum == 0
-        with self._no_sync(not boundary):  # must cover backward, where the all-reduce happens
-            with self._autocast():
+        with no_sync(self._ddp, not boundary):  # must cover backward, where the all-reduce happens
+            with autocast(self.device, self.amp_dtype):
                 out = self.task.step(self.modules, batch)
-            self._backward(out, accum)
-        values = self._scalars(out)
-        if not math.isfinite(values["loss"]):
-            raise NonFiniteLossError(
-                f"loss is {values['loss']} at iteration {it}: stopping. The last good checkpoint "
-                f"in {self.output_dir} is untouched; lower the lr or check the data."
-            )
+            backward(out, self.optimizers, accum, self.t.precision)
         if boundary:
             for stepper in self.optimizers.values():
-                stepper.grad_norm = self._optimizer_step(stepper)
-        return values
+                stepper.grad_norm = optimizer_step(stepper, self.device)
+        return step_scalars(out)
 
-    def _backward(self, out: StepOutput, accum: int) -> None:
-        """Backward of the loss, each optimiser's loss scaled by its own scaler under fp16."""
-        if out.losses is None:
-            steppers = list(self.optimizers.values())
-            if len(steppers) > 1 and self.t.precision == "fp16":
-                raise ValueError(
-                    "fp16 with several optimisers needs StepOutput.losses (one per optimiser), "
-                    "so each gradient scaler scales its own loss"
-                )
-            total = steppers[0].scaler.scale(out.loss)
-        else:
-            total = sum(self.optimizers[n].scaler.scale(loss) for n, loss in out.losses.items())
-        (total / accum).backward()
-
-    def _scalars(self, out: StepOutput) -> dict[str, float]:
-        """`loss` averaged over ranks (all ranks stop together on a NaN) and this rank's task
-        metrics (merged over ranks at log time: ranks may train different modules)."""
-        names = ["loss", *sorted(out.metrics)]
-        stacked = torch.stack(
-            [out.loss.detach().float(), *(out.metrics[k].detach().float() for k in names[1:])]
-        )
-        values = stacked.tolist()  # one device sync for all of them
-        values[0] = float(all_reduce_mean(stacked[:1]))
-        return dict(zip(names, values, strict=True))
-
-    def _optimizer_step(self, stepper: Stepper) -> float:
-        """Unscale, (optionally) clip, step, zero grads; returns the pre-clip gradient norm."""
-        stepper.scaler.unscale_(stepper.optimizer)
-        norm = _total_grad_norm(stepper.groups)
-        max_norm = stepper.clip_grad if stepper.clip_grad is not None else float("inf")
-        coef = max_norm / (norm + 1e-6)  # the formula of torch.nn.utils.clip_grad_norm_
-        if coef < 1.0:
-            for params in stepper.groups:
-                grads = [p.grad for p in params if p.grad is not None]
-                if grads:
-                    torch._foreach_mul_(grads, coef)  # one kernel group, not one per tensor
-        stepper.scaler.step(stepper.optimizer)
-        stepper.scaler.update()
-        stepper.optimizer.zero_grad(set_to_none=True)
-        return norm
-
-    def _no_sync(self, skip_sync: bool) -> contextlib.AbstractContextManager:
-        """Skip DDP's gradient all-reduce on accumulation micro-steps."""
-        # FSDP keeps syncing: each micro-step reduce-scatters into the sharded gradients, so
-        # accumulation never holds an unsharded fp32 gradient (22 GB per GPU at 5B); the price
-        # is one reduce-scatter per micro-step instead of one per optimiser step.
-        stack = contextlib.ExitStack()
-        if skip_sync:
-            for ddp in self._ddp.values():
-                stack.enter_context(ddp.no_sync())
-        return stack
-
-    def _autocast(self) -> contextlib.AbstractContextManager:
-        if self.amp_dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+    def _check_finite(self) -> None:
+        """Raise NonFiniteLossError when a rank's loss was not finite since the last check
+        (collective; one device read). Runs at every iteration that reads the device anyway
+        and before every save, so a non-finite loss never reaches a checkpoint."""
+        done = self.progress.iteration
+        found = first_non_finite(self._finite.read())
+        if found is not None:
+            it, value = found
+            raise NonFiniteLossError(
+                f"loss is {value} at iteration {it} (checked iterations {self._finite.checked}"
+                f" to {done - 1}): stopping. The last good checkpoint in {self.output_dir} is "
+                "untouched; lower the lr or check the data."
+            )
+        self._finite.checked = done
 
     @contextlib.contextmanager
     def _evaluating(self) -> Iterator[None]:
@@ -570,7 +480,7 @@ class Trainer:
         for module in wrapped.values():
             module.eval()
         try:
-            with torch.no_grad(), self._autocast():
+            with torch.no_grad(), autocast(self.device, self.amp_dtype):
                 yield
         finally:
             for name, module in wrapped.items():
@@ -588,72 +498,54 @@ class Trainer:
         and record the result (kept in checkpoints and val_results.json)."""
         if self.validation is None or self.val_data is None:
             raise RuntimeError("validate() needs a task with `validation` and val_data")
-        totals: dict[str, torch.Tensor] = {}
-        samples = torch.zeros((), dtype=torch.float64)
         with self._evaluating():
-            for batch, real in self.val_data:
-                stats = self.task.validate(self.modules, self.task.to_device(batch, self.device))
-                add_real(totals, stats, real)
-                samples += real.sum()
-        totals["samples"] = samples
-        metrics = self.task.summarize(sum_over_ranks(totals))
+            metrics = run_validation(self.task, self.modules, self.val_data, self.device)
         done = self.progress.iteration
-        improved = self.validation.update(metrics, done / self.iters_per_epoch, done)
-        self._report_validation(metrics, improved)
-        return metrics
-
-    def _report_validation(self, metrics: dict[str, float], improved: bool) -> None:
-        record = self.validation
-        done = self.progress.iteration
-        best = record.best or {}
-        key = record.spec.metric
-        row = {f"val/{k}": v for k, v in metrics.items()}
-        row |= {f"best/{key}": best.get(key), "best/epoch": best.get("epoch")}
-        self.metrics.write({"step": done, "epoch": done / self.iters_per_epoch, **row})
+        epoch = done / self.iters_per_epoch
+        improved = self.validation.update(metrics, epoch, done)
+        row = self.validation.row(metrics)
+        self.metrics.write({"step": done, "epoch": epoch, **row})
         self.wandb.log(row, step=done)
         if self.info.rank == 0:
-            record.write(self.output_dir)
-            shown = ", ".join(f"{k} {v:.4g}" for k, v in metrics.items())
-            log.info(
-                "validation at epoch %.4g: %s%s (best %s %.4g at epoch %.4g)",
-                done / self.iters_per_epoch, shown, " [new best]" if improved else "",
-                key, best.get(key, float("nan")), best.get("epoch", float("nan")),
-            )  # fmt: skip
+            self.validation.write(self.output_dir)
+            log.info(self.validation.summary(metrics, epoch, improved))
+        return metrics
+
+    def _final_validation_due(self) -> bool:
+        """At the end of the schedule, unless that iteration was just validated. A stop at
+        train.max_iters is not the end: validating there would add a result (possibly a
+        'best') that an uninterrupted run never has."""
+        if self.validation is None or self.val_data is None:
+            return False
+        done = self.progress.iteration
+        last = self.validation.last
+        return done == self.total_iters and (last is None or last["iteration"] != done)
 
     # ---- reporting ------------------------------------------------------------------------
-    def _log(self, done: int, stop: int) -> None:
+    def _log(self, done: int, stop: int, batch: Any) -> None:
+        """The log line: window means and each optimiser's lr and gradient norm (one device
+        read, merged over ranks), throughput, TFLOP/s and MFU, memory, skipped samples."""
         stats = self.throughput.summary()
-        local = self._window.means()
+        local: dict[str, torch.Tensor | float] = dict(self._window.means())
         self._window = Window()
         for name, stepper in self.optimizers.items():
             suffix = "" if self._one_optimizer else f"/{name}"
             local[f"lr{suffix}"] = stepper.optimizer.param_groups[0]["lr"]
-            local[f"grad_norm{suffix}"] = stepper.grad_norm
-        record = {"step": done, "epoch": done / self.iters_per_epoch, **_merge_over_ranks(local)}
-        record |= {
-            "images_per_s": stats["images_per_s"],
-            "data_wait": stats["data_wait"],
-            "max_mem_gb": max_memory_gb(self.device),
-            **self._skipped(),
-        }
+            norm = stepper.grad_norm
+            local[f"grad_norm{suffix}"] = float("nan") if norm is None else norm
+        record = {"step": done, "epoch": done / self.iters_per_epoch}
+        record |= merge_over_ranks(read(local))
+        record |= {"images_per_s": stats["images_per_s"], "data_wait": stats["data_wait"]}
+        flops = self.task.flops_per_sample(batch)
+        peak = getattr(self.t, "peak_tflops", None)
+        world = self.info.world_size
+        record |= utilization_fields(flops, stats["images_per_s"], world, self.device, peak)
+        record |= {"max_mem_gb": max_memory_gb(self.device), **skipped_counts(self.data)}
         if self.info.rank == 0:
             eta = stats["step_time"] * (stop - done)
             log.info(format_progress(done, stop, eta, record))
         self.metrics.write(record)
         self.wandb.log(record, step=done)
-
-    def _skipped(self) -> dict[str, int]:
-        """Samples the data pipeline dropped since this process started, by reason, summed over
-        ranks (`skipped/<reason>`; zero counts left out). Collective when distributed."""
-        counts = self.data.skip_counts() if hasattr(self.data, "skip_counts") else {}
-        reasons = sorted(counts)  # every rank's pipeline lists the same reasons
-        if not reasons:
-            return {}
-        totals = torch.tensor([counts[r] for r in reasons], dtype=torch.float64)
-        if is_dist():
-            totals = totals.to(reduce_device())
-            dist.all_reduce(totals)
-        return {f"skipped/{r}": int(n) for r, n in zip(reasons, totals.tolist(), strict=True) if n}
 
     def _pictures(self, done: int, batch: Any) -> None:
         """Every rank runs the forward (FSDP needs all ranks); rank 0 writes the pictures,
@@ -681,6 +573,7 @@ class Trainer:
         done = self.progress.iteration
         try:
             if self._final_validation_due():
+                self._check_finite()  # a non-finite run is neither validated nor saved
                 self.validate()
         except BaseException:
             if self._saved_at != done:  # keep the trained weights even if validation fails
@@ -694,16 +587,6 @@ class Trainer:
         for path in self.task.export(mine, self.output_dir) if mine else []:
             log.info("wrote %s", path)
         self.close()
-
-    def _final_validation_due(self) -> bool:
-        """At the end of the schedule, unless that iteration was just validated. A stop at
-        train.max_iters is not the end: validating there would add a result (possibly a
-        'best') that an uninterrupted run never has."""
-        if self.validation is None or self.val_data is None:
-            return False
-        done = self.progress.iteration
-        last = self.validation.last
-        return done == self.total_iters and (last is None or last["iteration"] != done)
 
     def close(self) -> None:
         """Finish a pending asynchronous save, flush and close the loggers."""
@@ -720,75 +603,6 @@ def cast_frozen_blocks(spec: ModuleSpec, device: torch.device, precision: str) -
     dtype = frozen_block_dtype(device, precision)
     cast_blocks(spec.shard_units, dtype)
     return dtype.itemsize
-
-
-def _fetch(batches: Iterator[tuple[int, Any]]) -> tuple[tuple[int, Any] | None, Exception | None]:
-    """The next (iteration, batch), None at the end, or the error the fetch raised (a dead
-    data-loader worker, a failed read) for the stop check to share with every rank."""
-    try:
-        return next(batches), None
-    except StopIteration:
-        return None, None
-    except Exception as err:  # not KeyboardInterrupt: a second Ctrl-C exits at once
-        return None, err
-
-
-def _iters_per_epoch(configured: int | None, data: Iterable) -> int:
-    """`train.iters_per_epoch`, or the length of finite data when that is null. A finite loader
-    (`MapLoader`) runs its own epochs, so a configured length must equal it; a plain
-    re-iterable may be cut shorter (each epoch then uses its first batches), never longer."""
-    length = len(data) if hasattr(data, "__len__") else None  # type: ignore[arg-type]
-    if configured is None:
-        if length is None:
-            raise ConfigError("train.iters_per_epoch: required for a stream (it has no length)")
-        if length == 0:
-            raise ConfigError("train.iters_per_epoch: the training data has no batch")
-        return length
-    if length is not None and (
-        configured > length or hasattr(data, "iterate") and configured != length
-    ):
-        raise ConfigError(
-            f"train.iters_per_epoch: {configured}, but the data has {length} batches per "
-            "epoch (leave it null to take the data's length)"
-        )
-    return configured
-
-
-def _merge_over_ranks(means: dict[str, float]) -> dict[str, float]:
-    """Per key, the mean over the ranks that report it (collective when distributed). Values
-    every rank agrees on (the loss, a shared lr) are kept exactly."""
-    if not is_dist():
-        return means
-    reported: dict[str, list[float]] = {}
-    for rank_means in _gather(means):
-        for key, value in rank_means.items():
-            reported.setdefault(key, []).append(value)
-    merged = {}
-    for key, values in reported.items():
-        same = all(v == values[0] for v in values)
-        merged[key] = values[0] if same else sum(values) / len(values)
-    return merged
-
-
-def _total_grad_norm(groups: list[list[nn.Parameter]]) -> float:
-    """L2 norm of all gradients (sharded ones included) over several modules."""
-    squares = 0.0
-    for params in groups:
-        grads = [p.grad for p in params if p.grad is not None]
-        if not grads:
-            continue
-        norm = torch.nn.utils.get_total_norm(grads)
-        squares += float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm) ** 2
-    return math.sqrt(squares)
-
-
-def _merged(dicts: list[dict[str, Any]]) -> dict[str, Any]:
-    """One dict of every rank's entries (the first rank's value for a name several hold)."""
-    out: dict[str, Any] = {}
-    for d in dicts:
-        for key, value in d.items():
-            out.setdefault(key, value)
-    return out
 
 
 def _first_of(group: dist.ProcessGroup | None) -> bool:
@@ -811,21 +625,3 @@ def _on_every_rank(value: Any) -> Any:
     box = [value]
     dist.broadcast_object_list(box, src=0)
     return box[0]
-
-
-def _gather(obj: Any) -> list[Any]:
-    """Every rank's `obj`, in rank order (small, picklable objects only)."""
-    if not is_dist():
-        return [obj]
-    out: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(out, obj)
-    return out
-
-
-def max_memory_gb(device: torch.device) -> float:
-    """Peak memory of this process: CUDA allocator peak, or the resident set size on CPU."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**30
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # kB on Linux

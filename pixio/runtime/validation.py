@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 
 from pixio.runtime.distributed import is_dist, reduce_device
-from pixio.runtime.task import Validation
+from pixio.runtime.task import Task, Validation
 
 RESULTS_NAME = "val_results.json"
 
@@ -55,6 +55,21 @@ def sum_over_ranks(totals: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
+def run_validation(
+    task: Task, modules: dict[str, Any], val_data: Iterable, device: torch.device
+) -> dict[str, float]:
+    """The task's metrics over `val_data` ((batch, real) pairs, an `EvalLoader`): per-sample
+    statistics summed over the real samples of every rank (collective; the caller sets eval
+    mode, no grad and autocast)."""
+    totals: dict[str, torch.Tensor] = {}
+    samples = torch.zeros((), dtype=torch.float64)
+    for batch, real in val_data:
+        add_real(totals, task.validate(modules, task.to_device(batch, device)), real)
+        samples += real.sum()
+    totals["samples"] = samples
+    return task.summarize(sum_over_ranks(totals))
+
+
 class ValidationRecord:
     """Best and last validation results of a run; restored from a checkpoint on resume."""
 
@@ -81,6 +96,24 @@ class ValidationRecord:
         if improved:
             self.best = entry
         return improved
+
+    def row(self, metrics: Mapping[str, float]) -> dict[str, Any]:
+        """What one validation logs: `val/<metric>` and the best so far (`best/<metric>`,
+        `best/epoch`)."""
+        best = self.best or {}
+        key = self.spec.metric
+        row = {f"val/{k}": v for k, v in metrics.items()}
+        return row | {f"best/{key}": best.get(key), "best/epoch": best.get("epoch")}
+
+    def summary(self, metrics: Mapping[str, float], epoch: float, improved: bool) -> str:
+        """The log line of one validation."""
+        best, key = self.best or {}, self.spec.metric
+        shown = ", ".join(f"{k} {v:.4g}" for k, v in metrics.items())
+        return (
+            f"validation at epoch {epoch:.4g}: {shown}{' [new best]' if improved else ''} "
+            f"(best {key} {best.get(key, float('nan')):.4g} at epoch "
+            f"{best.get('epoch', float('nan')):.4g})"
+        )
 
     def state_dict(self) -> dict[str, Any]:
         return {

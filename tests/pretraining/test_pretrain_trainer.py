@@ -206,7 +206,7 @@ def test_logged_loss_is_the_mean_over_the_logging_window(cpu_config):
 
     def recorded(it, batch):
         values = step(it, batch)
-        seen.append(values["loss"])
+        seen.append(float(values["loss"]))  # a device tensor: read it here, in the test
         return values
 
     trainer.train_iteration = recorded
