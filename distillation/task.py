@@ -25,6 +25,8 @@ from pixio.architecture import model_architecture
 from pixio.checkpoint import encoder_state, save_state_dict
 from pixio.data.loader import images_and_noise
 from pixio.models.encoder import PixioEncoder
+from pixio.models.flops import ViTSpec, distill_flops
+from pixio.runtime.prefetch import normalize_batch
 from pixio.runtime.task import ModuleSpec, OptimizerSpec, StepOutput, Task
 
 TEACHER = "teacher"
@@ -72,6 +74,10 @@ class DistillTask(Task):
     def optimizers(self) -> dict[str, OptimizerSpec]:
         return {name: OptimizerSpec((name,), self.optim) for name in self.students}
 
+    def to_device(self, batch: Any, device: torch.device) -> Any:
+        """The batch on `device`, its uint8 images normalised there (pixio.runtime.prefetch)."""
+        return normalize_batch(super().to_device(batch, device))
+
     def step(self, modules: dict[str, nn.Module], batch: Any) -> StepOutput:
         imgs, noise = images_and_noise(batch)
         with torch.no_grad():  # frozen: no activations kept, no gradient reaches it
@@ -88,6 +94,17 @@ class DistillTask(Task):
             metrics[f"loss_patch/{name}"] = loss_patch
         # Students share no parameter: the sum's gradient is each student's own loss gradient.
         return StepOutput(sum(losses.values()), metrics, losses)
+
+    def flops_per_sample(self, batch: Any) -> float:
+        """Training FLOPs per image (pixio.models.flops): the teacher's forward once, each
+        student's forward and backward at its own mask grid."""
+        height, width = images_and_noise(batch)[0].shape[-2:]
+        teacher = ViTSpec.of(self.teacher)
+        total = distill_flops(teacher, [], height, width).teacher
+        for s in self.students.values():
+            d = distill_flops(teacher, [ViTSpec.of(s)], height, width, self.mask_ratio, s.mask_grid)
+            total += d.students[0]
+        return float(total)
 
     @torch.no_grad()
     def pictures(self, modules: dict[str, nn.Module], batch: Any) -> dict[str, np.ndarray]:

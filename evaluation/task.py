@@ -37,6 +37,7 @@ from evaluation.metrics import (
 from evaluation.vis import depth_picture, segmentation_picture
 from pixio.runtime.job import DataError
 from pixio.runtime.parallel import unwrap
+from pixio.runtime.prefetch import normalize_batch
 from pixio.runtime.task import ModuleSpec, OptimizerSpec, StepOutput, Task, Validation
 from pixio.runtime.vis import save_png
 
@@ -94,6 +95,10 @@ class HeadTask(Task):
 
     def optimizers(self) -> dict[str, OptimizerSpec]:
         return {"head": OptimizerSpec(("head",), self.optim)}
+
+    def to_device(self, batch: Any, device: torch.device) -> Any:
+        """The batch on `device`, its uint8 images normalised there (pixio.runtime.prefetch)."""
+        return normalize_batch(super().to_device(batch, device))
 
     @staticmethod
     def logits(encoder: nn.Module, head: nn.Module, images: torch.Tensor) -> torch.Tensor:

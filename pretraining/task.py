@@ -21,8 +21,10 @@ from pixio.checkpoint import (
     save_state_dict,
 )
 from pixio.data.loader import images_and_noise
+from pixio.models.flops import mae_model_flops
 from pixio.models.mae import PixioMAE
 from pixio.runtime.config import ConfigError
+from pixio.runtime.prefetch import normalize_batch
 from pixio.runtime.task import ModuleSpec, OptimizerSpec, Periodic, StepOutput, Task
 from pretraining.vis import reconstruction_grid
 
@@ -66,10 +68,19 @@ class MAETask(Task):
     def optimizers(self) -> dict[str, OptimizerSpec]:
         return {MODULE: OptimizerSpec((MODULE,), self.optim)}
 
+    def to_device(self, batch: Any, device: torch.device) -> Any:
+        """The batch on `device`, its uint8 images normalised there (pixio.runtime.prefetch)."""
+        return normalize_batch(super().to_device(batch, device))
+
     def step(self, modules: dict[str, nn.Module], batch: Any) -> StepOutput:
         imgs, noise = images_and_noise(batch)
         out = modules[MODULE](imgs, mask_ratio=self.mask_ratio, noise=noise)
         return StepOutput(out.loss)
+
+    def flops_per_sample(self, batch: Any) -> float:
+        """The MAE's training FLOPs per image at the batch's image size (pixio.models.flops)."""
+        height, width = images_and_noise(batch)[0].shape[-2:]
+        return float(mae_model_flops(self.model, height, width, self.mask_ratio).train)
 
     @torch.no_grad()
     def pictures(self, modules: dict[str, nn.Module], batch: Any) -> dict[str, np.ndarray]:

@@ -1,9 +1,10 @@
 """Map-style depth and segmentation datasets over (image, target) pairs, and `build_dataset`.
 
 Items (docs/reproduction.md): training crops of `crop_size` (default 256), validation full images.
-- depth: {"image": (3, H, W) float normalised, "depth": (1, H, W) float metres (0 = invalid),
+- depth: {"image": (3, H, W) uint8 raw pixels (normalised on the device by the task's
+  `to_device`), "depth": (1, H, W) float metres (0 = invalid),
   "index": int}; NYUv2 images and depths are Eigen-cropped in both splits.
-- semseg: {"image": (3, H, W), "mask": (H, W) int64 in 0..K-1 and 255, "index": int}.
+- semseg: {"image": (3, H, W) uint8, "mask": (H, W) int64 in 0..K-1 and 255, "index": int}.
 An image or target that cannot be read raises UnreadableImageError naming it, in validation (never
 silently dropped) and in training too: skipping would change the epoch's length and batches, so
 bad files are found up front with `python -m evaluation.prepare DATASET ROOT --verify`.
@@ -79,7 +80,7 @@ class DepthDataset(PairDataset):
         if self.train:  # pads: black raw pixels, depth 0 (= invalid, so never in the loss)
             image, depth = T.random_flip(T.random_crop([image, depth], self.crop_size, [0, 0]))
         depth_t = torch.from_numpy(np.ascontiguousarray(depth))[None]
-        return {"image": T.normalize(image), "depth": depth_t, "index": index}
+        return {"image": T.to_chw(image), "depth": depth_t, "index": index}
 
 
 def check_depth_encoding(raw: np.ndarray, info: DatasetInfo, path: str) -> None:
@@ -124,7 +125,7 @@ class SegDataset(PairDataset):
             crop = T.random_crop([image, mask], self.crop_size, [0, T.IGNORE_INDEX])
             image, mask = T.random_flip(crop)
         mask_t = torch.from_numpy(mask.astype(np.int64))  # a copy: PIL arrays are read-only
-        return {"image": T.normalize(image), "mask": mask_t, "index": index}
+        return {"image": T.to_chw(image), "mask": mask_t, "index": index}
 
 
 def build_dataset(

@@ -2,8 +2,10 @@
 
 Randomness comes only from torch's global generator, which `pixio.runtime.maploader` seeds per
 (seed, epoch, index) before each sample: results do not depend on workers, and a resume replays
-them. Augmentations work on raw uint8 pixels; normalisation comes last, so training pads are black
-raw pixels (-mean / std once normalised) and mask pads are 255.
+them. Augmentations work on raw uint8 pixels and items keep them: images leave the workers as
+uint8 (3, H, W) and the device normalises them (`pixio.runtime.prefetch.normalize_images`, in the
+task's `to_device`), so training pads are black raw pixels (-mean / std once normalised) and mask
+pads are 255.
 """
 
 from __future__ import annotations
@@ -12,14 +14,10 @@ import numpy as np
 import torch
 from PIL import Image
 
-from pixio.constants import IMAGENET_MEAN, IMAGENET_STD
 from pixio.runtime.job import DataError
 
 IGNORE_INDEX = 255
 SEG_SCALE_RANGE: tuple[float, float] = (0.5, 2.0)
-
-_MEAN = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
-_STD = torch.tensor(IMAGENET_STD).view(3, 1, 1)
 
 
 class UnreadableImageError(DataError):
@@ -77,11 +75,9 @@ def remap_labels(raw: np.ndarray, num_classes: int, reduce_zero: bool, path: str
     return raw.astype(np.uint8)
 
 
-def normalize(image: np.ndarray) -> torch.Tensor:
-    """(H, W, 3) uint8 -> (3, H, W) float32 ImageNet-normalised."""
-    x = torch.from_numpy(np.array(image))  # a copy: PIL's arrays are read-only
-    x = x.permute(2, 0, 1).float().div_(255.0)
-    return (x - _MEAN) / _STD
+def to_chw(image: np.ndarray) -> torch.Tensor:
+    """(H, W, 3) uint8 -> contiguous (3, H, W) uint8 (raw pixels; the device normalises)."""
+    return torch.from_numpy(np.array(image.transpose(2, 0, 1), order="C"))  # a writable copy
 
 
 def pad_to(arr: np.ndarray, size: int, value: float) -> np.ndarray:

@@ -1,10 +1,11 @@
-"""The pre-training stream: webdataset shards -> filtered, randomly cropped, normalised images.
+"""The pre-training stream: webdataset shards -> filtered, randomly cropped uint8 images.
 
 Each reader (a logical worker of a rank) walks its shard plan, reads `shard_interleave` shards
 at once, filters, shuffles *encoded* samples (pixio/data/stream.py) and only then decodes + crops,
 one decode per image delivered. The crop of a sample is drawn from (seed, epoch, salt, rank,
 worker, position in the stream), so a stream can be resumed at any position by re-reading bytes.
-See docs/data.md for the design and docs/reproduction.md for the formats and filter rules.
+Batches hold raw uint8 pixels; the trainer's device normalises them
+(`pixio.runtime.prefetch.normalize_images`). See docs/data.md for the design and docs/reproduction.md for the formats and filter rules.
 """
 
 from __future__ import annotations
@@ -19,7 +20,6 @@ from typing import Any
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
-from pixio.constants import IMAGENET_MEAN, IMAGENET_STD
 from pixio.data.counters import SkipCounter
 from pixio.data.filters import FilterConfig
 from pixio.data.images import DecodeError, decode_crop
@@ -56,7 +56,7 @@ def default_rank_world(rank: int | None, world_size: int | None) -> tuple[int, i
 
 
 class PretrainDataset(IterableDataset):
-    """Endless (or `passes`-long) stream of normalised float32 (3, S, S) crops; see docs/data.md.
+    """Endless (or `passes`-long) stream of uint8 (3, S, S) crops; see docs/data.md.
 
     Iterating it directly (or through a plain DataLoader) gives single images of epoch
     `set_epoch(...)`; `pixio.runtime.loader.EpochLoader` instead asks `worker_batches` for whole
@@ -82,9 +82,6 @@ class PretrainDataset(IterableDataset):
         self.counter = SkipCounter()
         # [epoch, "readers share shards" logged]: shared so persistent workers see set_epoch.
         self._shared = torch.zeros(2, dtype=torch.int64).share_memory_()
-        std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
-        self._scale = 1.0 / (255.0 * std)
-        self._bias = -torch.tensor(IMAGENET_MEAN).view(3, 1, 1) / std
         self._fingerprint: str | None = None
 
     # ---- settings and counts ----------------------------------------------------------------
@@ -148,13 +145,13 @@ class PretrainDataset(IterableDataset):
             image = self.decode(sample, reader, key, stream.position - 1)
             self._count(1, int(image is not None))
             if image is not None:
-                out = self._normalise(image)
-                yield (out, sample.key) if self.return_keys else out
+                image = image.contiguous()  # the resize leaves it channels-last
+                yield (image, sample.key) if self.return_keys else image
 
     def worker_batches(
         self, plan: BatchPlan, worker: int
     ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """(float32 (B, 3, S, S) batch, int64 [iteration, worker, epoch, start, position]) for
+        """(uint8 (B, 3, S, S) batch, int64 [iteration, worker, epoch, start, position]) for
         every iteration of logical `worker` from the plan's start, switching epochs itself.
 
         A cursor with a position first skips that many encoded samples without decoding them.
@@ -222,25 +219,18 @@ class PretrainDataset(IterableDataset):
             return None
         return image
 
-    def _batch(self, images: list[torch.Tensor]) -> torch.Tensor:
-        """Normalised float32 (B, 3, S, S). Inside a DataLoader worker it is built directly in
-        shared memory (as torch's default_collate does), so handing it to the training process
-        copies nothing."""
+    @staticmethod
+    def _batch(images: list[torch.Tensor]) -> torch.Tensor:
+        """The crops stacked as uint8 (B, 3, S, S), a quarter of float32's bytes in shared
+        memory, pinning and the host-to-device copy. Inside a DataLoader worker it is built
+        directly in shared memory (as torch's default_collate does), so handing it to the
+        training process copies nothing."""
         shape = (len(images), *images[0].shape)
-        out = torch.empty(0, dtype=torch.float32)
+        out = torch.empty(0, dtype=torch.uint8)
         if get_worker_info() is not None:
             storage = out.untyped_storage()._new_shared(math.prod(shape) * out.element_size())
             out = out.set_(storage)
-        out = out.resize_(shape)
-        for row, image in zip(out, images, strict=True):
-            row.copy_(image)  # uint8 -> float32 straight into the batch
-        return out.mul_(self._scale).add_(self._bias)
-
-    def _normalise(self, image: torch.Tensor) -> torch.Tensor:
-        """One uint8 crop -> contiguous ImageNet-normalised float32 (convert, then in place:
-        3x faster than addcmul on uint8)."""
-        out = torch.empty(image.shape, dtype=torch.float32).copy_(image)
-        return out.mul_(self._scale).add_(self._bias)
+        return torch.stack(images, out=out.resize_(shape))
 
     def _log_sharing(self, reader: Reader) -> None:
         """Log once (across epochs and workers) that web readers split shards by sample."""

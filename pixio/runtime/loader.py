@@ -6,14 +6,17 @@ always made by logical worker i % W, whatever the start. Each logical worker kno
 iterations it owes in each epoch and switches to the next epoch's stream by itself, so
 prefetched batches are never dropped at an epoch boundary. Every batch carries its worker's
 stream position; `state_dict` keeps, per logical worker, the position after the last batch
-handed out, and a resumed run re-reads (without decoding) each worker's encoded stream up to
-it. See docs/data.md, "Resume". The workers leave stop signals to the trainer
+handed out (or before one of the last `UNDO_DEPTH` batches: a trainer may hold a fetched batch
+and a prefetched one it has not used), and a resumed run re-reads (without decoding) each
+worker's encoded stream up to it. Batches are uint8 images (docs/data.md); the device
+normalises them. See docs/data.md, "Resume". The workers leave stop signals to the trainer
 (`pixio.runtime.preemption.SignalSafeLoader`).
 """
 
 from __future__ import annotations
 
 import logging
+from collections import deque
 from collections.abc import Iterator
 from typing import Any
 
@@ -35,6 +38,9 @@ LAYOUT_KEYS: tuple[str, ...] = (
     "stream",
 )
 PREFETCH_FACTOR = 2  # batches in flight per worker
+# Batches a state can be taken back: the one the trainer fetched and did not use, and the one
+# pixio.runtime.prefetch.DevicePrefetcher fetched ahead of it on CUDA.
+UNDO_DEPTH = 2
 
 
 class _WorkerBatches(IterableDataset):
@@ -73,7 +79,8 @@ class EpochLoader:
         self.workers = max(1, num_workers)  # num_workers=0 runs logical worker 0 in-process
         self._saved: dict[str, Any] | None = None
         self._iteration = 0
-        self._undo: tuple[int, Cursor] | None = None  # the last batch's worker, its cursor before
+        # The last batches' (worker, that worker's cursor before the batch), newest last.
+        self._undo: deque[tuple[int, Cursor]] = deque(maxlen=UNDO_DEPTH)
         self._cursors: list[Cursor] = list(batch_plan(batch_size, self.workers, iters_per_epoch, 0).cursors)  # fmt: skip
 
     def layout(self) -> dict[str, Any]:
@@ -88,17 +95,18 @@ class EpochLoader:
         }
 
     def state_dict(self, iteration: int | None = None) -> dict[str, Any]:
-        """This rank's stream position after the last batch `iterate` yielded, or, with
-        `iteration` one less, before it: a trainer that fetched a batch and then stopped
-        without using it saves where that batch starts again (plain ints, lists and strs: it
-        goes into a weights_only checkpoint)."""
+        """This rank's stream position after the last batch `iterate` yielded, or, with an
+        `iteration` up to UNDO_DEPTH less, before the batches after it: a trainer that fetched
+        a batch (and prefetched the next) and then stopped without using them saves where the
+        first of them starts again (plain ints, lists and strs: it goes into a weights_only
+        checkpoint)."""
         at, cursors = self._iteration, list(self._cursors)
-        if iteration is not None and iteration != at:
-            if iteration != at - 1 or self._undo is None:
-                raise ValueError(f"loader state is at iteration {at}, cannot give {iteration}")
-            worker, cursor = self._undo
-            cursors[worker] = cursor
-            at = iteration
+        back = 0 if iteration is None else at - iteration
+        if not 0 <= back <= len(self._undo):
+            raise ValueError(f"loader state is at iteration {at}, cannot give {iteration}")
+        for worker, cursor in list(self._undo)[len(self._undo) - back :][::-1]:
+            cursors[worker] = cursor  # newest first: a worker's oldest cursor wins
+        at -= back
         return {
             "version": STATE_VERSION,
             "iteration": at,
@@ -125,12 +133,12 @@ class EpochLoader:
         stream and logger `pixio.data` says why."""
         plan = self._plan(start_iteration)
         self._iteration, self._cursors = start_iteration, list(plan.cursors)
-        self._undo = None
+        self._undo.clear()
         for batch, meta in self._dataloader(plan):
             iteration, worker, epoch, start, position = (int(v) for v in meta)
             if iteration != self._iteration:  # DataLoader's round-robin order was broken
                 raise RuntimeError(f"expected iteration {self._iteration}, got {iteration}")
-            self._undo = worker, self._cursors[worker]
+            self._undo.append((worker, self._cursors[worker]))
             self._cursors[worker] = Cursor(epoch, start, position)
             self._iteration = iteration + 1
             yield batch

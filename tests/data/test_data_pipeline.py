@@ -56,19 +56,23 @@ def test_invalid_settings_are_value_errors(shards3, kwargs: dict, match: str) ->
         build_pretrain_dataset(root, **{**WEB, **kwargs})
 
 
-def test_images_are_normalised_float_crops(tmp_path: Path) -> None:
+def test_images_are_uint8_crops_normalised_on_the_device(tmp_path: Path) -> None:
     from PIL import Image
     from test_data_helpers import png_bytes
+
+    from pixio.runtime.prefetch import normalize_images
 
     flat = png_bytes(Image.new("RGB", (40, 30), (200, 100, 50)))
     write_tar(tmp_path / "a" / "s.tar", [{"__key__": "0", "jpeg": flat}])
     (image,) = list(build_pretrain_dataset(tmp_path, kind="web", input_size=24, passes=1))
-    assert image.shape == (3, 24, 24) and image.dtype == torch.float32 and image.is_contiguous()
+    assert image.shape == (3, 24, 24) and image.dtype == torch.uint8 and image.is_contiguous()
+    assert image.view(3, -1).unique(dim=1).tolist() == [[200], [100], [50]]
     expected = [
         (v / 255 - m) / s
         for v, m, s in zip((200, 100, 50), IMAGENET_MEAN, IMAGENET_STD, strict=True)
     ]
-    assert torch.allclose(image.mean(dim=(1, 2)), torch.tensor(expected), atol=1e-5)
+    normalised = normalize_images(image[None])[0]
+    assert torch.allclose(normalised.mean(dim=(1, 2)), torch.tensor(expected), atol=1e-5)
 
 
 def test_one_web_pass_reads_every_sample_once(shards3) -> None:

@@ -92,10 +92,10 @@ def test_resume_is_exact_and_skips_without_decoding(root, monkeypatch, workers: 
     assert int(calls.sum()) == counts["decoded"] == counts["delivered"] + failures(ds_b)
 
 
-def test_batches_are_normalised_float_and_iterations_follow_on(root) -> None:
+def test_batches_are_uint8_and_iterations_follow_on(root) -> None:
     _, loader = make(root, 0)
     batches = take(loader, 0, 3)
-    assert all(b.shape == (BATCH, 3, SIZE, SIZE) and b.dtype == torch.float32 for b in batches)
+    assert all(b.shape == (BATCH, 3, SIZE, SIZE) and b.dtype == torch.uint8 for b in batches)
     assert loader.state_dict()["iteration"] == 3
 
 

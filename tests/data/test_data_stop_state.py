@@ -1,5 +1,6 @@
-"""EpochLoader's state one batch back: a trainer that fetched a batch and then stopped without
-using it saves the position where that batch starts again, and a resume from it delivers it."""
+"""EpochLoader's state up to two batches back: a trainer that fetched a batch (and, on CUDA,
+prefetched the next) and then stopped without using them saves the position where the first of
+them starts again, and a resume from it delivers them."""
 
 from __future__ import annotations
 
@@ -32,11 +33,14 @@ def test_the_state_one_batch_back_resumes_at_the_batch_that_was_not_used(tmp_pat
     back = loader.state_dict(5)  # batch 5 (the sixth) fetched, then the trainer stopped
     assert back == states[4] and back["iteration"] == 5 and back != states[5]
     assert loader.state_dict(6) == states[5] == loader.state_dict()
-    with pytest.raises(ValueError, match="cannot give 4"):
-        loader.state_dict(4)  # only the last batch can be handed back
+    two_back = loader.state_dict(4)  # batch 4 fetched, batch 5 prefetched, the trainer stopped
+    assert two_back == states[3] and two_back["iteration"] == 4
+    with pytest.raises(ValueError, match="cannot give 3"):
+        loader.state_dict(3)  # at most UNDO_DEPTH = 2 batches can be handed back
 
-    resumed = _loader(tmp_path)
-    resumed.load_state_dict(back)
-    again = resumed.iterate(5)
-    assert torch.equal(next(again), seen[5])
-    again.close()
+    for state, start in ((back, 5), (two_back, 4)):
+        resumed = _loader(tmp_path)
+        resumed.load_state_dict(state)
+        again = resumed.iterate(start)
+        assert all(torch.equal(next(again), seen[i]) for i in range(start, 6))
+        again.close()

@@ -21,6 +21,7 @@ from evaluation.datasets import (
 )
 from pixio.constants import IMAGENET_MEAN, IMAGENET_STD
 from pixio.runtime.maploader import MapLoader
+from pixio.runtime.prefetch import normalize_images
 
 ALL = ("nyuv2", "kitti", "ade20k", "pascal", "loveda")
 MEAN = np.asarray(IMAGENET_MEAN, dtype=np.float32)
@@ -31,6 +32,12 @@ BLACK = torch.from_numpy(-MEAN / STD)  # a black raw pixel once normalised
 def stored(path: Path) -> np.ndarray:
     with Image.open(path) as img:
         return np.asarray(img)
+
+
+def device_image(item: dict) -> torch.Tensor:
+    """An item's uint8 image as the task's `to_device` normalises it."""
+    assert item["image"].dtype == torch.uint8
+    return normalize_images(item["image"])
 
 
 def normalised(rgb: np.ndarray) -> torch.Tensor:
@@ -61,7 +68,7 @@ def test_items_follow_the_interface(eval_demo, name):
     for i in range(len(train)):
         item = train[i]
         assert item["index"] == i and item["image"].shape == (3, 256, 256)
-        assert item["image"].dtype == torch.float32
+        assert item["image"].dtype == torch.uint8 and item["image"].is_contiguous()
         target = item[key]
         assert target.shape == ((1, 256, 256) if key == "depth" else (256, 256))
         assert target.dtype == (torch.float32 if key == "depth" else torch.int64)
@@ -163,13 +170,15 @@ def test_nyuv2_eigen_crop_on_val_and_train(tmp_path, eval_demo):
     for seed in range(4):
         torch.manual_seed(seed)
         item = train[0]
-        depth, red = item["depth"], item["image"][0] > 1.5  # raw 255 red is > 2 normalised
+        depth, red = item["depth"], device_image(item)[0] > 1.5  # raw 255 red is > 2 normalised
         assert ((depth == 2.5) | (depth == 0)).all() and (depth == 2.5).float().mean() > 0.99
         assert not red.any()  # nothing from outside the crop
     demo = build_dataset("nyuv2", eval_demo("nyuv2"), "val")  # the crop, pixel for pixel
     image_path, depth_path = demo.pairs[1]
     item = demo[1]
-    assert torch.allclose(item["image"], normalised(stored(image_path)[45:471, 41:601]), atol=1e-6)
+    raw = stored(image_path)[45:471, 41:601]
+    assert torch.equal(item["image"], torch.from_numpy(raw.transpose(2, 0, 1).copy()))
+    assert torch.allclose(device_image(item), normalised(raw), atol=1e-6)
     expected = stored(depth_path)[45:471, 41:601].astype(np.float32) / np.float32(1000)
     assert torch.equal(item["depth"][0], torch.from_numpy(expected))
 
@@ -178,17 +187,17 @@ def test_training_crops_pad_black_raw_pixels_and_ignore_masks(eval_demo):
     kitti = build_dataset("kitti", eval_demo("kitti"), "train")
     assert stored(kitti.pairs[1][0]).shape[:2] == (168, 224)  # smaller than the crop
     item = kitti[1]
-    assert torch.allclose(item["image"][:, 168:], BLACK.view(3, 1, 1).expand(3, 88, 256))
+    assert torch.allclose(device_image(item)[:, 168:], BLACK.view(3, 1, 1).expand(3, 88, 256))
     assert (item["depth"][:, 168:] == 0).all() and (item["depth"][:, :168] > 0).any()
     ade = build_dataset("ade20k", eval_demo("ade20k"), "train")
     ade.scale_range = (0.5, 0.5)  # 168 x 224 -> 84 x 112
     item = ade[1]
-    assert torch.allclose(item["image"][:, 84:], BLACK.view(3, 1, 1).expand(3, 172, 256))
+    assert torch.allclose(device_image(item)[:, 84:], BLACK.view(3, 1, 1).expand(3, 172, 256))
     assert (item["mask"][84:] == 255).all() and (item["mask"][:84, :100] < 255).any()
     right, left = item["mask"][:, 112:], item["mask"][:, :144]  # the pad side depends on the flip
     assert (right == 255).all() or (left == 255).all()
     cols = slice(112, None) if (right == 255).all() else slice(0, 144)
-    assert torch.allclose(item["image"][:, :, cols], BLACK.view(3, 1, 1).expand(3, 256, 144))
+    assert torch.allclose(device_image(item)[:, :, cols], BLACK.view(3, 1, 1).expand(3, 256, 144))
 
 
 def test_flips_move_image_and_target_together(tmp_path):
@@ -207,11 +216,11 @@ def test_flips_move_image_and_target_together(tmp_path):
     for seed in range(12):
         torch.manual_seed(seed)
         item = seg[0]
-        dark = item["image"][0][:, away] < 0
+        dark = device_image(item)[0][:, away] < 0
         assert torch.equal(dark, item["mask"][:, away] == 0)
         flips.add(bool(dark[:, -1].all()))
         item = depth[0]
-        assert torch.equal(item["image"][0][:, away] < 0, item["depth"][0][:, away] == 1.0)
+        assert torch.equal(device_image(item)[0][:, away] < 0, item["depth"][0][:, away] == 1.0)
     assert flips == {False, True}
 
 
