@@ -16,6 +16,7 @@ from typing import Any
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
+from pixio.runtime.compile import COMPILE_CHOICES
 from pixio.runtime.launcher import (
     LauncherConfig,
     check_launcher_keys,
@@ -61,7 +62,7 @@ class TrainConfig:
     val_every: int = 1  # validation period in epochs, jobs that validate (0 = only at the end)
     precision: str = "bf16"  # bf16 | fp16 | fp32 (autocast dtype; fp16 uses a grad scaler)
     parallel: str = "auto"  # auto | none | ddp | fsdp (auto: per module, fsdp from 1B params)
-    compile: bool = False  # torch.compile the model
+    compile: str = "auto"  # auto | true | false: compile each block (auto: on for CUDA runs)
     deterministic: bool = False  # GPU: deterministic kernels, bit-exact resume, slower (docs/checkpoints.md)
     activation_checkpointing: bool = False  # recompute block activations in backward
     device: str = "auto"  # auto | cpu | cuda
@@ -129,6 +130,8 @@ def check_train(t: Any) -> None:
     check_choice(t, "train", "precision", ("bf16", "fp16", "fp32"))
     check_choice(t, "train", "parallel", PARALLEL_CHOICES)
     check_choice(t, "train", "device", ("auto", "cpu", "cuda"))
+    compile_ = str(t.compile).lower()  # Hydra types a bare true / false as a bool
+    require(compile_ in COMPILE_CHOICES, "train.compile", f"must be one of auto, true, false; got {t.compile!r}")  # fmt: skip
 
 
 def check_optim(o: Any, t: Any) -> None:

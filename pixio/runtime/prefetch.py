@@ -70,6 +70,11 @@ def _tensors(tree: Any) -> Iterator[torch.Tensor]:
             yield from _tensors(value)
 
 
+def on_batch(to_device: Callable[[Any], Any]) -> Callable[[tuple[int, Any]], tuple[int, Any]]:
+    """The transfer of the trainer's (iteration, batch) items: the batch through `to_device`."""
+    return lambda item: (item[0], to_device(item[1]))
+
+
 class DevicePrefetcher:
     """Items of `source` passed through `transfer` (host batch -> device batch), one ahead on
     CUDA: when item i is handed out, item i + 1 has been taken from `source` and its transfer

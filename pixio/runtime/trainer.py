@@ -32,6 +32,7 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_
 from pixio.runtime import checkpointing, optim
 from pixio.runtime.batches import fetch, iteration_batches, iters_per_epoch
 from pixio.runtime.checkpointing import CheckpointManager
+from pixio.runtime.compile import compile_enabled, compile_for_training
 from pixio.runtime.distributed import DistInfo, is_dist, node_group, set_deterministic
 from pixio.runtime.logging import (
     METRICS_NAME,
@@ -52,6 +53,7 @@ from pixio.runtime.parallel import (
     num_params,
 )
 from pixio.runtime.preemption import Agreement, PreemptionHandler
+from pixio.runtime.prefetch import DevicePrefetcher, on_batch
 from pixio.runtime.runconfig import CONFIG_NAME, write_run_config
 from pixio.runtime.step import (
     Stepper,
@@ -213,7 +215,9 @@ class Trainer:
             ids = [self.device.index] if self.device.type == "cuda" else None
             ddp = nn.parallel.DistributedDataParallel(module, ids, process_group=group)
             module = self._ddp[name] = ddp
-        return torch.compile(module) if self.t.compile else module
+        if not compile_enabled(self.t.compile, self.device):
+            return module
+        return compile_for_training(name, module, spec.shard_units, spec.trainable, self.trainable)
 
     def _group_size(self, name: str, group: dist.ProcessGroup | None) -> int:
         """Ranks that hold module `name` (1 without a process group)."""
@@ -352,7 +356,8 @@ class Trainer:
         iteration k already waited for the device (it logged, saved, validated, drew pictures
         or ran a periodic evaluation): then the ranks agree again at once, after step k, as a
         fully synchronous loop would. The check runs once more after the last step."""
-        batches = iter(self.batches(self.progress.iteration))
+        move = on_batch(lambda batch: self.task.to_device(batch, self.device))
+        batches = DevicePrefetcher(self.batches(self.progress.iteration), move, self.device)
         ahead = fetch(batches, self.progress.iteration < stop)
         agreement = self.preemption.start_agreement(ahead.failure is not None)
         synced = False  # the first agreement has no step queued behind it
@@ -367,7 +372,6 @@ class Trainer:
             (it, batch), data_time = ahead.item, ahead.seconds
             ahead = fetch(batches, it + 1 < stop)
             agreement = self.preemption.start_agreement(ahead.failure is not None)
-            batch = self.task.to_device(batch, self.device)
             values = self.train_iteration(it, batch)
             samples = self.task.batch_size(batch) * self.info.world_size
             self.progress.iteration = it + 1
