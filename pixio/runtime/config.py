@@ -63,7 +63,7 @@ class TrainConfig:
     precision: str = "bf16"  # bf16 | fp16 | fp32 (autocast dtype; fp16 uses a grad scaler)
     parallel: str = "auto"  # auto | none | ddp | fsdp (auto: per module, fsdp from 1B params)
     compile: str = "auto"  # auto | true | false: compile each block (auto: on for CUDA runs)
-    deterministic: bool = False  # GPU: deterministic kernels, bit-exact resume, slower (docs/checkpoints.md)
+    deterministic: bool = False  # bit-exact GPU runs: deterministic kernels (slower)
     activation_checkpointing: bool = False  # recompute block activations in backward
     device: str = "auto"  # auto | cpu | cuda
     seed: int = 0  # global seed (model init, masking, data order)
