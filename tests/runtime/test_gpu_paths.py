@@ -236,7 +236,7 @@ def test_trainer_places_a_meta_built_frozen_module_in_bf16(tmp_path, meta_to_cpu
         frozen = nn.Sequential(nn.Linear(4, 8), nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 8)))
     spec = ModuleSpec(frozen, trainable=False, shard_units=[frozen[1]], load=lambda m: None)
     trainer = Trainer.__new__(Trainer)  # the placement alone, as the constructor calls it
-    trainer.t = task_config(tmp_path, precision="bf16").train
+    trainer.t = task_config(tmp_path, precision="bf16", compile="false").train
     trainer.device, trainer.has_checkpoints, trainer.parallel, trainer._ddp = CUDA, False, {}, {}
     trainer._place("teacher", spec)
     assert trainer.parallel == {"teacher": "none"}
