@@ -109,12 +109,16 @@ def silog_loss(
 ) -> torch.Tensor:
     """Scale-invariant log loss sqrt(mean(d^2) - lambd * mean(d)^2), d = log(target) - log(pred),
     pooled over the valid pixels of the whole batch (as the reference). The caller clamps `pred`
-    at min_depth. No valid pixel: 0, still connected to `pred` (backward gives zero gradients)."""
-    if not bool(valid_mask.any()):
-        return pred.sum() * 0.0
-    d = torch.log(target[valid_mask]) - torch.log(pred[valid_mask])
+    at min_depth. No valid pixel: 0, still connected to `pred` (backward gives zero gradients).
+    Masked sums rather than indexing by the mask: nothing is read back to the host (a training
+    step must not wait for the device)."""
+    count = valid_mask.sum().clamp_min(1)
+    safe_target = torch.where(valid_mask, target, torch.ones_like(target))  # no log(0) elsewhere
+    d = torch.where(valid_mask, torch.log(safe_target) - torch.log(pred), 0.0)
+    mean, mean_sq = d.sum() / count, (d**2).sum() / count
     # A floor, not an epsilon added: sqrt's gradient at exactly 0 would be inf * 0 = NaN.
-    return ((d**2).mean() - lambd * d.mean() ** 2).clamp_min(1e-12).sqrt()
+    loss = (mean_sq - lambd * mean**2).clamp_min(1e-12).sqrt()
+    return torch.where(valid_mask.any(), loss, pred.sum() * 0.0)
 
 
 # ---- segmentation -----------------------------------------------------------------------------

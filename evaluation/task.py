@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from evaluation.features import FrozenFeatures
+from evaluation.heads import DPTHead
 from evaluation.inference import sliding_window
 from evaluation.metrics import (
     MIN_VALID_PIXELS,
@@ -35,6 +36,8 @@ from evaluation.metrics import (
     summarize_segmentation,
 )
 from evaluation.vis import depth_picture, segmentation_picture
+from pixio.models.encoder import PixioEncoder
+from pixio.models.flops import ViTSpec, eval_flops
 from pixio.runtime.job import DataError
 from pixio.runtime.parallel import unwrap
 from pixio.runtime.prefetch import normalize_batch
@@ -144,6 +147,19 @@ class HeadTask(Task):
         steps = self.steps_done if steps is None else steps
         return "the loaded weights" if steps is None else f"step {steps}"
 
+    def flops_per_sample(self, batch: dict) -> float | None:
+        """Training FLOPs per crop (pixio.models.flops): the frozen encoder's forward up to the
+        deepest block the head reads, the head's forward and backward. None for a baseline
+        encoder (its embedding differs from a Pixio ViT's)."""
+        encoder = self.features.encoder
+        if not isinstance(encoder, PixioEncoder):
+            return None
+        kind = "dpt" if isinstance(self.head, DPTHead) else "linear"
+        height, width = batch["image"].shape[-2:]
+        blocks = max(self.features.block_ids) + 1
+        flops = eval_flops(ViTSpec.of(encoder), kind, self.out_channels, height, width, blocks)
+        return float(flops.train)
+
     @torch.no_grad()
     def pictures(self, modules: dict[str, nn.Module], batch: dict) -> dict[str, np.ndarray]:
         """The first training crop of the batch: input, prediction, ground truth, titled with
@@ -157,6 +173,8 @@ class HeadTask(Task):
         return {"train_crop": self.picture(sample, out[0], title)}
 
     # ---- what a subclass says ------------------------------------------------------------
+    out_channels = 1  # the head's output channels (depth: 1; segmentation: the classes)
+
     def loss(self, out: torch.Tensor, batch: dict) -> torch.Tensor:
         raise NotImplementedError
 
@@ -239,6 +257,7 @@ class SegmentationTask(HeadTask):
     ) -> None:
         super().__init__(*args, **kwargs)
         self.num_classes, self.class_names = num_classes, class_names
+        self.out_channels = num_classes
 
     def window_output(self, logits: torch.Tensor) -> torch.Tensor:
         return torch.softmax(logits, dim=1)

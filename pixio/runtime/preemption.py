@@ -203,10 +203,10 @@ class PreemptionHandler:
 class Agreement:
     """An all-reduce (max) of a few int32 flags, started at once and read by `result()`.
 
-    On CUDA (NCCL) the reduced flags are copied into pinned host memory on a side stream that
-    waits for the all-reduce alone, so `result()` waits for the collective and that copy, never
-    for the compute queued after the start (reading the device tensor itself would wait for all
-    of it). With gloo the all-reduce runs on a CPU tensor in gloo's own thread. Without a
+    On CUDA (NCCL) the flags go to the device, are reduced and come back into pinned host memory
+    on a side stream, so `result()` waits for the collective (queued behind the collectives
+    started before it) and those copies, never for the compute queued on the current stream
+    (reading the device tensor there would wait for all of it). With gloo the all-reduce runs on a CPU tensor in gloo's own thread. Without a
     process group the flags are this process's own.
     """
 
@@ -218,16 +218,23 @@ class Agreement:
             return
         self._local = None
         device = distributed.reduce_device()
-        self._tensor = torch.tensor(flags, dtype=torch.int32, device=device)
-        self._work = dist.all_reduce(self._tensor, op=dist.ReduceOp.MAX, async_op=True)
-        if device.type == "cuda":
+        if device.type != "cuda":  # gloo: a CPU tensor, reduced in gloo's thread
+            self._tensor = torch.tensor(flags, dtype=torch.int32)
+            self._work = dist.all_reduce(self._tensor, op=dist.ReduceOp.MAX, async_op=True)
+            return
+        # Everything on a side stream: the all-reduce waits for what that stream holds (the
+        # flags' copy), not for the compute queued on the current one. Pinned memory both ways
+        # and non-blocking copies: a pageable copy would make the host wait.
+        stream = _side_stream(device)
+        with torch.cuda.stream(stream):
+            sent = torch.tensor(flags, dtype=torch.int32).pin_memory()
+            self._tensor = sent.to(device, non_blocking=True)
+            self._work = dist.all_reduce(self._tensor, op=dist.ReduceOp.MAX, async_op=True)
+            self._work.wait()  # the side stream waits for the all-reduce, not the host
             self._host = torch.empty(len(flags), dtype=torch.int32, pin_memory=True)
-            stream = _side_stream(device)
-            with torch.cuda.stream(stream):
-                self._work.wait()  # the side stream waits for the all-reduce, not the host
-                self._host.copy_(self._tensor, non_blocking=True)
-                self._event = torch.cuda.Event()
-                self._event.record(stream)
+            self._host.copy_(self._tensor, non_blocking=True)
+            self._event = torch.cuda.Event()
+            self._event.record(stream)
 
     def values(self) -> list[int]:
         """The reduced flags (waits for the all-reduce and, on CUDA, its copy only)."""
