@@ -24,6 +24,7 @@ from distillation.task import STUDENT_PREFIX, export_name
 from pixio.checkpoint import (
     encoder_state,
     is_dcp_checkpoint,
+    read_architecture,
     read_module_states,
     save_state_dict,
     trained_modules,
@@ -82,7 +83,9 @@ def export_students(checkpoint: str | Path, out: str | Path) -> list[Path]:
         for name, state in read_module_states(checkpoint, names):
             target = out / step_export_name(name, step)
             tmp = target.with_name(f".{target.stem}.tmp-{os.getpid()}.safetensors")
-            staged[save_state_dict(encoder_state(state), tmp)] = target
+            # The run's saved config gives each student's sizes: the file records them.
+            architecture = read_architecture(checkpoint, name)
+            staged[save_state_dict(encoder_state(state), tmp, architecture)] = target
     except BaseException:
         for tmp in staged:
             tmp.unlink(missing_ok=True)

@@ -121,6 +121,13 @@ def test_exported_students_load_and_match_the_trained_encoders(distill_config, t
             for key in ("cls_tokens_norm", "patch_tokens_norm"):
                 torch.testing.assert_close(got[key], expected[key], rtol=0, atol=0)
         assert "last_proj.0.weight" not in load_file(str(out / f"encoder-{name}.safetensors"))
+        # Both exports record their architecture: they load with no name and no sizes.
+        for path in (out / f"encoder-{name}.safetensors", sources[-1][0]):
+            encoder = pixio.load_encoder(path).eval()
+            torch.testing.assert_close(
+                encoder.features(imgs, [-1])[0]["patch_tokens_norm"],
+                expected["patch_tokens_norm"], rtol=0, atol=0,
+            )  # fmt: skip
     assert sorted(p.name for p in again) == sorted(
         f"encoder-{n}-step8.safetensors" for n in STUDENT_SIZES
     )
