@@ -311,7 +311,8 @@ def build_loaders(cfg: Any, info: DistInfo) -> tuple[MapLoader, EvalLoader]:
 def build_task(cfg: Any, app: str, info: DistInfo) -> HeadTask:
     """Frozen features for the head's blocks, the head (SyncBatchNorm on multi-GPU runs), the task."""
     torch.manual_seed(cfg.train.seed)  # a demo's random weights: the same in every run
-    encoder = load_frozen_encoder(cfg.encoder, info.device)  # to the GPU: no host copy per rank
+    # to the GPU (no host copy per rank), its blocks already in the run's frozen dtype
+    encoder = load_frozen_encoder(cfg.encoder, info.device, cfg.train.precision)
     features = FrozenFeatures(encoder, head_block_ids(cfg.head.name, encoder.depth))
     dataset = get_info(cfg.dataset.name)
     out_channels = 1 if app == "depth" else dataset.num_classes

@@ -39,6 +39,7 @@ from pixio.knn import build_demo_folders, global_features, knn_hits
 from pixio.models.features import FeatureEncoder
 from pixio.runtime.config import check_positive, require
 from pixio.runtime.distributed import DistInfo, is_dist, reduce_device
+from pixio.runtime.parallel import unwrap
 from pixio.runtime.rank0 import rank0_result
 
 log = logging.getLogger("pixio.monitor")
@@ -193,13 +194,7 @@ def feature_encoder(module: nn.Module) -> FeatureEncoder:
     """The encoder inside what the trainer hands a task (torch.compile and DDP wrappers
     removed); an FSDP2 module gets `features` registered as a forward method once, so that the
     call gathers the root's parameters as forward() does."""
-    while True:
-        if hasattr(module, "_orig_mod"):  # torch.compile
-            module = module._orig_mod
-        elif isinstance(module, nn.parallel.DistributedDataParallel):
-            module = module.module
-        else:
-            break
+    module = unwrap(module)
     from torch.distributed.fsdp import FSDPModule, register_fsdp_forward_method
 
     if isinstance(module, FSDPModule) and not getattr(module, "_pixio_features_hooked", False):

@@ -17,6 +17,7 @@ single-process build with the same seed has.
 from __future__ import annotations
 
 import logging
+import sys
 from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING
 
@@ -78,10 +79,11 @@ def unwrap(module: nn.Module) -> nn.Module:
     (it changes the module's class in place). Code that calls a module on some ranks only (a
     validation over uneven shards, a bare head) must call the unwrapped one: a compiled DDP
     module still runs DDP's forward, whose buffer broadcast is a collective."""
-    from torch._dynamo.eval_frame import OptimizedModule
-
+    # No OptimizedModule exists before torch.compile's module is imported: do not import it.
+    frame = sys.modules.get("torch._dynamo.eval_frame")
+    compiled = frame.OptimizedModule if frame is not None else ()
     while True:
-        if isinstance(module, OptimizedModule):
+        if isinstance(module, compiled):
             module = module._orig_mod
         elif isinstance(module, nn.parallel.DistributedDataParallel):
             module = module.module
