@@ -36,16 +36,49 @@ class LayerNorm(nn.LayerNorm):
         return F.layer_norm(x, self.normalized_shape, weight, bias, self.eps)
 
 
+class DropPath(nn.Module):
+    """Stochastic depth of one residual branch: in training, each sample's branch is dropped
+    with probability `drop_prob` and kept ones are scaled by 1 / keep (timm's rule).
+
+    The keep probability is a 0-d CPU tensor attribute, not a Python float: torch.compile
+    specialises on a module's float attributes, so blocks with different rates (linear over
+    depth) would each compile their own graph; a tensor is a graph input instead, so every
+    block of a stack shares one graph. A plain attribute, not a buffer: it stays out of the
+    state dict, off the meta device and on the CPU, where it enters device kernels as a scalar.
+    """
+
+    def __init__(self, drop_prob: float) -> None:
+        super().__init__()
+        self.drop_prob = float(drop_prob)  # for display only: forward reads `keep`
+        self.keep = torch.tensor(1.0 - self.drop_prob, dtype=torch.float32, device="cpu")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training:
+            return x
+        shape = (x.shape[0],) + (1,) * (x.ndim - 1)  # one draw per sample
+        kept = torch.rand(shape, dtype=torch.float32, device=x.device) < self.keep
+        return x * (kept / self.keep).to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return f"drop_prob={self.drop_prob:.3f}"
+
+
 def make_blocks(
     dim: int, depth: int, num_heads: int, mlp_ratio: float, drop_path: float
 ) -> nn.ModuleList:
-    """Pre-norm ViT blocks (exact GELU, qkv bias, no LayerScale); drop path linear over depth."""
+    """Pre-norm ViT blocks (exact GELU, qkv bias, no LayerScale); drop path linear over depth.
+
+    With `drop_path` > 0 every block gets `DropPath` modules (the first one at rate 0), so all
+    blocks run the same code and compile to one graph; with 0 they are identities."""
     # Plain Python (not torch.linspace) so models can be built on the meta device.
     rates = [drop_path * i / (depth - 1) if depth > 1 else 0.0 for i in range(depth)]
-    return nn.ModuleList(
-        Block(dim, num_heads, mlp_ratio, qkv_bias=True, drop_path=r, norm_layer=LayerNorm)
-        for r in rates
+    blocks = nn.ModuleList(
+        Block(dim, num_heads, mlp_ratio, qkv_bias=True, norm_layer=LayerNorm) for _ in rates
     )
+    if drop_path > 0:
+        for block, rate in zip(blocks, rates, strict=True):
+            block.drop_path1, block.drop_path2 = DropPath(rate), DropPath(rate)
+    return blocks
 
 
 def resize_pos_embed(
