@@ -20,6 +20,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 from omegaconf import OmegaConf
+from test_stop_signals import FailsOnRank1
 from tests_helpers import CPU_OVERRIDES, compose_pretrain
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.overrides import TorchFunctionMode
@@ -299,20 +300,6 @@ def test_a_stop_signal_is_acted_on_one_iteration_late_unless_the_device_was_wait
     resumed.fit()
     for key, value in full.full_state().items():
         assert torch.equal(value, resumed.full_state()[key]), key
-
-
-class FailsOnRank1(Regression):
-    """Rank 1's read number `fail_at` raises (a broken file, a dead worker)."""
-
-    def __init__(self, n: int, rank: int, fail_at: int) -> None:
-        super().__init__(n)
-        self.rank, self.fail_at, self.reads = rank, fail_at, 0
-
-    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        self.reads += 1
-        if self.rank == 1 and self.reads == self.fail_at:
-            raise OSError(f"cannot read sample {i}")
-        return super().__getitem__(i)
 
 
 def _two_rank_worker(rank: int, port: int, out: str, case: str) -> None:
