@@ -369,14 +369,14 @@ class Trainer:
             self._stop_if_requested(agreement, ahead.failure)
             if ahead.item is None:
                 return
-            (it, batch), data_time = ahead.item, ahead.seconds
-            ahead = fetch(batches, it + 1 < stop)
+            it, batch = ahead.item
+            ahead = fetch(batches, it + 1 < stop)  # the wait for data inside this iteration
             agreement = self.preemption.start_agreement(ahead.failure is not None)
             values = self.train_iteration(it, batch)
             samples = self.task.batch_size(batch) * self.info.world_size
             self.progress.iteration = it + 1
             self.progress.samples_seen += samples
-            timing = (tick, data_time + ahead.seconds, samples)
+            timing = (tick, ahead.seconds, samples)
             synced = self._after_iteration(it + 1, values, batch, stop, timing)
 
     def _stop_if_requested(self, agreement: Agreement, failure: Exception | None) -> None:

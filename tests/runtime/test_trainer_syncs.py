@@ -247,6 +247,33 @@ def test_peak_tflops_must_be_positive(tmp_path):
         check_train(pretrain_config(tmp_path, "train.peak_tflops=0").train)
 
 
+class SlowBatches:
+    """`n` regression batches, each taking `seconds` to produce (a slow data pipeline)."""
+
+    def __init__(self, n: int, seconds: float) -> None:
+        self.batches = [next(iter(MapLoader(Regression(2), 2).iterate(0))) for _ in range(n)]
+        self.seconds = seconds
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __iter__(self):
+        for batch in self.batches:
+            time.sleep(self.seconds)
+            yield batch
+
+
+def test_data_wait_counts_each_fetch_once(tmp_path):
+    """The fetch of batch k + 1 runs inside iteration k (one batch ahead): data_wait is the
+    share of the iteration spent there, near 1 when the data is the bottleneck, never above."""
+    cfg = task_config(tmp_path / "run", epochs=1, log_every=6)
+    encoder, head = encoder_and_head()
+    task = RegressionTask(encoder, head, cfg.optim)
+    Trainer(cfg, task, SlowBatches(6, 0.05), SINGLE, {"job": "head"}).fit()
+    (record,) = logged(tmp_path / "run")
+    assert 0.5 < record["data_wait"] <= 1.0, record
+
+
 # ---- non-finite losses ------------------------------------------------------------------------
 def test_a_nan_between_log_lines_is_caught_before_the_save_that_would_hold_it(tmp_path):
     batches = mae_batches(ITERATIONS)
