@@ -1,13 +1,14 @@
-"""Tiny evaluation datasets in the real on-disk layouts, built locally (no download).
+"""Tiny evaluation datasets in the real on-disk layouts, generated locally (no download).
 
     build_demo("ade20k", "data/eval_demo/ade20k")   # or: python -m evaluation.demo_data NAME ROOT
 
 Each image is a scene of flat regions (a Voronoi partition, cells about `CELL` of the image's
-short side), every region one *kind* out of a few: the kind fixes the region's colour (shaded by
-the texture of a bundled demo photo, `pixio.data.demo`), its class and its depth. So the targets
-are learnable from a frozen encoder's patch features, even a random-weight encoder's (a random
-ViT's patch tokens still carry a patch's colour): a head trained for a minute on CPU reaches
-d1 > 50 % and mIoU > 20 % (tests/evaluation/test_demo_learns.py), which shows it learns.
+short side), every region one *kind* out of a few: the kind fixes the region's colour and stripes
+(`KIND_COLOURS`, `kind_texture`), its class and its depth. So the targets are learnable from a
+frozen encoder's patch features, even a random-weight encoder's (a random ViT's patch tokens
+still carry a patch's colour) and the `make demo` MAE's (which keeps texture better than colour):
+a linear head trained for well under a minute on CPU reaches d1 > 50 % and mIoU > 20 %
+(tests/evaluation/test_demo_learns.py), which shows that it learns.
 - depth: per kind a constant (`KIND_DEPTH` x max_depth) times a gentle ramp (far at the top),
   16-bit png at the release's scale (NYUv2 mm, KITTI 1/256 m); NYUv2 has scattered 0 (invalid)
   pixels, KITTI is sparse like LiDAR. NYUv2 frames are always 480 x 640 (the Eigen crop needs them).
@@ -21,7 +22,6 @@ runs on it are labelled demo (`demo: true` in results.json) and never compared w
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import os
 import shutil
@@ -45,21 +45,13 @@ KIND_COLOURS = np.array(
     [[200, 60, 50], [60, 160, 70], [50, 90, 200], [220, 190, 60],
      [150, 70, 180], [60, 190, 200], [230, 130, 40], [140, 140, 140]], dtype=np.float64,
 )  # fmt: skip
-KIND_DEPTH = (0.12, 0.2, 0.3, 0.45, 0.62, 0.85)  # depth kinds, as fractions of max_depth
+KIND_DEPTH = (0.1, 0.15, 0.22, 0.32, 0.45, 0.62)  # depth of each kind, as fractions of max_depth
 CELL = 0.45  # region size (grid step of the Voronoi seeds) as a fraction of the short side
-TEXTURE = 0.2  # shading amplitude from the photo's brightness (0: flat colours)
+STRIPES = 0.2  # amplitude of each kind's stripes (kind_texture): +-20 % of the colour
+KIND_PERIODS = (6.0, 11.0, 17.0)  # stripe periods in pixels, by kind
 RAMP = 0.08  # depth is x (1 + RAMP) at the top row and x (1 - RAMP) at the bottom one
 DEMO_VERSION = 2  # bump when the generated data change: older demo sets are rebuilt
 MARKER = "DEMO.json"  # at a demo set's root, written last
-
-
-def demo_image(index: int, size: tuple[int, int], seed: int = 0) -> np.ndarray:
-    """(H, W, 3) uint8: demo sample `index` resized to `size` = (H, W)."""
-    from pixio.data.demo import demo_jpeg  # heavy import (webdataset), only when building
-
-    with Image.open(io.BytesIO(demo_jpeg(index, seed))) as img:
-        rgb = img.convert("RGB").resize((size[1], size[0]), Image.Resampling.BICUBIC)
-    return np.asarray(rgb)
 
 
 def image_size(index: int, size: tuple[int, int]) -> tuple[int, int]:
@@ -83,10 +75,20 @@ def region_kinds(shape: tuple[int, int], n_kinds: int, rng: np.random.Generator)
     return kinds[dist.argmin(axis=2)]
 
 
-def scene(photo: np.ndarray, kinds: np.ndarray) -> np.ndarray:
-    """(H, W, 3) uint8: each region the colour of its kind, shaded by the photo's brightness."""
-    brightness = photo.mean(axis=2) / 255.0
-    shade = 1.0 + TEXTURE * (brightness - brightness.mean())
+def kind_texture(kinds: np.ndarray) -> np.ndarray:
+    """(H, W) in [-1, 1]: stripes of each kind's own orientation and period (KIND_PERIODS), so a
+    region's kind shows in its texture as well as in its colour (an encoder trained with a
+    per-patch normalised target, as Pixio's MAE, keeps texture better than absolute colour)."""
+    h, w = kinds.shape
+    yy, xx = np.mgrid[:h, :w].astype(np.float64)
+    angle = np.pi * kinds / len(KIND_COLOURS)
+    period = np.asarray(KIND_PERIODS, dtype=np.float64)[kinds % len(KIND_PERIODS)]
+    return np.sin(2 * np.pi * (xx * np.cos(angle) + yy * np.sin(angle)) / period)
+
+
+def scene(kinds: np.ndarray) -> np.ndarray:
+    """(H, W, 3) uint8: each region the colour of its kind, striped by its kind's texture."""
+    shade = 1.0 + STRIPES * kind_texture(kinds)
     return np.clip(KIND_COLOURS[kinds] * shade[..., None], 0, 255).round().astype(np.uint8)
 
 
@@ -148,10 +150,9 @@ class Scene:
 
 
 def make_scene(index: int, shape: tuple[int, int], n_kinds: int, seed: int) -> Scene:
-    """Scene `index` of a build: its regions from (seed, index), its shading from demo photo
-    `index`."""
+    """Scene `index` of a build, its regions drawn from (seed, index)."""
     kinds = region_kinds(shape, n_kinds, np.random.default_rng([seed, index]))
-    return Scene(scene(demo_image(index, shape, seed), kinds), kinds)
+    return Scene(scene(kinds), kinds)
 
 
 Pair = tuple[Path, Path]

@@ -38,6 +38,7 @@ from evaluation.metrics import (
 from evaluation.vis import depth_picture, segmentation_picture
 from pixio.models.encoder import PixioEncoder
 from pixio.models.flops import ViTSpec, eval_flops
+from pixio.runtime.distributed import is_main
 from pixio.runtime.job import DataError
 from pixio.runtime.parallel import unwrap
 from pixio.runtime.prefetch import normalize_batch
@@ -163,9 +164,12 @@ class HeadTask(Task):
     @torch.no_grad()
     def pictures(self, modules: dict[str, nn.Module], batch: dict) -> dict[str, np.ndarray]:
         """The first training crop of the batch: input, prediction, ground truth, titled with
-        the step and the crop's metric."""
+        the step and the crop's metric. Every rank runs the forward (the wrapped head may need
+        all ranks); only rank 0, whose pictures the trainer writes, renders."""
         image = batch["image"][:1]
         out = self.window_output(self.logits(modules["encoder"], modules["head"], image).float())
+        if not is_main():
+            return {}
         sample = {k: v[0] for k, v in batch.items()}
         steps = int(sample["iteration"]) + 1 if "iteration" in sample else None
         metric = self.metric_text(self.image_stats(out[0], sample))

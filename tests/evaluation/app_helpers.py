@@ -79,6 +79,16 @@ def compose_eval(app: str, overrides: list[str]):
         return compose(config_name=f"eval_{app}", overrides=overrides)
 
 
+def knn_config(tmp_path: Path, *overrides: str):
+    """configs/eval_knn.yaml composed with `data.root` and `output_dir` under tmp_path."""
+    from hydra import compose, initialize_config_dir
+
+    from evaluation.knn import CONFIG_DIR
+
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base=None):
+        return compose("eval_knn", [f"data.root={tmp_path / 'data'}", f"output_dir={tmp_path / 'out'}", *overrides])  # fmt: skip
+
+
 def read_json(path: Path) -> dict:
     return json.loads(Path(path).read_text())
 

@@ -10,7 +10,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from app_helpers import compose_eval, cpu_overrides, make_folder, read_json, run_knn_app, small_demo
+from app_helpers import (
+    compose_eval,
+    cpu_overrides,
+    knn_config,
+    make_folder,
+    read_json,
+    run_knn_app,
+    small_demo,
+)
 from baseline_helpers import TINY_TIMM, save_hf_folder, save_timm_weights, tiny_timm
 
 from evaluation.common import validate_eval
@@ -85,7 +93,7 @@ def hybrid_knn_run(hybrid_knn):
 def test_knn_run_on_a_timm_vit_hybrid_matches_in_process_features(hybrid_knn, hybrid_knn_run):
     tmp, weights, data, args = hybrid_knn
     record = json.loads((tmp / "out" / "results.json").read_text())
-    assert (record["encoder"], record["encoder_source"]) == (HYBRID, "timm")
+    assert (record["encoder"]["name"], record["encoder"]["source"]) == (HYBRID, "timm")
     assert record["protocol"] == {"patch_size": 16, "resize": 32, "crop": 32,
                                   "reference": {"resize": 256, "crop": 256}, "as_reference": False}  # fmt: skip
     assert record["architecture"]["mean"] == [0.5, 0.5, 0.5] and record["feature_dim"] == 32
@@ -249,3 +257,39 @@ def test_every_baseline_experiment_composes_for_every_app_and_builds_on_meta(tmp
             encoder = build_meta_encoder(cfg.encoder)  # the architecture, no memory
             assert (encoder.patch_size, encoder.embed_dim, encoder.depth) == (patch, width, depth)
             assert head_block_ids("dpt", encoder.depth) == dpt
+
+
+def test_transformers_folder_without_a_name_takes_its_model_type(mae_folder, tmp_path):
+    # No encoder.name (the apps' default is the Pixio pixio_vith16): the folder's config.json
+    # says vit_mae, which the run then records and builds.
+    from evaluation.knn import validate_knn
+
+    sizes = {"data.crop_size": 56, "eval.window": 56}  # patch 14
+    overrides = baseline_overrides("transformers", "x", mae_folder, tmp_path, tmp_path / "o", **sizes)  # fmt: skip
+    base = [o for o in overrides if not o.startswith("encoder.name=")]
+    cfg = compose_eval("depth", base)
+    assert cfg.encoder.name == "pixio_vith16"  # what the configs leave there
+    assert validate_eval(cfg, "depth") == 14 and cfg.encoder.name == "vit_mae"
+    assert cfg.output_dir == str(tmp_path / "o")
+    with pytest.raises(ConfigError, match=rf"^encoder.name: unknown transformers model 'vitmae': .*; {mae_folder}/config.json says 'vit_mae': leave encoder.name out"):  # fmt: skip
+        validate_eval(compose_eval("depth", [*base, "encoder.name=vitmae"]), "depth")
+    (tmp_path / "data" / "train").mkdir(parents=True)
+    (tmp_path / "data" / "val").mkdir()
+    knn = knn_config(tmp_path, "encoder.source=transformers", f"encoder.checkpoint={mae_folder}")
+    validate_knn(knn)
+    assert knn.encoder.name == "vit_mae" and knn.output_dir == str(tmp_path / "out")
+
+
+def test_transformers_family_comes_from_the_folder_in_the_library(mae_folder, tmp_path):
+    from pixio.models.baselines import BaselineError, build_baseline
+    from pixio.models.baselines.transformers_vit import resolve_family
+
+    assert build_baseline("transformers", None, str(mae_folder)).name == "vit_mae"
+    assert resolve_family("dinov2", None) == "dinov2"
+    with pytest.raises(BaselineError, match=r"is needed: no folder to read the family from"):
+        resolve_family(None, None)
+    other = tmp_path / "bert"
+    other.mkdir()
+    (other / "config.json").write_text('{"model_type": "bert"}')
+    with pytest.raises(BaselineError, match=rf"^{other} holds a 'bert' model \(config.json model_type\), not one of vit, vit_mae"):  # fmt: skip
+        resolve_family(None, str(other))

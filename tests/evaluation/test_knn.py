@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from app_helpers import free_port, make_folder, run_knn_app
+from app_helpers import free_port, knn_config, make_folder, run_knn_app
 from PIL import Image
 from torch.nn import functional as F
 
@@ -209,16 +209,6 @@ def test_knn_config_errors_name_the_key(tmp_path):
 
 
 # ---- bad input and failures ---------------------------------------------------------------------
-def knn_config(tmp_path: Path, *overrides: str):
-    """configs/eval_knn.yaml composed with `data.root` and `output_dir` under tmp_path."""
-    from hydra import compose, initialize_config_dir
-
-    from evaluation.knn import CONFIG_DIR
-
-    with initialize_config_dir(config_dir=CONFIG_DIR, version_base=None):
-        return compose("eval_knn", [f"data.root={tmp_path / 'data'}", f"output_dir={tmp_path / 'out'}", *overrides])  # fmt: skip
-
-
 def knn_results(name: str = "pixio_vith16", sha256: str | None = "ab" * 32) -> dict:
     """A finished k-NN's results.json of an earlier version (the encoder's name, its source,
     module and digest beside it), which the apps and the report still read."""
