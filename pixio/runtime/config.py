@@ -23,7 +23,7 @@ from pixio.runtime.launcher import (
     hydra_overrides,
     launcher_config,
 )
-from pixio.runtime.optim import SCHEDULES
+from pixio.runtime.optim import OPTIMIZERS, SCHEDULES
 from pixio.runtime.parallel import PARALLEL_CHOICES
 
 
@@ -33,6 +33,7 @@ class ConfigError(ValueError):
 
 @dataclass
 class OptimConfig:
+    name: str = "adamw"  # adamw | lars (MAE's linear probe: momentum 0.9, trust coefficient 1e-3)
     lr: float | None = None  # absolute lr; None -> blr * global_batch / 256
     blr: float = 1.5e-4  # base lr per 256 images
     min_lr: float = 0.0  # floor the schedule decays to
@@ -136,6 +137,8 @@ def check_train(t: Any) -> None:
 
 def check_optim(o: Any, t: Any) -> None:
     """The `optim` group: lr, AdamW terms, and the schedule (against `train.epochs`)."""
+    check_choice(o, "optim", "name", OPTIMIZERS)
+    require(not (o.name == "lars" and o.decay_all), "optim.decay_all", "applies to adamw; LARS never adapts or decays biases and 1-d parameters")  # fmt: skip
     require(o.lr is None or o.lr > 0, "optim.lr", f"must be positive, got {o.lr}")
     check_positive(o, "optim", "blr")
     check_positive(o, "optim", "clip_grad", optional=True)

@@ -1,4 +1,5 @@
-"""AdamW with the reference decay/no-decay split, and the per-iteration lr schedules."""
+"""The optimisers (AdamW with the reference decay/no-decay split; LARS, MAE's linear-probe
+optimiser), chosen by `optim.name`, and the per-iteration lr schedules."""
 
 from __future__ import annotations
 
@@ -62,6 +63,75 @@ def build_optimizer(
         fused = _on_cuda(model)
     groups = param_groups(model, weight_decay, decay_all)
     return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), fused=fused)
+
+
+class LARS(torch.optim.Optimizer):
+    """SGD with momentum and layer-wise adaptive rate scaling (You et al., 2017), as MAE's linear
+    probe uses it. Per parameter of a group with `adapt` (weight matrices): d = grad + wd * p,
+    scaled by the trust ratio trust_coefficient * ||p|| / ||d|| (1 when either norm is 0);
+    groups without `adapt` (biases, 1-d parameters) use d = grad, neither decayed nor scaled.
+    Then mu = momentum * mu + d and p -= lr * mu. The ratio stays on the device (no host read)."""
+
+    def __init__(
+        self,
+        params: Any,
+        lr: float,
+        weight_decay: float = 0.0,
+        momentum: float = 0.9,
+        trust_coefficient: float = 0.001,
+    ) -> None:
+        defaults = dict(lr=lr, weight_decay=weight_decay, momentum=momentum,
+                        trust_coefficient=trust_coefficient, adapt=True)  # fmt: skip
+        super().__init__(params, defaults)
+
+    @torch.no_grad()
+    def step(self, closure: Any = None) -> Any:
+        loss = None if closure is None else closure()
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    self._update(p, group)
+        return loss
+
+    def _update(self, p: torch.Tensor, group: dict[str, Any]) -> None:
+        d = p.grad
+        if group["adapt"]:
+            d = d.add(p, alpha=group["weight_decay"])
+            p_norm, d_norm = torch.linalg.vector_norm(p), torch.linalg.vector_norm(d)
+            ratio = group["trust_coefficient"] * p_norm / d_norm  # inf / NaN where a norm is 0
+            d = d.mul(torch.where((p_norm > 0) & (d_norm > 0), ratio, torch.ones_like(ratio)))
+        state = self.state[p]
+        if "mu" not in state:
+            state["mu"] = torch.zeros_like(p)
+        state["mu"].mul_(group["momentum"]).add_(d)
+        p.add_(state["mu"], alpha=-group["lr"])
+
+
+def build_lars(model: nn.Module, lr: float, weight_decay: float) -> LARS:
+    """LARS over the trainable parameters: biases and 1-d parameters (`is_no_decay`) in a group
+    without adaptation or decay, the others with both (MAE's LARS adapts ndim > 1)."""
+    params = dict(model.named_parameters())
+    decay, no_decay = split_decay(model)
+    groups = [
+        {"params": [params[n] for n in no_decay], "weight_decay": 0.0, "adapt": False},
+        {"params": [params[n] for n in decay], "weight_decay": weight_decay, "adapt": True},
+    ]
+    return LARS([g for g in groups if g["params"]], lr=lr, weight_decay=weight_decay)
+
+
+OPTIMIZERS = ("adamw", "lars")
+
+
+def optimizer_from_config(model: nn.Module, o: Any, lr: float) -> torch.optim.Optimizer:
+    """The optimiser an `optim` config node names (`name`: adamw | lars; absent: adamw) over
+    `model`'s trainable parameters, at `lr`."""
+    name = getattr(o, "name", "adamw")
+    if name == "lars":
+        return build_lars(model, lr, o.weight_decay)
+    if name != "adamw":
+        raise ValueError(f"optim.name must be one of {', '.join(OPTIMIZERS)}, got {name!r}")
+    decay_all = getattr(o, "decay_all", False)  # absent from older config nodes
+    return build_optimizer(model, lr, o.weight_decay, tuple(o.betas), o.fused, decay_all)
 
 
 def lr_at(

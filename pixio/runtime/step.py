@@ -1,6 +1,6 @@
-"""The optimiser side of a training iteration: one `Stepper` per optimiser (AdamW, schedule,
-gradient scaler, clipping), precision (autocast), backward with gradient accumulation, and the
-optimiser step.
+"""The optimiser side of a training iteration: one `Stepper` per optimiser (AdamW or LARS,
+schedule, gradient scaler, clipping), precision (autocast), backward with gradient accumulation,
+and the optimiser step.
 
 Nothing here reads a device value on the host: the gradient norm stays a device tensor (read
 when the trainer logs it), and clipping multiplies the gradients by a device-side coefficient,
@@ -29,7 +29,7 @@ class Stepper:
     """One optimiser with what belongs to it: schedule, gradient scaler, clipping, and the
     module whose parameter names key its checkpointed state."""
 
-    optimizer: torch.optim.AdamW
+    optimizer: torch.optim.Optimizer  # AdamW or LARS (`optim.name`)
     schedule: optim.Schedule
     scaler: torch.amp.GradScaler
     clip_grad: float | None
@@ -70,10 +70,7 @@ def build_stepper(
     o = spec.optim
     root = parts[0] if len(parts) == 1 else nn.ModuleDict(dict(zip(spec.modules, parts, strict=True)))  # fmt: skip
     base_lr = optim.resolve_lr(o.lr, o.blr, batch)
-    decay_all = getattr(o, "decay_all", False)  # absent from older config nodes
-    optimizer = optim.build_optimizer(
-        root, base_lr, o.weight_decay, tuple(o.betas), o.fused, decay_all
-    )
+    optimizer = optim.optimizer_from_config(root, o, base_lr)
     # A gradient scaler only for fp16: bf16 and fp32 have fp32's exponent range.
     scaler = torch.amp.GradScaler(device.type, enabled=t.precision == "fp16")
     groups = [[p for p in part.parameters() if p.requires_grad] for part in parts]
