@@ -69,10 +69,10 @@ from pixio.runtime.task import ModuleSpec, OptimizerSpec, Periodic, Task
 from pixio.runtime.train_state import app_state, load_app_state, merged, restore_streams
 from pixio.runtime.validation import RESULTS_NAME, ValidationRecord, run_validation
 from pixio.runtime.vis import save_png
-from pixio.runtime.window import (
+from pixio.runtime.window import (  # NonFiniteLossError: re-exported, the trainer's error
     FiniteWatch,
+    NonFiniteLossError,  # noqa: F401
     Window,
-    first_non_finite,
     gather,
     merge_over_ranks,
     read,
@@ -86,10 +86,6 @@ log = logging.getLogger("pixio.train")
 # A run's own records: a fresh start sets aside those of a run that died before its first
 # checkpoint (appending to them would repeat its steps; wandb would drop the new run's).
 RUN_RECORDS = (METRICS_NAME, RESULTS_NAME, CONFIG_NAME, RUN_ID_NAME)
-
-
-class NonFiniteLossError(RuntimeError):
-    """The loss became NaN or infinite; the run stops without overwriting the last checkpoint."""
 
 
 @dataclass
@@ -289,7 +285,7 @@ class Trainer:
         since the last check are checked first: a non-finite one raises NonFiniteLossError and
         nothing is written."""
         if self._finite.checked != self.progress.iteration:
-            self._check_finite()
+            self._finite.check(self.progress.iteration, self.output_dir)
         path = self.checkpoints.save(
             self.progress.iteration, app_state(self.trainable, self.optimizers), self._meta()
         )
@@ -426,7 +422,7 @@ class Trainer:
         self._finite.add(done - 1, values["loss"])
         due = self._due(done, stop)
         if due:
-            self._check_finite()
+            self._finite.check(self.progress.iteration, self.output_dir)
         tick, data_time, samples = timing
         self.throughput.update(samples, time.perf_counter() - tick, data_time)
         if due.log:
@@ -460,21 +456,6 @@ class Trainer:
             for stepper in self.optimizers.values():
                 stepper.grad_norm = optimizer_step(stepper, self.device)
         return step_scalars(out)
-
-    def _check_finite(self) -> None:
-        """Raise NonFiniteLossError when a rank's loss was not finite since the last check
-        (collective; one device read). Runs at every iteration that reads the device anyway
-        and before every save, so a non-finite loss never reaches a checkpoint."""
-        done = self.progress.iteration
-        found = first_non_finite(self._finite.read())
-        if found is not None:
-            it, value = found
-            raise NonFiniteLossError(
-                f"loss is {value} at iteration {it} (checked iterations {self._finite.checked}"
-                f" to {done - 1}): stopping. The last good checkpoint in {self.output_dir} is "
-                "untouched; lower the lr or check the data."
-            )
-        self._finite.checked = done
 
     @contextlib.contextmanager
     def _evaluating(self) -> Iterator[None]:
@@ -576,8 +557,7 @@ class Trainer:
         """Final validation (at the schedule's end) and checkpoint, exports, closing the loggers."""
         done = self.progress.iteration
         try:
-            if self._final_validation_due():
-                self._check_finite()  # a non-finite run is neither validated nor saved
+            if self._final_validation_due():  # (the last iteration's log line checked the loss)
                 self.validate()
         except BaseException:
             if self._saved_at != done:  # keep the trained weights even if validation fails

@@ -75,13 +75,17 @@ class Window:
         return {name: value / counts[name] for name, value in sums.items()}
 
 
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN or infinite; the run stops without overwriting the last checkpoint."""
+
+
 class FiniteWatch:
-    """The first iteration whose loss was not finite since the last `read`, kept on the device.
+    """The first iteration whose loss was not finite since the last clean check, on the device.
     The trainer reads it at every log and before every save, validation, picture and periodic
     evaluation, so a NaN never reaches a checkpoint and is reported with its iteration."""
 
     def __init__(self) -> None:
-        self.checked = 0  # iterations done at the last read that found every loss finite
+        self.checked = 0  # iterations done at the last check that found every loss finite
         self._first: torch.Tensor | None = None  # () float64: the iteration, inf while none
         self._value: torch.Tensor | None = None  # () float32: its loss
 
@@ -95,13 +99,29 @@ class FiniteWatch:
         self._first = torch.where(new, it, self._first)
         self._value = torch.where(new, loss, self._value)
 
+    def check(self, done: int, output_dir: Any) -> None:
+        """Raise NonFiniteLossError when a rank's loss was not finite since the last check
+        (collective; one device read), again at every later check: a non-finite loss is never
+        forgotten. Otherwise the first `done` iterations are checked and the watch starts
+        afresh. The trainer calls it at every iteration that reads the device anyway and
+        before every save."""
+        found = first_non_finite(self.read())
+        if found is not None:
+            it, value = found
+            raise NonFiniteLossError(
+                f"loss is {value} at iteration {it} (checked iterations {self.checked} to "
+                f"{done - 1}): stopping. The last good checkpoint in {output_dir} is untouched; "
+                "lower the lr or check the data."
+            )
+        self.checked = done
+        self._first = self._value = None
+
     def read(self) -> tuple[int, float] | None:
-        """(iteration, loss) of the first non-finite loss since the last read, or None; starts
-        afresh. One device-to-host read."""
+        """(iteration, loss) of the first non-finite loss since the last clean check, or None
+        (this rank's; one device-to-host read)."""
         if self._first is None or self._value is None:
             return None
         first, value = torch.stack([self._first, self._value.double()]).tolist()
-        self._first = self._value = None
         return None if math.isinf(first) else (int(first), value)
 
 

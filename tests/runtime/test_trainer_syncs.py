@@ -282,6 +282,8 @@ def test_a_nan_between_log_lines_is_caught_before_the_save_that_would_hold_it(tm
     trainer = mae_trainer(cfg, batches)
     with pytest.raises(NonFiniteLossError, match="loss is nan at iteration 4 .checked iterations 4 to 5"):  # fmt: skip
         trainer.fit()  # the save due after iteration 6 checks first
+    with pytest.raises(NonFiniteLossError, match="at iteration 4"):
+        trainer.save()  # a non-finite loss once found is not forgotten
     meta = checkpointing.read_meta(trainer.output_dir / "checkpoint-last")
     assert meta["iteration"] == 4  # saved after iterations 2 and 4, never 6
     assert not (trainer.output_dir / "encoder.safetensors").exists()
