@@ -31,3 +31,15 @@ def cpu_config(tmp_path):
         )
 
     return make
+
+
+@pytest.fixture
+def dynamo_counters():
+    """torch._dynamo's counters (graphs, graph breaks, frames) of this test alone: dynamo's
+    caches and counters reset before and after it."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    yield counters
+    torch._dynamo.reset()

@@ -4,19 +4,14 @@ compile one graph with no graph break, and validation and pictures compile nothi
 from __future__ import annotations
 
 import pytest
-import torch
 from app_helpers import compose_eval, cpu_overrides, read_json, save_tiny_encoder, small_demo
 from torch._dynamo.utils import counters
 
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
-
-
-@pytest.fixture(autouse=True)
-def fresh_dynamo():
-    torch._dynamo.reset()
-    counters.clear()
-    yield
-    torch._dynamo.reset()
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.timeout(600),
+    pytest.mark.usefixtures("dynamo_counters"),
+]
 
 
 def test_depth_demo_compiled_with_inductor(tmp_path, caplog):

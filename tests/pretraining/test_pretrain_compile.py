@@ -13,7 +13,11 @@ from torch._dynamo.utils import counters
 
 from pixio.data.demo import ensure_demo_data
 
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.timeout(600),
+    pytest.mark.usefixtures("dynamo_counters"),
+]
 
 
 def _counts() -> dict[str, int]:
@@ -21,14 +25,6 @@ def _counts() -> dict[str, int]:
         "graphs": counters["stats"]["unique_graphs"],
         "breaks": sum(counters["graph_break"].values()),
     }
-
-
-@pytest.fixture(autouse=True)
-def fresh_dynamo():
-    torch._dynamo.reset()
-    counters.clear()
-    yield
-    torch._dynamo.reset()
 
 
 def _losses(out) -> list[float]:
