@@ -144,7 +144,8 @@ def test_two_process_validation_counts_every_image_once(inputs, tmp_path):
     totals: dict[str, torch.Tensor] = {}
     with torch.no_grad():
         for i in range(len(val)):
-            batch = {k: torch.as_tensor(v)[None] for k, v in val[i].items()}
+            item = {k: torch.as_tensor(v)[None] for k, v in val[i].items()}
+            batch = task.to_device(item, CPU.device)  # uint8 images normalised, as in training
             add_real(totals, task.validate(modules, batch), torch.tensor([True]))
     totals["samples"] = torch.tensor(float(len(val)), dtype=torch.float64)
     expected = task.summarize(totals)
