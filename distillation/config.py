@@ -1,9 +1,10 @@
 """Distillation's configuration schema (backs `configs/distill.yaml`) and its validation.
 
 `teacher`, `students`, `student`, `loss` and the masking keys are distillation's own; `data` is
-the shared shard stream of `pixio.data.config`; `train`, `optim`, `launcher` and `logger` are the
-shared groups of `pixio.runtime.config`. `validate_distill` checks every value, then the paths,
-before any model or GPU is touched; ConfigError names the first bad key.
+the shared shard stream of `pixio.data.config` (its root defaults to a `paths` entry,
+`pixio.runtime.paths`); `train`, `optim`, `launcher` and `logger` are the shared groups of
+`pixio.runtime.config`. `validate_distill` checks every value, then the paths, before any model or
+GPU is touched; ConfigError names the first bad key.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from pixio.runtime.config import (
     require_set,
     validate_common,
 )
+from pixio.runtime.paths import PathsConfig, check_path_refs
 
 DEMO_TEACHER_FILE = "encoder.safetensors"  # what `pretraining.train` exports into its output_dir
 SIZE_KEYS = ("embed_dim", "depth", "num_heads")  # per-student size overrides (small models)
@@ -66,6 +68,7 @@ class LossConfig:
 
 @dataclass
 class DistillConfig:
+    paths: PathsConfig = field(default_factory=PathsConfig)  # this machine's dataset roots
     teacher: TeacherConfig = field(default_factory=TeacherConfig)  # the frozen encoder
     students: list[str] = MISSING  # student encoder names, e.g. [pixio_vit1b16, pixio_vith16]
     student: StudentConfig = field(default_factory=StudentConfig)  # settings of every student
@@ -95,6 +98,7 @@ def shape_keys(cfg: Any) -> tuple[str, ...]:
 def validate_distill(cfg: DictConfig | DistillConfig, teacher_may_be_missing: bool = False) -> None:
     """Check values, then paths, before anything is built; ConfigError names the first bad key.
     `teacher_may_be_missing`: the teacher checkpoint is about to be built (the demo)."""
+    check_path_refs(cfg, "data.root")  # an unset paths.imagenet_wds / paths.web: the key to set
     require_set(cfg, "teacher.name", "teacher.checkpoint", "students", "data.root", "output_dir")
     validate_common(cfg)
     ipe = cfg.train.iters_per_epoch

@@ -2,7 +2,8 @@
 
 The `model` group is pre-training's own; `data` is the shared shard stream of `pixio.data.config`
 (distillation reads the same data), `train`, `optim`, `launcher` and `logger` the shared groups
-of `pixio.runtime.config`. `validate_pretrain` checks every value, and that
+of `pixio.runtime.config`, `paths` the machine's dataset roots (`pixio.runtime.paths`: `data.root`
+and the monitor's `knn_root` default to them). `validate_pretrain` checks every value, and that
 the paths exist, before any model or GPU is touched; ConfigError names the first bad key.
 """
 
@@ -34,6 +35,7 @@ from pixio.runtime.config import (
     require_set,
     validate_common,
 )
+from pixio.runtime.paths import PathsConfig, check_path_refs
 
 # Keys that fix parameter shapes: a resume cannot change them.
 SHAPE_KEYS = tuple(
@@ -69,6 +71,7 @@ class PretrainTrainConfig(TrainConfig):
 
 @dataclass
 class PretrainConfig:
+    paths: PathsConfig = field(default_factory=PathsConfig)  # this machine's dataset roots
     model: ModelConfig = field(default_factory=ModelConfig)  # the MAE being pre-trained
     data: DataConfig = field(default_factory=DataConfig)  # shards and filters
     optim: OptimConfig = field(default_factory=OptimConfig)  # AdamW and lr schedule
@@ -88,6 +91,7 @@ def register_configs() -> None:
 
 def validate_pretrain(cfg: DictConfig | PretrainConfig) -> None:
     """Check values, then paths, before anything is built; ConfigError names the first bad key."""
+    check_path_refs(cfg, "data.root", "monitor.knn_root")  # an unset paths.<name>: the key to set
     require_set(cfg, "model.name", "data.root", "output_dir")
     validate_common(cfg)
     ipe = cfg.train.iters_per_epoch

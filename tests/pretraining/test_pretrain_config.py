@@ -38,7 +38,7 @@ def _options(group: str) -> list[str]:
     "override",
     [
         f"{g}={o}"
-        for g in ("model", "data", "optim", "train", "launcher", "logger")
+        for g in ("model", "data", "optim", "train", "launcher", "logger", "monitor")
         for o in _options(g)
     ]
     # configs/experiment/ is shared by every app; pre-training's are `demo` and `pretrain_*`.
@@ -52,6 +52,10 @@ def test_every_config_composes_validates_and_builds(override, required, tmp_path
     if override == "experiment=pretrain_vit5b16_web":  # its filters read statistics
         (tmp_path / "json").mkdir()
         required = [*required, f"data.json_root={tmp_path / 'json'}"]
+    if override == "monitor=imagenet":  # its knn_root is paths.imagenet_folders: class folders
+        for split in ("train", "val"):
+            (tmp_path / "imagenet" / split).mkdir(parents=True)
+        required = [*required, f"paths.imagenet_folders={tmp_path / 'imagenet'}"]
     cfg = compose_pretrain([override, *required])
     validate_pretrain(cfg)
     launcher_config(cfg.launcher)
@@ -131,7 +135,11 @@ def test_warmup_fraction_replaces_warmup_epochs(required):
 
 
 def test_missing_data_root_names_the_key():
+    # the data group's root is a site path (configs/paths/): the unset path is named
     cfg = compose_pretrain(["output_dir=/tmp/x"])
+    with pytest.raises(ConfigError, match=r"^paths\.imagenet_wds: is not set \(data\.root is"):
+        validate_pretrain(cfg)
+    cfg = compose_pretrain(["output_dir=/tmp/x", "data.root=???"])
     with pytest.raises(ConfigError, match=r"^data\.root: is required"):
         validate_pretrain(cfg)
 
@@ -340,7 +348,7 @@ def test_recipe_scripts_pass_valid_overrides(script, dirs, tmp_path):
         ("+train.epoch=1", UNKNOWN_EPOCH),
         ("++train.epoch=1", UNKNOWN_EPOCH),
         ("+model.drop_pth=0.1", "config error: model.drop_pth: unknown key (a '+' override adds it, but nothing reads it); did you mean model.drop_path?\n"),
-        ("+seed=1", "config error: seed: unknown key (a '+' override adds it, but nothing reads it); the keys of the config are model, data, optim, train, monitor, launcher, logger, output_dir\n"),
+        ("+seed=1", "config error: seed: unknown key (a '+' override adds it, but nothing reads it); the keys of the config are paths, model, data, optim, train, monitor, launcher, logger, output_dir\n"),
     ],
 )  # fmt: skip
 def test_keys_the_schema_lacks_are_refused_even_with_plus(override, line, required, capsys):
