@@ -144,7 +144,7 @@ def pixio_build(cfg: Any) -> tuple[str, dict[str, Any]]:
     try:
         arch = read_architecture(cfg.checkpoint, cfg.get("module"), run_config=False)
         return resolve(arch, cfg.name, overrides, cfg.checkpoint)
-    except ArchitectureError as err:
+    except (ArchitectureError, ValueError) as err:  # a record that disagrees; an unreadable file
         raise ConfigError(f"encoder.checkpoint: {err}") from None
 
 

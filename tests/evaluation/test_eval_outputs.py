@@ -7,16 +7,17 @@ from __future__ import annotations
 import json
 
 import pytest
-from app_helpers import compose_eval, cpu_overrides, fake_run
+from app_helpers import TINY_ENCODER, compose_eval, cpu_overrides, fake_run
 
 from evaluation.common import check_output_owner, validate_eval
+from pixio import build_encoder, save_encoder
 from pixio.runtime.config import ConfigError
 
 
 @pytest.fixture
 def paths(tmp_path):
     (tmp_path / "data").mkdir()
-    (tmp_path / "enc.safetensors").write_bytes(b"")
+    save_encoder(build_encoder("pixio_vitt16", **TINY_ENCODER), tmp_path / "enc.safetensors")
     return tmp_path / "enc.safetensors", tmp_path / "data", tmp_path / "out"
 
 
@@ -58,3 +59,12 @@ def test_an_output_dir_holding_another_runs_results_is_refused(paths):
     check_output_owner(cfg, "depth", sha256="ab" * 32)
     with pytest.raises(ConfigError, match=r"this run \(depth kitti dpt of pixio_vitt16 \(sha256 cdcdcdcdcdcdcdcd\)\) would replace them"):  # fmt: skip
         check_output_owner(cfg, "depth", sha256="cd" * 32)
+
+
+def test_an_unreadable_encoder_file_is_one_config_error(tmp_path):
+    bad = tmp_path / "enc.safetensors"
+    bad.write_bytes(b"")  # e.g. a copy cut short
+    (tmp_path / "data").mkdir()
+    cfg = compose_eval("depth", cpu_overrides(bad, tmp_path / "data", tmp_path / "out"))
+    with pytest.raises(ConfigError, match=rf"^encoder.checkpoint: {bad}: not a readable safetensors"):  # fmt: skip
+        validate_eval(cfg, "depth")
