@@ -4,7 +4,8 @@
     python -m evaluation.report outputs/eval/pixio_vith16
 
 Reads each `results.json` below the root: depth and segmentation runs (best over epochs and
-final, labelled) and k-NN runs (top-1 / top-5 per k). A run folder with `val_results.json` but
+final, labelled), k-NN runs (top-1 / top-5 per k) and linear probes (the reported head's top-1,
+then one row per head of its lr grid). A run folder with `val_results.json` but
 no `results.json` yet (running, or stopped) is shown from that file and marked `incomplete`.
 Encoders are labelled by name for Pixio and `source:name` for a baseline (`timm:...`,
 `transformers:...`), followed by `@` and the first 8 hex digits of their checkpoint's sha256.
@@ -34,15 +35,23 @@ from pathlib import Path
 from typing import Any
 
 from evaluation.results import (
+    IDENTITY_KEYS,
     PIXIO,
     RESULTS_FILE,
     VAL_RESULTS_FILE,
     ResultsFileError,
+    _check_metric,
+    _need,
+    _shown,
+    describe_run,
     encoder_of,
     is_knn,
     is_random,
+    load_json_object,
+    owner_problem,
     read_results,
     read_val_results,
+    run_identity,
 )
 
 # (dataset, head) -> headline metric of Pixio ViT-H/16 (631M), frozen encoder: d1 % / mIoU %.
@@ -60,9 +69,12 @@ HEADLINE = {"depth": "d1", "semseg": "miou"}
 PAPER_COLUMNS = ("Pixio H/16 paper", "MAE H/14 paper")
 COLUMNS = ("task", "dataset", "head", "encoder", "checkpoint", "metric", "sizes", "best (epoch)",
            "final", *PAPER_COLUMNS, "run")  # fmt: skip
-TASK_ORDER = {"depth": 0, "semseg": 1, "knn": 2}
+TASK_ORDER = {"depth": 0, "semseg": 1, "knn": 2, "linear": 3}
+LINEAR_TASK = "linear"  # evaluation.linear's results.json
 RANDOM_MARK = "random-weights"
-COMPARISON_TITLE = "side by side (best over epochs; k-NN top-1)"
+COMPARISON_TITLE = (
+    "side by side (best over epochs; k-NN top-1; linear probe: the reported head's top-1)"
+)
 COMPARISON_NOTE = "+ best of several runs; * incomplete run; - no run."
 NO_COMPARISON = (
     "(no run of a trained encoder on real data: nothing to put beside the published numbers)"
@@ -80,11 +92,54 @@ RANDOM_NOTE = (
 )
 RUNS_NOTE = (
     "best = best over epochs (the number the paper reports); final = last epoch. "
-    "Depth: d1 %; segmentation: mIoU %; k-NN: top-1 %.\n"
+    "Depth: d1 %; segmentation: mIoU %; k-NN: top-1 %; linear probe: top-1 % of the reported "
+    "head (head = the feature; its lr grid's heads in the rows under it).\n"
     "sizes = crop/window/stride (k-NN: resize/crop) used; reference 256/256/170 (k-NN 256/256); "
     "a baseline of another patch size uses the largest multiple of its patch up to 256 "
     "(patch 14: 252/252/168); - = not recorded."
 )
+
+
+def read_run(path: str | Path) -> dict[str, Any]:
+    """A finished run's results.json, checked: `evaluation.results.read_results`, and a linear
+    probe's (task `linear`: the head-run schema with the `grid` of its heads, each with a
+    `best` and a `final` top-1), which that reader does not take."""
+    path = Path(path)
+    record = load_json_object(path)
+    if record.get("task") != LINEAR_TASK:
+        return read_results(path)
+    for key in ("dataset", "head", "metric", "reported_head"):
+        _need(isinstance(record.get(key), str), path, f"`{key}` is {_shown(record.get(key))}, not a name")  # fmt: skip
+    for key in ("best", "final"):
+        _check_metric(record.get(key), record["metric"], key, path)
+    grid = record.get("grid")
+    _need(isinstance(grid, dict) and len(grid) > 0, path, f"`grid` is {_shown(grid)}, not the heads' results")  # fmt: skip
+    for name, head in grid.items():
+        for key in ("best", "final"):
+            entry = head.get(key) if isinstance(head, dict) else None
+            _check_metric(entry, record["metric"], f"grid.{name}.{key}", path)
+    encoder = record.get("encoder")
+    _need(isinstance(encoder, dict) and isinstance(encoder.get("name"), str), path, "`encoder.name` is missing")  # fmt: skip
+    return record
+
+
+def linear_owner_problem(output_dir: str | Path, identity: dict[str, Any]) -> str | None:
+    """`evaluation.results.owner_problem` for a linear probe (`identity` of task `linear`),
+    whose own results.json that function cannot read: the same probe (feature, encoder,
+    checkpoint) may replace it, any other run's stays."""
+    found = Path(output_dir) / RESULTS_FILE
+    try:
+        theirs = read_run(found) if found.exists() else None
+    except ResultsFileError as err:
+        return f"{err}; this run would replace it: move it away, or choose another output_dir"
+    if theirs is None or theirs.get("task") != LINEAR_TASK:
+        return owner_problem(output_dir, identity)
+    mine = run_identity(theirs)
+    if any(mine[k] != identity[k] for k in IDENTITY_KEYS if k in identity):
+        return (f"{output_dir} holds the results of another run ({RESULTS_FILE}: "
+                f"{describe_run(mine)}); this run ({describe_run(identity)}) would replace "
+                f"them: choose another output_dir, or move that file away")  # fmt: skip
+    return None
 
 
 def encoder_label(source: str, name: str) -> str:
@@ -121,6 +176,7 @@ class Row:
     demo: bool = False  # a demo experiment's generated data
     sha256: str | None = None  # the checkpoint's digest (None: random or not recorded)
     checkpoint: str | None = None  # the checkpoint's path as recorded
+    grid: bool = False  # one head of a linear probe's lr grid (not in the side-by-side table)
 
     @property
     def label(self) -> str:
@@ -135,6 +191,11 @@ class Row:
     def comparable(self) -> bool:
         """A trained encoder on real data: may stand beside the published numbers."""
         return not (self.random or self.demo)
+
+    @property
+    def headline(self) -> bool:
+        """A run's own number, for the side-by-side table (not one head of an lr grid)."""
+        return self.comparable and not self.grid
 
     @property
     def cell(self) -> tuple[str, str, str]:
@@ -199,16 +260,38 @@ def knn_rows(results: dict[str, Any], run: str) -> list[Row]:
     return rows
 
 
+def linear_rows(results: dict[str, Any], run: str) -> list[Row]:
+    """A linear probe's row (the reported head's best and final top-1, top-5 and the head in the
+    metric), then, for a grid of several lrs, one row per head (`<feature> head_lr<value>`)."""
+    enc, feature = encoder_of(results), results["head"]
+    common = dict(run=run, sizes=_sizes(results.get("protocol"), ("resize", "crop")),
+                  demo=bool(results.get("demo")), **_encoder_fields(enc))  # fmt: skip
+    best, final = results["best"], results["final"]
+    metric = f"top1 (top5 {_num(best.get('top5'))}, {results.get('reported_head', '-')})"
+    rows = [Row(LINEAR_TASK, results["dataset"], feature, enc["name"], metric, best["top1"],
+                best.get("epoch"), final.get("top1"), **common)]  # fmt: skip
+    grid = results.get("grid") or {}
+    for name, head in grid.items() if len(grid) > 1 else ():
+        b = head["best"]
+        rows.append(Row(LINEAR_TASK, results["dataset"], f"{feature} {name}", enc["name"],
+                        f"top1 (top5 {_num(b.get('top5'))})", b["top1"], b.get("epoch"),
+                        head["final"].get("top1"), grid=True, **common))  # fmt: skip
+    return rows
+
+
 def incomplete_rows(record: dict[str, Any], run_dir: Path, run: str) -> list[Row]:
     """A run without results.json: its checked val_results.json, with task / dataset / head /
     encoder from its config.yaml when there is one."""
     config = _read_yaml(run_dir / "config.yaml")
     dataset = (config.get("dataset") or {}).get("name", "?")
     head = (config.get("head") or {}).get("name", "?")
+    task = TASK_OF.get(dataset, "?")
+    if "linear" in config:  # a linear probe: ImageNet, the head is its feature
+        task, dataset, head = LINEAR_TASK, "imagenet", config["linear"].get("feature", "?")
     encoder, data = config.get("encoder") or {}, config.get("data") or {}
     demo = bool(data.get("demo", data.get("build_demo")))  # data.demo: the apps record it
     metric, best, last = record["metric"], record["best"], record.get("last") or {}
-    return [Row(TASK_OF.get(dataset, "?"), dataset, head, encoder.get("name", "?"), metric,
+    return [Row(task, dataset, head, encoder.get("name", "?"), metric,
                 best[metric], best.get("epoch"), last.get(metric), run, "incomplete",
                 demo=demo, **{**_encoder_fields(encoder), "random": is_random(encoder)})]  # fmt: skip
 
@@ -239,11 +322,11 @@ def collect(root: str | Path) -> tuple[list[Row], list[str]]:
     for path in sorted(root.rglob(RESULTS_FILE)):
         run = str(path.parent.relative_to(root)) or "."
         try:
-            results = read_results(path)
+            results = read_run(path)
         except ResultsFileError as err:
             skipped.append(f"skipped {err}")
             continue
-        rows += knn_rows(results, run) if is_knn(results) else head_rows(results, run)
+        rows += _rows_of(results)(results, run)
         done.add(path.parent)
     for path in sorted(root.rglob(VAL_RESULTS_FILE)):
         if path.parent not in done:
@@ -254,6 +337,12 @@ def collect(root: str | Path) -> tuple[list[Row], list[str]]:
                 skipped.append(f"skipped {err}")
     rows.sort(key=lambda r: (TASK_ORDER.get(r.task, 3), r.dataset, _head_order(r.head), r.run))
     return rows, skipped
+
+
+def _rows_of(results: dict[str, Any]) -> Any:
+    if results.get("task") == LINEAR_TASK:
+        return linear_rows
+    return knn_rows if is_knn(results) else head_rows
 
 
 def _head_order(head: str) -> tuple[int, str]:
@@ -300,7 +389,7 @@ def format_comparison(rows: list[Row]) -> str:
     """One line per task / dataset / head (k-NN: per k), one column per checkpoint, then the
     paper's numbers; lines in the order of `rows` (as `collect` sorts them). Runs of random
     weights or on demo data are left out."""
-    rows = [r for r in rows if r.comparable]
+    rows = [r for r in rows if r.headline]
     if not rows:
         return NO_COMPARISON
     labels = encoder_columns(rows)
@@ -339,7 +428,7 @@ def main(argv: list[str] | None = None) -> int:
         print(DEMO_NOTE)
     if any(r.random for r in rows):
         print(RANDOM_NOTE)
-    if gaps := missing([r for r in rows if r.comparable]):
+    if gaps := missing([r for r in rows if r.headline]):
         print(f"no run for: {', '.join(gaps)}")
     if skipped:
         print(f"skipped {len(skipped)} file(s) that could not be read (named on stderr)")

@@ -1,6 +1,7 @@
 """Weighted k-NN classification of global features: the maths the k-NN evaluation app
-(`evaluation.knn`) and pre-training's online monitor (`pixio.monitor`) share, and the demo
-ImageFolder both can build from the bundled photos.
+(`evaluation.knn`) and pre-training's online monitor (`pixio.monitor`) share, the global
+feature extraction they share with the linear probe (`evaluation.linear`: `pooled_features`),
+and the demo ImageFolder all of them can build from the bundled photos.
 
 Feature: mean of the class tokens of the last block BEFORE the final norm, L2-normalised.
 Classification: cosine similarity to every training feature, the k nearest vote with weight
@@ -23,11 +24,32 @@ from pixio.models.features import FeatureEncoder
 DEMO_CLASSES = ("astronaut", "coffee", "chelsea", "rocket", "sklearn_china", "sklearn_flower")
 
 
+POOLS = ("cls", "avgpool", "both")
+
+
+def pooled_features(
+    encoder: FeatureEncoder, images: torch.Tensor, pool: str = "cls", normed: bool = True
+) -> torch.Tensor:
+    """Global features of the last block, float32: (B, 3, H, W) -> (B, D), or (B, 2D) for
+    `both`. `cls`: the mean of the class tokens (one for a baseline encoder); `avgpool`: the
+    mean of the patch tokens; `both`: [cls, avgpool]. Tokens after the final norm (`normed`) or
+    before it. The one feature extraction of k-NN, its monitor and the linear probe."""
+    if pool not in POOLS:
+        raise ValueError(f"pool must be one of {', '.join(POOLS)}, got {pool!r}")
+    block = encoder.features(images, [-1])[0]
+    suffix = "_norm" if normed else ""
+    parts = []
+    if pool in ("cls", "both"):
+        parts.append(block[f"cls_tokens{suffix}"].float().mean(dim=1))  # (B, n_cls, D) -> (B, D)
+    if pool in ("avgpool", "both"):
+        parts.append(block[f"patch_tokens{suffix}"].float().mean(dim=1))  # (B, h*w, D) -> (B, D)
+    return torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
+
+
 def global_features(encoder: FeatureEncoder, images: torch.Tensor) -> torch.Tensor:
-    """(B, 3, H, W) -> (B, D): mean class token of the last block before the final norm,
-    L2-normalised (in float32)."""
-    cls = encoder.features(images, [-1])[0]["cls_tokens"]  # (B, n_cls, D)
-    return F.normalize(cls.float().mean(dim=1), dim=1)
+    """(B, 3, H, W) -> (B, D): k-NN's feature, the mean class token of the last block before
+    the final norm, L2-normalised (in float32)."""
+    return F.normalize(pooled_features(encoder, images, "cls", normed=False), dim=1)
 
 
 def knn_hits(
