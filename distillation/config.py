@@ -14,9 +14,11 @@ from pathlib import Path
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING, DictConfig
+from omegaconf import MISSING, DictConfig, OmegaConf
 
 from distillation.loss import CLS_LOSSES, FUSIONS, PATCH_LOSSES
+from pixio.architecture import resolve
+from pixio.checkpoint import read_architecture
 from pixio.constants import DEFAULT_PATCH_SIZE as PATCH
 from pixio.data.config import DataConfig, check_data_paths, check_data_values
 from pixio.models.masking import num_kept
@@ -44,9 +46,12 @@ SHAPE_KEYS = ("students", "img_size", "teacher.name", "teacher.n_cls_tokens", "t
 class TeacherConfig:
     name: str = MISSING  # registry name of the frozen teacher, e.g. pixio_vit5b16
     checkpoint: str = MISSING  # its weights: any file pixio.load_encoder reads (strict)
-    img_size: int = 256  # size its position table was trained at (the checkpoint's)
+    # size its position table was trained at; null: the file's record, else the registry's
+    img_size: int | None = None
     n_cls_tokens: int = 8  # class tokens of the teacher, and so of every student
-    embed_dim: int | None = None  # override the registry width (small demo/test teachers)
+    # size overrides for a file that records no architecture (a .pth, a checkpoint directory);
+    # a file that records one builds from it, and a value here must then agree with it
+    embed_dim: int | None = None  # override the registry width
     depth: int | None = None  # override the registry depth
     num_heads: int | None = None  # override the registry head count
     build_demo: bool = False  # a missing checkpoint: run the pre-training demo to make it
@@ -111,6 +116,18 @@ def validate_distill(cfg: DictConfig | DistillConfig, teacher_may_be_missing: bo
     _check_paths(cfg, teacher_may_be_missing)
 
 
+def teacher_build(t: Any) -> tuple[str, dict[str, Any]]:
+    """(registry name, build_encoder keywords) of the teacher `t` (the `teacher` config node):
+    the architecture its checkpoint records (a `.safetensors` file's header), else `t.name`
+    with `t`'s sizes (null img_size: the registry's; so also while the checkpoint is unset or
+    not made yet: meta-device plans). ArchitectureError naming each size in which `t`
+    disagrees with the record; ValueError for an unreadable file."""
+    sizes = {k: getattr(t, k) for k in (*SIZE_KEYS, "img_size") if getattr(t, k) is not None}
+    path = OmegaConf.select(t, "checkpoint", default=None)  # None while unset (???)
+    arch = read_architecture(path, run_config=False) if path else None  # the header only
+    return resolve(arch, t.name, {**sizes, "n_cls_tokens": t.n_cls_tokens}, str(path))
+
+
 def _check_name(name: Any, key: str) -> None:
     models = list_models()
     require(name in models, key, f"unknown encoder {name!r}; valid: {', '.join(models)}")
@@ -119,7 +136,8 @@ def _check_name(name: Any, key: str) -> None:
 def _check_teacher(t: Any) -> None:
     _check_name(t.name, "teacher.name")
     require(bool(t.checkpoint), "teacher.checkpoint", "is empty")
-    require(t.img_size > 0 and t.img_size % PATCH == 0, "teacher.img_size", f"{t.img_size} is not a positive multiple of the patch size {PATCH}")  # fmt: skip
+    size = t.img_size
+    require(size is None or (size > 0 and size % PATCH == 0), "teacher.img_size", f"{size} is not a positive multiple of the patch size {PATCH}")  # fmt: skip
     require(t.n_cls_tokens >= 1, "teacher.n_cls_tokens", f"must be >= 1, got {t.n_cls_tokens}")
     for key in SIZE_KEYS:
         value = getattr(t, key)
@@ -179,4 +197,8 @@ def _check_paths(cfg: Any, teacher_may_be_missing: bool) -> None:
     if not teacher_may_be_missing:
         hint = " (teacher.build_demo=true makes it)" if cfg.teacher.build_demo else ""
         require(path.exists(), "teacher.checkpoint", f"{path} does not exist{hint}")
+        try:  # the sizes it records agree with teacher.* (the tensors are checked at load)
+            teacher_build(cfg.teacher)
+        except ValueError as err:  # ArchitectureError included
+            raise ConfigError(f"teacher.checkpoint: {err}") from None
     check_data_paths(cfg.data)

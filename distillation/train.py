@@ -20,7 +20,7 @@ import hydra
 import torch
 from omegaconf import DictConfig
 
-from distillation.config import register_configs, shape_keys, validate_distill
+from distillation.config import register_configs, shape_keys, teacher_build, validate_distill
 from distillation.model import Student, build_student, teacher_loader
 from distillation.task import DistillTask, student_module
 from pixio.data.loader import build_data
@@ -39,10 +39,10 @@ DEMO_TEACHER_TIMEOUT_S = 3600  # the pre-training demo takes minutes on 2 CPU co
 
 
 def build_teacher(cfg: DictConfig) -> PixioEncoder:
-    """The teacher encoder named by `teacher.*` (weights: loaded once the trainer placed it)."""
-    t = cfg.teacher
-    sizes = {k: t[k] for k in ("embed_dim", "depth", "num_heads") if t[k] is not None}
-    return build_encoder(t.name, img_size=t.img_size, n_cls_tokens=t.n_cls_tokens, **sizes)
+    """The teacher encoder of the architecture its checkpoint records, else of `teacher.*`
+    (`teacher_build`; weights: loaded once the trainer placed it)."""
+    name, kwargs = teacher_build(cfg.teacher)
+    return build_encoder(name, **kwargs)
 
 
 def build_students(cfg: DictConfig, teacher_dim: int) -> dict[str, Student]:

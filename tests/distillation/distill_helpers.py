@@ -28,8 +28,9 @@ def write_teacher(path: Path, seed: int = 0) -> Path:
     return pixio.save_encoder(pixio.build_encoder("pixio_vitt16", **TEACHER), path)
 
 
-def overrides_for(teacher: Path, out: Path) -> list[str]:
-    """What every CPU test run sets: tiny teacher and students, short schedule, no tracker."""
+def overrides_for(teacher: Path, out: Path, teacher_sizes: bool = True) -> list[str]:
+    """What every CPU test run sets: tiny teacher and students, short schedule, no tracker.
+    `teacher_sizes=False`: the teacher's sizes left to its file's record."""
     # `++`: a new key of the (struct) overrides dict, added or replaced
     sizes = [
         f"++student.overrides.{n}={{embed_dim:{d},depth:{k},num_heads:{h}}}"
@@ -37,7 +38,7 @@ def overrides_for(teacher: Path, out: Path) -> list[str]:
     ]
     return [
         "teacher.name=pixio_vitt16", f"teacher.checkpoint={teacher}",
-        *(f"teacher.{k}={v}" for k, v in TEACHER.items()),
+        *(f"teacher.{k}={v}" for k, v in TEACHER.items() if teacher_sizes),
         f"students=[{','.join(STUDENTS)}]", *sizes,
         "student.drop_path=0.0", "img_size=64", "mask_grid=2", "mask_ratio=0.5",
         "train.batch_size=4", "train.epochs=2", "train.iters_per_epoch=4",
