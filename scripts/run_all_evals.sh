@@ -1,21 +1,24 @@
 #!/usr/bin/env bash
 # The full frozen-encoder evaluation of one encoder (protocol: docs/reproduction.md), submitted to SLURM: depth
 # (NYUv2, KITTI) and segmentation (ADE20K, Pascal VOC, LoveDA), each with the DPT and the linear
-# head (10 jobs of 8 GPUs), and k-NN on ImageNet-1k (1 job). Once they have all left the queue it
-# prints one table of every result beside the published numbers (python -m evaluation.report).
+# head (10 jobs of 8 GPUs), k-NN and the linear probe on ImageNet-1k (1 job each). Once they have
+# all left the queue it prints one table of every result beside the published numbers
+# (python -m evaluation.report).
 #
 #   EVAL_DATA=/datasets/eval IMAGENET_ROOT=/datasets/in1k PARTITION=gpu \
 #     scripts/run_all_evals.sh pixio_vith16 /ckpt/pixio_vith16.pth [OUTPUT_ROOT] [overrides...]
 #
 # Data: <dataset>_ROOT (NYUV2_ROOT, KITTI_ROOT, ADE20K_ROOT, PASCAL_ROOT, LOVEDA_ROOT), by default
-# $EVAL_DATA/<dataset>; IMAGENET_ROOT for k-NN (folders train/ and val/). OUTPUT_ROOT defaults to
-# outputs/eval/<MODEL>; each run writes OUTPUT_ROOT/<dataset>_<head>/results.json (k-NN:
-# OUTPUT_ROOT/knn). Extra Hydra overrides go to every app (e.g. encoder.module=student_pixio_vith16
+# $EVAL_DATA/<dataset>; IMAGENET_ROOT for k-NN and the linear probe (folders train/ and val/).
+# OUTPUT_ROOT defaults to outputs/eval/<MODEL>; each run writes OUTPUT_ROOT/<dataset>_<head>/
+# results.json (k-NN: OUTPUT_ROOT/knn; linear probe: OUTPUT_ROOT/linear, experiment=linear_imagenet
+# on one node of 8 GPUs: the global batch of 16384 by gradient accumulation). Extra Hydra overrides go to every app (e.g. encoder.module=student_pixio_vith16
 # for a distilled student of a distillation checkpoint directory);
-# EVAL_ARGS (depth and segmentation only) and KNN_ARGS (k-NN only) add overrides for one kind.
+# EVAL_ARGS (depth and segmentation only), KNN_ARGS (k-NN only) and LINEAR_ARGS (linear probe
+# only, e.g. LINEAR_ARGS='head.lrs=[0.05,0.1,0.2]' for an lr grid) add overrides for one kind.
 # Environment: PARTITION, ACCOUNT, QOS, CONSTRAINT, TIME_MIN (see pretrain_common.sh), PYTHON,
 # WAIT=0 to submit and return without waiting for the report, POLL_S (default 300), DRY_RUN=1 to
-# print the six app commands and the report's, and submit nothing.
+# print the seven app commands and the report's, and submit nothing.
 # Re-running the script with the same OUTPUT_ROOT resumes unfinished runs; finished ones
 # re-validate nothing and only rewrite their results. A baseline: MODEL is its encoder.name, plus
 # its experiment (scripts/run_all_evals.sh vit_mae /ckpt/vit-mae-huge outputs/eval/mae_vith14
@@ -56,6 +59,7 @@ submit() {  # run one app command, echo its output, collect the SLURM job ids it
 
 read -r -a EVAL_EXTRA <<< "${EVAL_ARGS:-}"
 read -r -a KNN_EXTRA <<< "${KNN_ARGS:-}"
+read -r -a LINEAR_EXTRA <<< "${LINEAR_ARGS:-}"
 for dataset in nyuv2 kitti ade20k pascal loveda; do
   app=semseg
   case $dataset in nyuv2 | kitti) app=depth ;; esac
@@ -65,6 +69,8 @@ done
 : "${IMAGENET_ROOT:?set IMAGENET_ROOT to the ImageNet-1k folders (train/ and val/)}"
 submit -m evaluation.knn "data.root=$IMAGENET_ROOT" "output_dir=$OUTPUT_ROOT/knn" "${COMMON[@]}" \
   ${KNN_EXTRA[@]+"${KNN_EXTRA[@]}"} "$@"
+submit -m evaluation.linear experiment=linear_imagenet "data.root=$IMAGENET_ROOT" \
+  "output_dir=$OUTPUT_ROOT/linear" "${COMMON[@]}" ${LINEAR_EXTRA[@]+"${LINEAR_EXTRA[@]}"} "$@"
 
 if dry_run; then
   print_command "$PYTHON" -m evaluation.report "$OUTPUT_ROOT"

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import torch
 from app_helpers import REPO, TINY_ENCODER, read_json, save_tiny_encoder
+from launch_helpers import record_launches, run_app
 from PIL import Image
 
 import evaluation.linear as linear
@@ -218,6 +219,20 @@ def test_bad_data_and_config_name_the_culprit(inputs, tmp_path, capsys):
             linear.run_linear(compose(overrides(encoder, root, tmp_path / "refused", **extra)))
         err = capsys.readouterr().err
         assert exit_info.value.code == 2 and f"config error: {message}" in err, err
+
+
+def test_the_command_line_entry_checks_before_launching(inputs, tmp_path, monkeypatch, capsys):
+    encoder, root = inputs
+    launched = record_launches(monkeypatch)
+    args = overrides(encoder, root, tmp_path / "out")
+    assert run_app("evaluation.linear", [*args, "+train.epoch=1"], monkeypatch, capsys) == (2, "config error: train.epoch: unknown key (a '+' override adds it, but nothing reads it); did you mean train.epochs?\n")  # fmt: skip
+    assert run_app("evaluation.linear", [*args, "optim.name=sgd"], monkeypatch, capsys) == (2, "config error: optim.name: must be one of adamw, lars; got 'sgd'\n")  # fmt: skip
+    assert not launched and not (tmp_path / "out").exists()
+    recipe = [a for a in args if a.split("=")[0].startswith(("encoder.", "data.root", "output_dir", "logger"))]  # fmt: skip
+    assert run_app("evaluation.linear", ["experiment=linear_imagenet", *recipe], monkeypatch, capsys)[0] == 0  # fmt: skip
+    (cfg,) = launched
+    assert (cfg.optim.name, cfg.optim.weight_decay, cfg.optim.warmup_epochs, cfg.train.epochs) == ("lars", 0.0, 10.0, 90)  # fmt: skip
+    assert (cfg.linear.global_batch, cfg.train.batch_size, list(cfg.head.lrs)) == (16384, 256, [0.1])  # fmt: skip
 
 
 def test_an_output_dir_of_another_run_is_refused(inputs, tmp_path):

@@ -182,7 +182,7 @@ def test_the_sbatch_file_dry_run(sandbox, tmp_path, monkeypatch, capsys):
 
 def test_run_all_evals_dry_run(sandbox, tmp_path, monkeypatch, capsys):
     ckpt = tmp_path / "teacher.pth"
-    env = {**sandbox, "EVAL_DATA": str(tmp_path / "eval"), "IMAGENET_ROOT": str(tmp_path / "imagenet"), "PARTITION": "gpu", "KNN_ARGS": "knn.k=[10]"}  # fmt: skip
+    env = {**sandbox, "EVAL_DATA": str(tmp_path / "eval"), "IMAGENET_ROOT": str(tmp_path / "imagenet"), "PARTITION": "gpu", "KNN_ARGS": "knn.k=[10]", "LINEAR_ARGS": "head.lrs=[0.05,0.1]"}  # fmt: skip
     out = tmp_path / "out/eval"
     commands = dry_run("scripts/run_all_evals.sh", env, "pixio_vith16", str(ckpt), str(out), "logger=none")  # fmt: skip
     common = ["launcher=slurm", "encoder.name=pixio_vith16", f"encoder.checkpoint={ckpt}", "launcher.partition=gpu"]  # fmt: skip
@@ -192,15 +192,23 @@ def test_run_all_evals_dry_run(sandbox, tmp_path, monkeypatch, capsys):
         expected.append([env["PYTHON"], "-m", f"evaluation.{app}", *sweep, f"output_root={out}", *common, "logger=none"])  # fmt: skip
     knn = [f"data.root={tmp_path / 'imagenet'}", f"output_dir={out}/knn", *common, "knn.k=[10]", "logger=none"]  # fmt: skip
     expected.append([env["PYTHON"], "-m", "evaluation.knn", *knn])
+    probe = ["experiment=linear_imagenet", f"data.root={tmp_path / 'imagenet'}", f"output_dir={out}/linear", *common, "head.lrs=[0.05,0.1]", "logger=none"]  # fmt: skip
+    expected.append([env["PYTHON"], "-m", "evaluation.linear", *probe])
     expected.append([env["PYTHON"], "-m", "evaluation.report", str(out)])
     assert commands == expected
 
     submitted = record_submissions(monkeypatch)
     for command in commands[:-1]:
         assert run_app(command[2], command[3:], monkeypatch, capsys) == (0, ""), command
-    runs = [(cfg.dataset.name if "dataset" in cfg else "knn", cfg.get("head", {}).get("name"), cfg.output_dir) for cfg, _ in submitted]  # fmt: skip
+
+    def what(cfg) -> tuple:
+        if "dataset" in cfg:
+            return (cfg.dataset.name, cfg.head.name)
+        return ("linear", list(cfg.head.lrs)) if "linear" in cfg else ("knn", None)
+
+    runs = [(*what(cfg), cfg.output_dir) for cfg, _ in submitted]
     pairs = [(d, h) for d in ("nyuv2", "kitti", "ade20k", "pascal", "loveda") for h in ("dpt", "linear")]  # fmt: skip
-    assert runs == [(d, h, f"{out}/{d}_{h}") for d, h in pairs] + [("knn", None, f"{out}/knn")]
+    assert runs == [(d, h, f"{out}/{d}_{h}") for d, h in pairs] + [("knn", None, f"{out}/knn"), ("linear", [0.05, 0.1], f"{out}/linear")]  # fmt: skip
     assert {(lc.name, lc.partition, lc.gpus_per_node) for _, lc in submitted} == {("slurm", "gpu", 8)}  # fmt: skip
     assert [p.name for p in out.iterdir()] == ["multirun.yaml"]  # Hydra's record; no job folder
 
