@@ -26,6 +26,7 @@ from pixio.checkpoint import encoder_state, save_state_dict
 from pixio.data.loader import images_and_noise
 from pixio.models.encoder import PixioEncoder
 from pixio.models.flops import ViTSpec, distill_flops
+from pixio.runtime.distributed import is_main
 from pixio.runtime.prefetch import normalize_batch
 from pixio.runtime.task import ModuleSpec, OptimizerSpec, StepOutput, Task
 
@@ -108,13 +109,22 @@ class DistillTask(Task):
 
     @torch.no_grad()
     def pictures(self, modules: dict[str, nn.Module], batch: Any) -> dict[str, np.ndarray]:
+        """Per student, `pca_<module>`: input | teacher | student features on up to
+        PICTURE_IMAGES images, titled with the student and, when the batch carries its
+        `iteration` (a dict batch), the step. Every rank runs the forwards (a sharded module
+        needs all ranks); only rank 0, whose pictures the trainer writes, renders."""
         imgs = images_and_noise(batch)[0][:PICTURE_IMAGES]
         grid = self.teacher.patch_grid(imgs)
         target = teacher_tokens(modules[TEACHER], imgs)[:, self.n_cls :]  # (b, L, D_t)
+        students = {n: modules[n](imgs, 0.0)[0][:, self.n_cls :] for n in self.students}
+        if not is_main():
+            return {}
+        step = f", step {int(batch['iteration'][0]) + 1}" if _has_iteration(batch) else ""
         out = {}
-        for name in self.students:
-            tokens, _ = modules[name](imgs, 0.0)  # the whole image, patches row-major
-            out[f"pca_{name}"] = pca_grid(imgs, target, tokens[:, self.n_cls :], grid)
+        for name, tokens in students.items():  # (b, L, D_t): the whole image, row-major
+            encoder = name.removeprefix(STUDENT_PREFIX)
+            title = f"{encoder} distilled from the teacher{step}"
+            out[f"pca_{name}"] = pca_grid(imgs, target, tokens, grid, encoder, title)
         return out
 
     def export(self, states: dict[str, dict[str, torch.Tensor]], output_dir: Path) -> list[Path]:
@@ -128,6 +138,11 @@ class DistillTask(Task):
             )  # fmt: skip
             for name, state in states.items()
         ]
+
+
+def _has_iteration(batch: Any) -> bool:
+    """A dict batch that says which training iteration it is for ((B,) int64 `iteration`)."""
+    return isinstance(batch, dict) and "iteration" in batch
 
 
 def student_architecture(student: Student, module: str) -> dict[str, Any]:

@@ -1,5 +1,6 @@
 """Distillation's picture: per image, the input | the teacher's patch features | the student's,
-the features shown as their first three principal components (fitted on the teacher's)."""
+the features shown as their first three principal components (fitted on the teacher's), as a
+titled grid of panels (`pixio.runtime.vis.render_panels`)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import numpy as np
 import torch
 
 from pixio.constants import IMAGENET_MEAN, IMAGENET_STD
-from pixio.runtime.vis import PCAColors, tile, to_pixels, upsample_nearest
+from pixio.runtime.vis import Panel, PCAColors, render_panels, to_pixels, upsample_nearest
 
 
 def pca_panels(
@@ -24,22 +25,47 @@ def pca_panels(
     return pca.colors(teacher, grid), pca.colors(student, grid)
 
 
+def _hwc(panel: torch.Tensor) -> np.ndarray:
+    """(3, H, W) [0, 1] -> (H, W, 3) float32 array."""
+    return panel.permute(1, 2, 0).numpy()
+
+
+def pca_rows(
+    imgs: torch.Tensor,
+    teacher: torch.Tensor,
+    student: torch.Tensor,
+    grid: tuple[int, int],
+    student_name: str,
+    mean: Sequence[float] = IMAGENET_MEAN,
+    std: Sequence[float] = IMAGENET_STD,
+) -> list[list[Panel]]:
+    """Per image, three (H, W, 3) [0, 1] panels: the input, the teacher's patch features and
+    the student's, both in the teacher's PCA basis (each patch one colour over its pixels).
+    imgs (B, 3, H, W) normalised; teacher, student (B, L, D) patch features, L = h * w."""
+    imgs = imgs.detach().float().cpu()
+    height, width = imgs.shape[-2:]
+    rows = []
+    for i in range(imgs.shape[0]):
+        maps = pca_panels(teacher[i].detach().cpu(), student[i].detach().cpu(), grid)
+        ours, theirs = (_hwc(upsample_nearest(m, height, width)) for m in maps)
+        rows.append([
+            Panel(_hwc(to_pixels(imgs[i], mean, std)), "input"),
+            Panel(ours, "teacher features (PCA)"),
+            Panel(theirs, f"{student_name} features (teacher's basis)"),
+        ])  # fmt: skip
+    return rows
+
+
 def pca_grid(
     imgs: torch.Tensor,
     teacher: torch.Tensor,
     student: torch.Tensor,
     grid: tuple[int, int],
+    student_name: str,
+    title: str = "",
     mean: Sequence[float] = IMAGENET_MEAN,
     std: Sequence[float] = IMAGENET_STD,
-    pad: int = 2,
 ) -> np.ndarray:
-    """(rows * H + gaps, 3 * W + gaps, 3) uint8: per image, the input | teacher PCA | student
-    PCA. imgs (B, 3, H, W) normalised; teacher, student (B, L, D) patch features, L = h * w."""
-    imgs = imgs.detach().float().cpu()
-    height, width = imgs.shape[-2:]
-    rows = []
-    for i in range(imgs.shape[0]):
-        panels = pca_panels(teacher[i].detach().cpu(), student[i].detach().cpu(), grid)
-        big = [upsample_nearest(p, height, width) for p in panels]  # patch colours
-        rows.append([to_pixels(imgs[i], mean, std), *big])
-    return tile(rows, pad)
+    """The titled picture of `pca_rows` -> (H, W, 3) uint8, each panel about
+    `pixio.runtime.vis.PANEL_PX` pixels high whatever the crop size."""
+    return render_panels(pca_rows(imgs, teacher, student, grid, student_name, mean, std), title)
