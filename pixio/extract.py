@@ -51,11 +51,11 @@ from pixio.inference import (
     encoder_build,
     list_images,
     load_frozen_encoder,
-    normalize,
     run_cli,
 )
 from pixio.models.registry import encoder_kwargs
 from pixio.runtime import distributed as rd
+from pixio.runtime.prefetch import normalize_images
 
 FORMAT = "pixio-features/1"
 INDEX_NAME, SETTINGS_NAME = "index.json", "extract.json"
@@ -280,7 +280,7 @@ def encode(
     encoder: torch.nn.Module, images: torch.Tensor, how: Encoding
 ) -> dict[str, torch.Tensor]:
     """uint8 (B, 3, H, W) -> {"cls.<b>": (B, n_cls, D), "patch.<b>": (B, h*w, D)} on the CPU."""
-    x = normalize(images.to(how.device, non_blocking=True))
+    x = normalize_images(images.to(how.device, non_blocking=True))
     with torch.autocast(how.device.type, torch.bfloat16, enabled=how.precision == "bf16"):
         feats = encoder(x, how.blocks)
     suffix = "_norm" if how.norm else ""

@@ -17,7 +17,6 @@ from PIL import Image
 
 from pixio.architecture import resolve
 from pixio.checkpoint import broadcast_encoder_state, read_architecture
-from pixio.constants import IMAGENET_MEAN, IMAGENET_STD
 from pixio.convert import parse_override
 from pixio.models.encoder import PixioEncoder
 from pixio.models.registry import build_encoder, list_models
@@ -105,13 +104,6 @@ class Resize:
 
     def describe(self) -> dict[str, Any]:
         return {"policy": self.policy, "size": list(self.size), "multiple": self.multiple}
-
-
-def normalize(images: torch.Tensor) -> torch.Tensor:
-    """uint8 (B, 3, H, W) -> float32 ImageNet-normalised, on the images' device."""
-    mean = torch.tensor(IMAGENET_MEAN, device=images.device).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, device=images.device).view(1, 3, 1, 1)
-    return (images.float() / 255.0 - mean) / std
 
 
 def encoder_build(

@@ -19,7 +19,8 @@ from tools_helpers import ARCH, ARCH_FLAGS
 import pixio
 from pixio.data.images import load_rgb
 from pixio.extract import main, read_features
-from pixio.inference import Resize, normalize
+from pixio.inference import Resize
+from pixio.runtime.prefetch import normalize_images
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -34,7 +35,7 @@ def reference(checkpoint: Path, data: bytes, resize: Resize, blocks: list[int]) 
     enc = pixio.load_encoder("pixio_vitt16", checkpoint, **ARCH).eval()
     pixels, _ = resize.apply(load_rgb(data))
     with torch.no_grad():
-        return enc(normalize(pixels[None]), blocks)
+        return enc(normalize_images(pixels[None]), blocks)
 
 
 def index_of(out: Path) -> dict:
