@@ -28,9 +28,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
-from matplotlib.patches import Rectangle
 
 from pixio.checkpoint import read_architecture
 from pixio.data.images import DecodeError, load_rgb
@@ -43,21 +40,24 @@ from pixio.inference import (
     encoder_build,
     list_images,
     load_frozen_encoder,
+    normalize,
     run_cli,
 )
 from pixio.models.registry import encoder_kwargs
-from pixio.runtime.prefetch import normalize_images
 from pixio.runtime.vis import (
     MASK_GREY,
+    Panel,
     PCAColors,
     mae_reconstruction,
+    render_panels,
     save_png,
     to_pixels,
     upsample_nearest,
 )
 
-PANEL_INCHES, DPI = 3.0, 100  # 300 pixels per panel
+PANEL_PX = 300  # shorter side of a panel in the PNG, pixels
 MAX_IMAGES = 8
+BOX_RGB = (1.0, 0.0, 0.0)  # the query patch's outline
 
 
 @dataclass
@@ -67,18 +67,6 @@ class Loaded:
     name: str  # path relative to --images
     pixels: torch.Tensor  # uint8 (3, H, W)
     placement: Placement
-
-
-@dataclass
-class Panel:
-    """One picture of the grid: an (H, W, 3) [0, 1] image, or an (H, W) map with a colour
-    scale; a title; optionally a box (x0, y0, x1, y1) outlined in input pixels."""
-
-    image: np.ndarray
-    title: str
-    vmin: float | None = None
-    vmax: float | None = None
-    box: tuple[float, float, float, float] | None = None
 
 
 # ---- inputs --------------------------------------------------------------------------------------
@@ -115,7 +103,7 @@ def patch_features(
     key = "patch_tokens_norm" if norm else "patch_tokens"
     out = []
     for item in images:
-        x = normalize_images(item.pixels[None].to(device))
+        x = normalize(item.pixels[None].to(device))
         out.append(encoder(x, [block])[0][key][0].float().cpu())
     return out
 
@@ -125,6 +113,18 @@ def as_image(pixels: torch.Tensor) -> np.ndarray:
     if pixels.dtype == torch.uint8:
         pixels = pixels.float() / 255.0
     return pixels.permute(1, 2, 0).numpy()
+
+
+def outline(image: np.ndarray, box: tuple[int, int, int, int]) -> np.ndarray:
+    """A copy of (H, W, 3) [0, 1] `image` with box (x0, y0, x1, y1) (pixels, end exclusive)
+    outlined in BOX_RGB along its inner edge; the line is 1 pixel wide per 128 of the shorter
+    side, so it stays visible once the panel is scaled to PANEL_PX."""
+    out, (x0, y0, x1, y1) = image.copy(), box
+    w = max(1, min(image.shape[:2]) // 128)
+    for rows, cols in ((slice(y0, y0 + w), slice(x0, x1)), (slice(y1 - w, y1), slice(x0, x1)),
+                       (slice(y0, y1), slice(x0, x0 + w)), (slice(y0, y1), slice(x1 - w, x1))):  # fmt: skip
+        out[rows, cols] = BOX_RGB
+    return out
 
 
 # ---- the three pictures --------------------------------------------------------------------------
@@ -179,11 +179,13 @@ def similarity_rows(
         height, width = item.pixels.shape[1:]
         sim = torch.nn.functional.cosine_similarity(tokens, target[None], dim=-1)  # (h*w,)
         grid = sim.reshape(1, height // patch, width // patch)
-        title = f"query: {item.name}" if i == query else item.name
-        rows.append([
-            Panel(as_image(item.pixels), title, box=box if i == query else None),
-            Panel(upsample_nearest(grid, height, width)[0].numpy(), "cosine similarity", -1.0, 1.0),
-        ])  # fmt: skip
+        title, image = item.name, as_image(item.pixels)
+        if i == query:
+            title, image = f"query: {item.name}", outline(image, box)
+        sim_map = upsample_nearest(grid, height, width)[0].numpy()
+        rows.append(
+            [Panel(image, title), Panel(sim_map, "cosine similarity", -1.0, 1.0, colorbar="")]
+        )
     return rows
 
 
@@ -195,7 +197,7 @@ def reconstruct_rows(
     rows = []
     generator = torch.Generator().manual_seed(seed)
     for item in images:
-        x = normalize_images(item.pixels[None].to(device))
+        x = normalize(item.pixels[None].to(device))
         h, w = mae.patch_grid(x)
         groups = (h // mae.mask_grid) * (w // mae.mask_grid)
         out = mae(x, ratio, torch.rand(1, groups, generator=generator).to(device))
@@ -210,37 +212,6 @@ def reconstruct_rows(
             Panel(as_image(to_pixels(recon[0])), f"reconstruction (loss {out.loss.item():.3f})"),
         ])  # fmt: skip
     return rows
-
-
-# ---- rendering -----------------------------------------------------------------------------------
-def render(rows: list[list[Panel]], title: str) -> np.ndarray:
-    """A titled grid of panels (one row per image) -> (H, W, 3) uint8."""
-    n_rows, n_cols = len(rows), max(len(r) for r in rows)
-    fig = Figure(figsize=(n_cols * PANEL_INCHES, n_rows * PANEL_INCHES + 0.5), dpi=DPI)
-    canvas = FigureCanvasAgg(fig)
-    axes = fig.subplots(n_rows, n_cols, squeeze=False)
-    for r, row in enumerate(rows):
-        for c in range(n_cols):
-            ax = axes[r][c]
-            ax.set_axis_off()
-            if c < len(row):
-                _draw(fig, ax, row[c])
-    fig.suptitle(title)
-    fig.tight_layout()
-    canvas.draw()
-    return np.asarray(canvas.buffer_rgba())[..., :3].copy()
-
-
-def _draw(fig: Figure, ax: Any, panel: Panel) -> None:
-    if panel.image.ndim == 2:
-        shown = ax.imshow(panel.image, cmap="viridis", vmin=panel.vmin, vmax=panel.vmax)
-        fig.colorbar(shown, ax=ax, fraction=0.046, pad=0.02)
-    else:
-        ax.imshow(np.clip(panel.image, 0.0, 1.0), interpolation="nearest")
-    if panel.box is not None:
-        x0, y0, x1, y1 = panel.box
-        ax.add_patch(Rectangle((x0 - 0.5, y0 - 0.5), x1 - x0, y1 - y0, fill=False, ec="red", lw=2))
-    ax.set_title(panel.title, fontsize=9)
 
 
 # ---- the command ---------------------------------------------------------------------------------
@@ -313,7 +284,7 @@ def visualize(args: argparse.Namespace) -> Path:
         rows = similarity_rows(images, feats, query, rc, patch)
         what += f", patch {rc[0]},{rc[1]} of {images[query].name}"
     title = f"{name} {args.command} ({what})"
-    return save_png(render(rows, title), output_path(args.out, args.command))
+    return save_png(render_panels(rows, title, PANEL_PX), output_path(args.out, args.command))
 
 
 def _reconstruct(args: argparse.Namespace, device: torch.device) -> Path:
@@ -325,7 +296,7 @@ def _reconstruct(args: argparse.Namespace, device: torch.device) -> Path:
     rows = reconstruct_rows(mae.to(device).eval(), images, args.mask_ratio, args.seed, device)
     name = args.model or (read_architecture(args.checkpoint, args.module, False) or {}).get("name")
     title = f"{name or 'Pixio MAE'} reconstructions ({args.checkpoint})"
-    return save_png(render(rows, title), output_path(args.out, args.command))
+    return save_png(render_panels(rows, title, PANEL_PX), output_path(args.out, args.command))
 
 
 def _query_index(images: list[Loaded], name: str | None) -> int:

@@ -13,11 +13,11 @@ from tools_helpers import ARCH, ARCH_FLAGS, DECODER, DECODER_FLAGS
 
 import pixio
 from pixio.hub import load_mae
-from pixio.inference import Placement, Resize
-from pixio.runtime.prefetch import normalize_images
+from pixio.inference import Placement, Resize, normalize
 from pixio.runtime.vis import PCAColors, mae_reconstruction, to_pixels
 from pixio.visualize import (
     Loaded,
+    as_image,
     load_images,
     main,
     patch_features,
@@ -98,7 +98,13 @@ def test_similarity_maps_by_hand(demo_folder, checkpoints) -> None:
     rows = similarity_rows(images, feats, 2, (1, 3), 16)  # query: chelsea.jpg, grid 4 x 7
     query_map = rows[2][1].image
     assert query_map.shape == (64, 112) and query_map[16 + 8, 48 + 8] == pytest.approx(1.0)
-    assert rows[2][0].box == (48, 16, 64, 32) and rows[0][0].box is None
+    # the query patch (row 1, col 3: pixels x 48-63, y 16-31) outlined in red inside its edge
+    query, red = rows[2][0].image, np.array([1.0, 0.0, 0.0])
+    edge = np.zeros((64, 112), bool)
+    edge[16, 48:64] = edge[31, 48:64] = edge[16:32, 48] = edge[16:32, 63] = True
+    assert np.all(query[edge] == red)
+    assert np.array_equal(query[~edge], as_image(images[2].pixels)[~edge])
+    assert np.array_equal(rows[0][0].image, as_image(images[0].pixels))  # no outline elsewhere
     target = feats[2][1 * 7 + 3]
     by_hand = torch.nn.functional.cosine_similarity(feats[4], target[None], dim=-1)  # coffee 6x4
     assert np.allclose(rows[4][1].image[::16, ::16], by_hand.reshape(6, 4).numpy(), atol=1e-6)
@@ -108,7 +114,7 @@ def test_reconstruction_keeps_visible_patches_and_predicts_masked(demo_folder, c
     images = _loaded(demo_folder)[:2]
     mae = load_mae("pixio_vitt16", checkpoints["mae"], **ARCH, **DECODER).eval()
     rows = reconstruct_rows(mae, images, 0.75, 0, torch.device("cpu"))
-    x = normalize_images(images[0].pixels[None])
+    x = normalize(images[0].pixels[None])
     noise = torch.rand(1, 4, generator=torch.Generator().manual_seed(0))  # the picture's draw
     with torch.no_grad():
         out = mae(x, 0.75, noise)
