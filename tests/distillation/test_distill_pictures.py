@@ -5,27 +5,14 @@ teacher's basis, so identical directions get identical colours; drawn at a reada
 from __future__ import annotations
 
 import numpy as np
-import pytest
 import torch
 from distill_helpers import fixed_batches, make_trainer
 
+from distillation import task as task_module
 from distillation import vis
 from pixio.runtime.vis import PANEL_PX, to_pixels
 
 GRID = (2, 3)  # 32 x 48 px at patch 16
-
-
-@pytest.fixture
-def captured(monkeypatch) -> list:
-    """What distillation.vis hands the renderer: (rows, title) per picture."""
-    calls = []
-
-    def fake(rows, title=""):
-        calls.append((rows, title))
-        return np.zeros((4, 4, 3), np.uint8)
-
-    monkeypatch.setattr(vis, "render_panels", fake)
-    return calls
 
 
 def features(seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -33,13 +20,12 @@ def features(seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.randn(2, 3, 32, 48, generator=g), torch.randn(2, 6, 8, generator=g)
 
 
-def test_rows_are_titled_and_the_student_is_shown_in_the_teachers_basis(captured):
+def test_rows_are_titled_and_the_student_is_shown_in_the_teachers_basis():
     imgs, teacher = features(0)
     student = 3.0 * teacher  # the same directions, other lengths: the same colours
     student[1, 0] = -teacher[1, 0]  # one patch of image 1 points the other way
-    vis.pca_grid(imgs, teacher, student, GRID, "pixio_vitt16", "a title")
-    (rows, title), = captured  # fmt: skip
-    assert title == "a title" and len(rows) == 2
+    rows = vis.pca_rows(imgs, teacher, student, GRID, "pixio_vitt16")
+    assert len(rows) == 2
     for i, row in enumerate(rows):
         assert [p.title for p in row] == ["input", "teacher features (PCA)", "pixio_vitt16 features (teacher's basis)"]  # fmt: skip
         assert all(p.image.shape == (32, 48, 3) for p in row)
@@ -63,15 +49,23 @@ def test_the_picture_is_rendered_at_a_readable_size():
     assert len(np.unique(picture.reshape(-1, 3), axis=0)) > 100  # drawn, not blank
 
 
-def test_task_pictures_name_the_student_and_the_step(distill_config, captured):
+def test_task_pictures_name_the_student_and_the_step(distill_config, monkeypatch):
+    seen = []  # (student, title) per picture drawn
+
+    def fake(imgs, teacher, student, grid, name, title):
+        seen.append((name, title))
+        return vis.pca_grid(imgs, teacher, student, grid, name, title)
+
+    monkeypatch.setattr(task_module, "pca_grid", fake)
     trainer = make_trainer(distill_config(), fixed_batches(4, 4))
     batch = fixed_batches(1, 4)[0]
     out = trainer.task.pictures(trainer.modules, batch)
     assert sorted(out) == ["pca_student_pixio_vits16", "pca_student_pixio_vitt16"]
-    titles = sorted(title for _, title in captured)
-    assert titles == ["pixio_vits16 distilled from the teacher", "pixio_vitt16 distilled from the teacher"]  # fmt: skip
-    captured.clear()
+    assert all(p.dtype == np.uint8 and p.shape[0] >= 4 * PANEL_PX for p in out.values())
+    assert sorted(seen) == [
+        ("pixio_vits16", "pixio_vits16 distilled from the teacher"),
+        ("pixio_vitt16", "pixio_vitt16 distilled from the teacher"),
+    ]
+    seen.clear()
     trainer.task.pictures(trainer.modules, {**batch, "iteration": torch.full((4,), 31)})
-    assert sorted(title for _, title in captured)[0] == "pixio_vits16 distilled from the teacher, step 32"  # fmt: skip
-    rows = captured[0][0]
-    assert len(rows) == 4 and rows[0][2].title.endswith("features (teacher's basis)")
+    assert sorted(seen)[0] == ("pixio_vits16", "pixio_vits16 distilled from the teacher, step 32")
