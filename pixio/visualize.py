@@ -40,10 +40,10 @@ from pixio.inference import (
     encoder_build,
     list_images,
     load_frozen_encoder,
-    normalize,
     run_cli,
 )
 from pixio.models.registry import encoder_kwargs
+from pixio.runtime.prefetch import normalize_images
 from pixio.runtime.vis import (
     MASK_GREY,
     Panel,
@@ -103,7 +103,7 @@ def patch_features(
     key = "patch_tokens_norm" if norm else "patch_tokens"
     out = []
     for item in images:
-        x = normalize(item.pixels[None].to(device))
+        x = normalize_images(item.pixels[None].to(device))
         out.append(encoder(x, [block])[0][key][0].float().cpu())
     return out
 
@@ -197,7 +197,7 @@ def reconstruct_rows(
     rows = []
     generator = torch.Generator().manual_seed(seed)
     for item in images:
-        x = normalize(item.pixels[None].to(device))
+        x = normalize_images(item.pixels[None].to(device))
         h, w = mae.patch_grid(x)
         groups = (h // mae.mask_grid) * (w // mae.mask_grid)
         out = mae(x, ratio, torch.rand(1, groups, generator=generator).to(device))

@@ -13,7 +13,8 @@ from tools_helpers import ARCH, ARCH_FLAGS, DECODER, DECODER_FLAGS
 
 import pixio
 from pixio.hub import load_mae
-from pixio.inference import Placement, Resize, normalize
+from pixio.inference import Placement, Resize
+from pixio.runtime.prefetch import normalize_images
 from pixio.runtime.vis import PCAColors, mae_reconstruction, to_pixels
 from pixio.visualize import (
     Loaded,
@@ -114,7 +115,7 @@ def test_reconstruction_keeps_visible_patches_and_predicts_masked(demo_folder, c
     images = _loaded(demo_folder)[:2]
     mae = load_mae("pixio_vitt16", checkpoints["mae"], **ARCH, **DECODER).eval()
     rows = reconstruct_rows(mae, images, 0.75, 0, torch.device("cpu"))
-    x = normalize(images[0].pixels[None])
+    x = normalize_images(images[0].pixels[None])
     noise = torch.rand(1, 4, generator=torch.Generator().manual_seed(0))  # the picture's draw
     with torch.no_grad():
         out = mae(x, 0.75, noise)
