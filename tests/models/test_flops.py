@@ -204,8 +204,9 @@ def _head_step_flops(app: str, overrides: list[str]) -> tuple[F.EvalFlops, int]:
 @pytest.mark.parametrize(
     "app, overrides",
     [
-        ("depth", ["experiment=depth_demo"]),  # DPT on 4 of 6 blocks, 256 px crops
-        ("semseg", ["experiment=semseg_demo"]),  # linear, 150 classes
+        ("depth", ["experiment=depth_demo"]),  # linear on the last of 6 blocks, 128 px crops
+        ("depth", ["experiment=depth_demo", "head=dpt"]),  # its DPT option: blocks 0-3 of 6
+        ("semseg", ["experiment=semseg_demo"]),  # linear, 150 classes, 128 px crops
         # ViT-H's width (the heads' channels follow it); 4 blocks keep the meta pass short
         ("depth", ["head=linear", "encoder.name=pixio_vith16", "encoder.depth=4"]),
         ("semseg", ["head=dpt", "encoder.name=pixio_vith16", "encoder.depth=4", "dataset=pascal"]),
