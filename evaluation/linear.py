@@ -38,6 +38,7 @@ from torch import nn
 from evaluation.common import resolve_encoder_name, validation_history
 from evaluation.features import (
     EncoderConfig,
+    FrozenFeatures,
     check_encoder,
     check_random_weights,
     encoder_digest,
@@ -160,7 +161,14 @@ def validate_linear(cfg: Any) -> dict[str, Any]:
     check_lrs(cfg.head.lrs, "head.lrs")
     require(cfg.optim.lr is None, "optim.lr", "the lrs are head.lrs (base lrs per 256 images): leave optim.lr null")  # fmt: skip
     require(cfg.train.iters_per_epoch is None, "train.iters_per_epoch", "must stay null (an epoch is the training split)")  # fmt: skip
-    d = cfg.data
+    used = _check_data(cfg.data, patch)
+    check_random_weights(cfg)
+    check_output_owner(cfg)
+    return {"patch_size": patch, **used, "reference": REFERENCE, "as_reference": used == REFERENCE}
+
+
+def _check_data(d: Any, patch: int) -> dict[str, Any]:
+    """The `data` group; returns the sizes used (resize, crop, crop_scale)."""
     check_positive(d, "data", "resize")
     require(d.num_workers >= 0, "data.num_workers", f"must be >= 0, got {d.num_workers}")
     scale = list(d.crop_scale)
@@ -168,10 +176,7 @@ def validate_linear(cfg: Any) -> dict[str, Any]:
     require(d.crop is None or (d.crop > 0 and d.crop % patch == 0), "data.crop", f"{d.crop} is not a positive multiple of the encoder's patch size {patch} (null picks {reference_side(patch)})")  # fmt: skip
     if not d.build_demo:
         require(Path(d.root).is_dir(), "data.root", f"{d.root} does not exist or is not a directory")  # fmt: skip
-    check_random_weights(cfg)
-    check_output_owner(cfg)
-    used = {"resize": d.resize, "crop": d.crop or reference_side(patch), "crop_scale": scale}
-    return {"patch_size": patch, **used, "reference": REFERENCE, "as_reference": used == REFERENCE}
+    return {"resize": d.resize, "crop": d.crop or reference_side(patch), "crop_scale": scale}
 
 
 def check_output_owner(cfg: Any, **digest: str | None) -> None:
@@ -198,24 +203,18 @@ def resolve_accum(cfg: Any, world_size: int) -> None:
 
 
 # ---- the task -----------------------------------------------------------------------------------
-class PooledFeatures(nn.Module):
+class PooledFeatures(FrozenFeatures):
     """A frozen encoder (eval mode, no gradients) giving one global feature per image:
-    (B, 3, H, W) -> (B, F) float32, F = D (`cls`, `avgpool`) or 2D (`both`), after the final
-    norm (`pixio.knn.pooled_features`)."""
+    (B, 3, H, W) -> (B, F) float32, F = D (`cls`, `avgpool`) or 2D (`both`), from the last block
+    after the final norm (`pixio.knn.pooled_features`)."""
 
     def __init__(self, encoder: FeatureEncoder, pool: str) -> None:
-        super().__init__()
-        self.encoder = encoder.eval().requires_grad_(False)
+        super().__init__(encoder, [encoder.depth - 1])
         self.pool = pool
         self.dim = encoder.embed_dim * (2 if pool == "both" else 1)
 
-    def train(self, mode: bool = True) -> PooledFeatures:
-        super().train(mode)
-        self.encoder.eval()  # a frozen encoder never leaves eval mode
-        return self
-
     @torch.no_grad()
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
+    def forward(self, images: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
         return pooled_features(self.encoder, images, self.pool, normed=True)
 
 

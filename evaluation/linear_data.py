@@ -7,9 +7,11 @@ folder names' positions) or webdataset shards whose samples hold a `.cls` label,
 `train/` / `val/` or, as pre-training finds its ImageNet shards, `*train*.tar` / `*val*.tar`
 directly under the root (`imagenet1k-validation-*.tar` is a `val` shard).
 
-The index holds numpy arrays, no Python object per image, so the 1.28M ImageNet training
-images take about 40 MB (relative paths as bytes, int64 offsets and labels), shared
-copy-on-write with the loader's workers; rank 0 lists the split once and broadcasts it. Items are
+The index holds numpy arrays, no Python object per image: 20 bytes per image (26 MB for the
+1.28M ImageNet training images), plus the relative paths of a folder split as bytes (about 45
+MB; a shard split names only its tars). Without per-image objects there are no reference counts
+for the loader's workers to touch, so their copy-on-write pages stay shared. Rank 0 lists the
+split once (the other ranks wait) and broadcasts the index. Items are
 `{"image": uint8 (3, S, S), "label": int64, "index": int}`; the device normalises the images.
 """
 
@@ -41,10 +43,10 @@ class ImageIndex:
 
     root: str
     files: np.ndarray  # (F,) bytes: image files, or tar shards, relative to root
-    file: np.ndarray  # (N,) int64: index into files
+    file: np.ndarray  # (N,) int32: index into files
     offset: np.ndarray  # (N,) int64: byte offset of the image in its tar; -1: the whole file
-    size: np.ndarray  # (N,) int64: bytes of the image in its tar
-    label: np.ndarray  # (N,) int64: class id
+    size: np.ndarray  # (N,) int32: bytes of the image in its tar
+    label: np.ndarray  # (N,) int32: class id
 
     def __len__(self) -> int:
         return len(self.label)
@@ -98,10 +100,10 @@ def build_index(root: str | Path, split: str, classes: list[str] | None) -> Imag
     position = {f: i for i, f in enumerate(files)}
     relative = np.array([str(Path(f).relative_to(root)).encode() for f in files])
     return ImageIndex(
-        str(root), relative, np.array([position[s.path] for s in samples], dtype=np.int64),
+        str(root), relative, np.array([position[s.path] for s in samples], dtype=np.int32),
         np.array([s.offset for s in samples], dtype=np.int64),
-        np.array([s.size for s in samples], dtype=np.int64),
-        np.array([s.label for s in samples], dtype=np.int64),
+        np.array([s.size for s in samples], dtype=np.int32),
+        np.array([s.label for s in samples], dtype=np.int32),
     )  # fmt: skip
 
 

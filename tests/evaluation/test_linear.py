@@ -20,12 +20,13 @@ from launch_helpers import record_launches, run_app
 from PIL import Image
 
 import evaluation.linear as linear
+import pixio
 from evaluation import report
-from evaluation.grid import head_name, head_results, reported_head
+from evaluation.grid import build_grid, head_name, head_results, reported_head
 from evaluation.linear_data import CentreCrop, LabelledImages, build_indexes
 from pixio.data.make_shards import main as make_shards
 from pixio.runtime import checkpointing
-from pixio.runtime.config import ConfigError
+from pixio.runtime.config import ConfigError, OptimConfig
 
 COLOURS = {"blue": (30, 60, 200), "green": (40, 170, 60), "red": (200, 40, 40)}
 
@@ -249,6 +250,22 @@ def test_an_output_dir_of_another_run_is_refused(inputs, tmp_path):
     (out / "results.json").write_text(json.dumps({**record, "grid": {}}))
     with pytest.raises(ConfigError, match=r"output_dir: .*results.json: `grid` is \{\}, not the heads' results"):  # fmt: skip
         linear.validate_linear(compose(overrides(encoder, root, out, **{"linear.feature": "avgpool"})))  # fmt: skip
+
+
+def test_flops_per_sample_are_torch_s_count_of_the_step():
+    """On the meta device (where torch counts the attention too), as tests/models/test_flops.py."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with torch.device("meta"):
+        features = linear.PooledFeatures(pixio.build_encoder("pixio_vitt16", **TINY_ENCODER), "both")  # fmt: skip
+        grid = build_grid([1.0, 2.0], lambda: linear.linear_head(features.dim, 7), OptimConfig(name="lars"), "blr")  # fmt: skip
+        batch = {"image": torch.empty(4, 3, 48, 32), "label": torch.zeros(4, dtype=torch.long)}
+    task = linear.LinearProbeTask(features, grid, 7)
+    modules = {"encoder": features, **{h.name: h.module for h in grid}}
+    with FlopCounterMode(display=False) as counter:
+        task.step(modules, batch).loss.backward()
+    # Encoder forward (patch embedding, blocks) and, per head, forward + weight gradient.
+    assert task.flops_per_sample(batch) * 4 == counter.get_total_flops()
 
 
 def test_the_reported_head_is_the_best_over_epochs_first_of_equals():
