@@ -77,8 +77,11 @@ def class_names(root: str | Path) -> list[str] | None:
     """The class folders of train/ (None for shards: labels come from `.cls`); ConfigError
     unless val/ holds the same ones."""
     sources = [split_source(root, s) for s in SPLITS]
-    if any(isinstance(s, list) for s in sources):
+    shards = [isinstance(s, list) for s in sources]
+    if all(shards):
         return None
+    if any(shards):
+        raise ConfigError(f"data.root: {root} holds class folders for one split and .tar shards for the other: use one form for both")  # fmt: skip
     train, val = ([p.name for p in sorted(s.iterdir()) if p.is_dir()] for s in sources)  # type: ignore[union-attr]
     if train != val:
         raise ConfigError(f"data.root: train/ and val/ hold different classes (e.g. {sorted(set(train) ^ set(val))[:5]})")  # fmt: skip

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -179,6 +180,10 @@ def test_bad_data_and_config_name_the_culprit(inputs, tmp_path, capsys):
     (tmp_path / "mixed/val/blue").mkdir(parents=True)
     with pytest.raises(ConfigError, match=r"data.root: train/ and val/ hold different classes"):
         build_indexes(tmp_path / "mixed")
+    (tmp_path / "mixed/val/blue").rmdir()
+    (tmp_path / "mixed/val/0.tar").touch()
+    with pytest.raises(ConfigError, match=r"holds class folders for one split and .tar shards for the other"):  # fmt: skip
+        build_indexes(tmp_path / "mixed")
     (tmp_path / "flat").mkdir()
     (tmp_path / "flat/imagenet-train-val-0.tar").touch()
     with pytest.raises(ConfigError, match="imagenet-train-val-0.tar names both train and val"):
@@ -220,6 +225,19 @@ def test_bad_data_and_config_name_the_culprit(inputs, tmp_path, capsys):
             linear.run_linear(compose(overrides(encoder, root, tmp_path / "refused", **extra)))
         err = capsys.readouterr().err
         assert exit_info.value.code == 2 and f"config error: {message}" in err, err
+
+
+def test_an_unreadable_image_stops_the_run_naming_it(inputs, tmp_path, capsys):
+    encoder, root = inputs
+    copy = Path(shutil.copytree(root, tmp_path / "colours"))
+    bad = copy / "train/green/03.jpg"
+    bad.write_bytes(bad.read_bytes()[:200])  # a truncated JPEG
+    with pytest.raises(SystemExit) as exit_info:
+        linear.run_linear(compose(overrides(encoder, copy, tmp_path / "out", **{"train.batch_size": 48})))  # fmt: skip
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 1 and f"error: cannot read image {bad}: corrupt_image" in err, (
+        err
+    )
 
 
 def test_the_command_line_entry_checks_before_launching(inputs, tmp_path, monkeypatch, capsys):
