@@ -27,6 +27,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig
 
 from evaluation.datasets import build_dataset, get_info
+from evaluation.datasets.base import dataset_from_pairs
 from evaluation.demo_data import demo_root_problem, ensure_demo, is_demo_root
 from evaluation.features import (
     EncoderConfig,
@@ -37,9 +38,32 @@ from evaluation.features import (
     load_frozen_encoder,
     reference_side,
 )
-from evaluation.heads import HEAD_KINDS, build_head, convert_sync_bn, head_block_ids
+from evaluation.grid import build_grid, check_lrs
+from evaluation.heads import (
+    BINS_NORMS,
+    DEPTH_BINS,
+    DEPTH_OUTPUTS,
+    HEAD_KINDS,
+    build_head,
+    convert_sync_bn,
+    head_block_ids,
+)
+from evaluation.inference import TTA_MODES, TTA_SCALES
+from evaluation.memory import check_memory
 from evaluation.report import encoder_label
 from evaluation.results import RESULTS_FILE, app_identity, encoder_record, owner_problem
+from evaluation.selection import (
+    SELECT_RULES,
+    ValidationRecords,
+    drop_unchosen,
+    holdout_choice,
+    holdout_indices,
+    measure_once,
+    run_heads,
+    selection_path,
+    selection_results,
+    validation_history,  # noqa: F401  (re-exported: evaluation.linear reads it from here)
+)
 from evaluation.task import DepthTask, HeadTask, SegmentationTask, Windows
 from pixio.models.baselines import BaselineError
 from pixio.runtime.atomic import write_text_atomic
@@ -64,7 +88,6 @@ from pixio.runtime.paths import PathsConfig, check_path_refs
 from pixio.runtime.rank0 import rank0_result
 from pixio.runtime.runconfig import check_resume
 from pixio.runtime.trainer import Trainer
-from pixio.runtime.validation import RESULTS_NAME
 
 log = logging.getLogger("pixio.eval")
 
@@ -74,8 +97,12 @@ APPS = ("depth", "semseg")
 SHAPE_KEYS = (
     "encoder.source", "encoder.name", "encoder.module", "encoder.model_kwargs",
     "encoder.embed_dim", "encoder.depth", "encoder.num_heads", "encoder.n_cls_tokens",
-    "head.name", "dataset.name",
+    "head.name", "dataset.name", "head.lrs", "head.depth_output", "head.bins_norm",
+    "eval.select", "eval.holdout_fraction",
 )  # fmt: skip
+# What a run saved before these keys existed stands for (pixio.runtime.runconfig.check_resume).
+INTRODUCED = {"encoder.source": "pixio", "head.depth_output": "regression", "head.bins_norm": "linear",
+              "eval.select": "reference", "eval.holdout_fraction": 0.1}  # fmt: skip
 # The checkpoint's digest, recorded in the run's config at the start: a resume must use the same
 # file (it may have moved: the path is not compared, the digest is).
 ENCODER_FILE = {"encoder.sha256": "encoder.checkpoint"}
@@ -91,6 +118,9 @@ class DatasetConfig:
 @dataclass
 class HeadConfig:
     name: str = MISSING  # dpt | linear
+    lrs: list[float] | None = None  # one head per lr on the same features (None: optim.lr alone)
+    depth_output: str = "regression"  # depth: regression (sigmoid * max depth) | bins (256 bins)
+    bins_norm: str = "linear"  # bins: weights relu + 0.1 normalised (DINOv2's) | softmax
 
 
 @dataclass
@@ -112,6 +142,10 @@ class InferenceConfig:
     stride: int | None = None  # window stride (None: int(window * 2 / 3), 170 for 256)
     window_batch: int = 16  # windows per encoder call (results do not depend on it)
     vis_images: int = 4  # validation images drawn at each validation (vis/val_<index>.png)
+    tta: str = "none"  # test-time augmentation: none | flip | multiscale (tta_scales, each flipped)
+    tta_scales: list[float] = field(default_factory=lambda: list(TTA_SCALES))  # multiscale's
+    select: str = "reference"  # what is reported: reference (best val epoch) | last | holdout
+    holdout_fraction: float = 0.1  # holdout: share of the training split kept to choose on
 
 
 @dataclass
@@ -150,12 +184,36 @@ def validate_eval(cfg: Any, app: str) -> int:
     require(cfg.data.num_workers >= 0, "data.num_workers", f"must be >= 0, got {cfg.data.num_workers}")  # fmt: skip
     check_positive(cfg.eval, "eval", "window_batch")
     require(cfg.eval.vis_images >= 0, "eval.vis_images", f"must be >= 0, got {cfg.eval.vis_images}")  # fmt: skip
+    check_heads(cfg, app)
+    check_selection(cfg.eval)
     patch = check_encoder(cfg)
     check_sizes(cfg, patch)
+    check_memory(
+        cfg, app, patch, protocol_sizes(patch, cfg.data.crop_size, cfg.eval.window, cfg.eval.stride)
+    )
     _check_paths(cfg.data)
     check_random_weights(cfg)
     check_output_owner(cfg, app)
     return patch
+
+
+def check_heads(cfg: Any, app: str) -> None:
+    """`head.lrs` (positive, distinct), `head.depth_output` (bins: depth only), `head.bins_norm`."""
+    h = cfg.head
+    if h.lrs is not None:
+        check_lrs(h.lrs, "head.lrs")
+    check_choice(h, "head", "depth_output", DEPTH_OUTPUTS)
+    check_choice(h, "head", "bins_norm", BINS_NORMS)
+    require(app == "depth" or h.depth_output == "regression", "head.depth_output", f"{h.depth_output} applies to depth (python -m evaluation.depth), not {app}")  # fmt: skip
+
+
+def check_selection(e: Any) -> None:
+    """`eval.select`, `eval.holdout_fraction` in (0, 1), `eval.tta` and positive `eval.tta_scales`."""
+    check_choice(e, "eval", "select", SELECT_RULES)
+    require(0 < e.holdout_fraction < 1, "eval.holdout_fraction", f"must be in (0, 1), got {e.holdout_fraction}")  # fmt: skip
+    check_choice(e, "eval", "tta", TTA_MODES)
+    scales = list(e.tta_scales)
+    require(len(scales) > 0 and all(s > 0 for s in scales), "eval.tta_scales", f"must be positive scales, got {scales}")  # fmt: skip
 
 
 def resolve_encoder_name(cfg: Any) -> None:
@@ -292,42 +350,76 @@ class IterationLoader(MapLoader):
             yield batch
 
 
-def build_loaders(cfg: Any, info: DistInfo) -> tuple[MapLoader, EvalLoader]:
+@dataclass
+class Loaders:
+    """A run's data: training crops, the validation split and, for eval.select=holdout, the
+    held-out training images (validated like the validation split: full images)."""
+
+    train: MapLoader
+    val: EvalLoader
+    holdout: EvalLoader | None = None
+
+
+def build_loaders(cfg: Any, info: DistInfo) -> Loaders:
     """Training crops (shuffled, seeded per sample) and full validation images, one per batch
-    (their sizes differ); a data mistake is a one-line error before any model is built."""
+    (their sizes differ); with eval.select=holdout a seeded share of the training pairs is held
+    out of training and read as full images. A data mistake is a one-line error before any model
+    is built."""
     d = cfg.data
     try:
         train = build_dataset(cfg.dataset.name, d.root, "train", d.train_split, d.crop_size, label_format=d.label_format)  # fmt: skip
         val = build_dataset(cfg.dataset.name, d.root, "val", d.val_split, d.crop_size, label_format=d.label_format)  # fmt: skip
     except (FileNotFoundError, ValueError) as err:
         raise ConfigError(f"data.root: {err}") from None
+    holdout = None
+    if cfg.eval.select == "holdout":
+        train, holdout = split_holdout(cfg, train)
     pin = info.device.type == "cuda"
     loader = IterationLoader(train, cfg.train.batch_size, info.rank, info.world_size, d.num_workers, cfg.train.seed, pin_memory=pin)  # fmt: skip
     val_loader = EvalLoader(val, 1, info.rank, info.world_size, d.num_workers)
-    log.info("data: %d training pairs, %d validation images", len(train), len(val))  # type: ignore[arg-type]
-    return loader, val_loader
+    kept = None if holdout is None else EvalLoader(holdout, 1, info.rank, info.world_size, d.num_workers)  # fmt: skip
+    held = "" if holdout is None else f", {len(holdout)} held out of training to choose on"
+    log.info("data: %d training pairs%s, %d validation images", len(train), held, len(val))  # type: ignore[arg-type]
+    return Loaders(loader, val_loader, kept)
+
+
+def split_holdout(cfg: Any, train: Any) -> tuple[Any, Any]:
+    """(training, holdout) datasets: `eval.holdout_fraction` of the training pairs, drawn with
+    `train.seed`, read as validation reads (full images, no augmentation)."""
+    try:
+        rest, held = holdout_indices(len(train.pairs), cfg.eval.holdout_fraction, cfg.train.seed)
+    except ValueError as err:
+        raise ConfigError(f"eval.holdout_fraction: {err}") from None
+    name, d = cfg.dataset.name, cfg.data
+    make = lambda idx, split: dataset_from_pairs(name, [train.pairs[i] for i in idx], split, d.crop_size, label_format=d.label_format)  # noqa: E731  # fmt: skip
+    return make(rest, "train"), make(held, "val")
 
 
 def build_task(cfg: Any, app: str, info: DistInfo) -> HeadTask:
-    """Frozen features for the head's blocks, the head (SyncBatchNorm on multi-GPU runs), the task."""
+    """Frozen features for the heads' blocks, one head per lr (`head.lrs`, else optim.lr), each
+    from train.seed (SyncBatchNorm on multi-GPU runs), the task."""
     torch.manual_seed(cfg.train.seed)  # a demo's random weights: the same in every run
     # to the GPU (no host copy per rank), its blocks already in the run's frozen dtype
     encoder = load_frozen_encoder(cfg.encoder, info.device, cfg.train.precision)
     features = FrozenFeatures(encoder, head_block_ids(cfg.head.name, encoder.depth))
     dataset = get_info(cfg.dataset.name)
-    out_channels = 1 if app == "depth" else dataset.num_classes
-    torch.manual_seed(cfg.train.seed)  # the same head on every rank
-    head = build_head(cfg.head.name, encoder.embed_dim, out_channels)
-    if info.device.type == "cuda":  # SyncBatchNorm needs GPUs; CPU (gloo) runs keep BatchNorm
-        head = convert_sync_bn(head)
+    bins = app == "depth" and cfg.head.depth_output == "bins"
+    out_channels = DEPTH_BINS if bins else 1 if app == "depth" else dataset.num_classes
+    lrs = list(cfg.head.lrs or [cfg.optim.lr])
+    grid = build_grid(lrs, lambda: build_head(cfg.head.name, encoder.embed_dim, out_channels), cfg.optim, "lr", cfg.train.seed)  # fmt: skip
+    for h, run_head in zip(grid, run_heads({"head": {"lrs": lrs}}), strict=True):
+        h.name = run_head.module  # one lr: module `head`, as before grids
+        if info.device.type == "cuda":  # SyncBatchNorm needs GPUs; CPU (gloo) runs keep BatchNorm
+            h.module = convert_sync_bn(h.module)
     e = cfg.eval
     val_source = f"{cfg.dataset.name} val split ({cfg.data.val_split or cfg.data.root})"
-    common = dict(windows=Windows(e.window, e.stride, e.window_batch),
+    common = dict(windows=Windows(e.window, e.stride, e.window_batch, e.tta, tuple(e.tta_scales)),
                   vis_dir=Path(cfg.output_dir) / "vis", vis_images=e.vis_images,
                   val_source=val_source)  # fmt: skip
     if app == "depth":
-        return DepthTask(features, head, cfg.optim, **common, min_depth=dataset.min_depth, max_depth=dataset.max_depth)  # fmt: skip
-    return SegmentationTask(features, head, cfg.optim, **common, num_classes=dataset.num_classes,
+        return DepthTask(features, grid, None, **common, min_depth=dataset.min_depth, max_depth=dataset.max_depth,
+                         depth_output=cfg.head.depth_output, bins_norm=cfg.head.bins_norm)  # fmt: skip
+    return SegmentationTask(features, grid, None, **common, num_classes=dataset.num_classes,
                             class_names=dataset.class_names)  # fmt: skip
 
 
@@ -358,9 +450,11 @@ def warn_if_not_reference_sizes(protocol: dict[str, Any]) -> None:
 
 
 def run_eval(cfg: DictConfig, app: str) -> dict[str, Any] | None:
-    """Train and validate one head on the frozen encoder; returns results.json's content on
-    rank 0 (None elsewhere)."""
+    """Train and validate the heads on the frozen encoder; with eval.select=holdout, measure the
+    validation split once with the choice; returns results.json's content on rank 0 (None
+    elsewhere)."""
     protocol = resolve_sizes(cfg, validate_eval(cfg, app))
+    protocol["tta"] = tta_record(cfg.eval)
     with run_job(cfg.output_dir, cfg.train.device) as info:
         warn_if_not_reference_sizes(protocol)
         config = to_container(cfg)
@@ -368,26 +462,64 @@ def run_eval(cfg: DictConfig, app: str) -> dict[str, Any] | None:
         # the resume check and results.json.
         config["encoder"]["sha256"] = rank0_result(lambda: encoder_digest(cfg.encoder))
         config["data"]["demo"] = is_demo_run(cfg)  # results.json's `demo`, the report's label
-        check_resume(cfg.output_dir, config, SHAPE_KEYS, {"encoder.source": "pixio"}, ENCODER_FILE)  # fmt: skip
+        check_resume(cfg.output_dir, config, SHAPE_KEYS, INTRODUCED, ENCODER_FILE)
         check_output_owner(cfg, app, sha256=config["encoder"]["sha256"])
         if cfg.data.build_demo:
             ensure_demo_data(cfg, info)
-        train, val = build_loaders(cfg, info)  # data mistakes stop before the model
+        data = build_loaders(cfg, info)  # data mistakes stop before the model
         warn_if_not_reference_world(info.world_size, cfg.train.batch_size)
         task = build_task(cfg, app, info)
-        trainer = Trainer(cfg, task, train, info, config, val)
+        holdout = data.holdout is not None
+        trainer = Trainer(
+            cfg, task, data.train, info, config, data.holdout if holdout else data.val
+        )
+        task.after_summary = ValidationRecords(task, cfg.output_dir, trainer.iters_per_epoch, lambda: trainer.progress.iteration,  # fmt: skip
+                                               keep_heads=holdout, split="holdout" if holdout else "val")  # fmt: skip
+        vis_images, val_source = task.vis_images, task.val_source
+        if holdout:  # training images: no `val_` pictures of them
+            task.vis_images, task.val_source = 0, f"the holdout of {cfg.dataset.name}'s training split"  # fmt: skip
         trainer.fit()
+        if trainer.progress.iteration < trainer.total_iters:  # train.max_iters: a partial run
+            if info.rank == 0:
+                log.info("stopped at iteration %d of %d (train.max_iters): results.json is written "
+                         "when the schedule completes", trainer.progress.iteration, trainer.total_iters)  # fmt: skip
+            return None
+        measured = None
+        if holdout:  # collective: every rank measures its share of the validation split
+            task.after_summary, task.vis_images, task.val_source = None, vis_images, val_source
+            measured = measure_choice(cfg, task, trainer, data.val)
         if info.rank != 0:
             return None
-        if trainer.progress.iteration < trainer.total_iters:  # train.max_iters: a partial run
-            log.info("stopped at iteration %d of %d (train.max_iters): results.json is written "
-                     "when the schedule completes", trainer.progress.iteration, trainer.total_iters)  # fmt: skip
-            return None
         extra = {"protocol": protocol, "architecture": task.features.encoder.describe()}
-        results = write_results(cfg.output_dir, app, config, trainer.iters_per_epoch, extra)
+        results = write_results(
+            cfg.output_dir, app, config, trainer.iters_per_epoch, extra, measured
+        )
         print(results_table(results), flush=True)
         log.info("done: results.json, metrics.jsonl, vis/ in %s", Path(cfg.output_dir).resolve())
         return results
+
+
+def tta_record(e: Any) -> dict[str, Any]:
+    """results.json's `protocol.tta`: the mode and, for multiscale, the scales (each flipped)."""
+    record: dict[str, Any] = {"mode": e.tta, "reference": "none"}
+    if e.tta == "multiscale":
+        record["scales"] = list(e.tta_scales)
+    return record
+
+
+def measure_choice(cfg: Any, task: HeadTask, trainer: Trainer, val: EvalLoader) -> dict[str, Any]:
+    """eval.select=holdout, at the end: the head and epoch chosen on the holdout (rank 0 reads
+    the history), the validation split measured once with its weights, the other kept weights
+    removed. Collective."""
+    heads = run_heads(trainer.config_dict)
+    metric = task.validation.metric
+    choice = rank0_result(lambda: holdout_choice(cfg.output_dir, trainer.iters_per_epoch, heads, metric))  # fmt: skip
+    log.info("chosen on the holdout: %s at epoch %g (%s %.4g); measuring the validation split",
+             choice[0], choice[1]["epoch"], metric, choice[1][metric])  # fmt: skip
+    measured = measure_once(task, trainer.modules, val, trainer.device, cfg.train.precision, cfg.output_dir, choice)  # fmt: skip
+    if trainer.info.rank == 0:
+        drop_unchosen(cfg.output_dir, selection_path(cfg.output_dir, choice[0], choice[1]["iteration"]))  # fmt: skip
+    return measured
 
 
 def cli_main(cfg: DictConfig, app: str, main: Any) -> None:
@@ -405,47 +537,31 @@ def cli_main(cfg: DictConfig, app: str, main: Any) -> None:
 
 
 # ---- results ------------------------------------------------------------------------------------
-def validation_history(output_dir: str | os.PathLike, iters_per_epoch: int) -> list[dict[str, Any]]:
-    """The end-of-epoch validations of the run (metrics.jsonl): epoch, iteration, metrics. A
-    validation at a `train.max_iters` stop in mid-epoch is left out, so a run stopped and resumed
-    reports what an uninterrupted one does."""
-    path = Path(output_dir) / "metrics.jsonl"
-    by_iteration = {}
-    for line in path.read_text().splitlines() if path.exists() else []:
-        record = json.loads(line) if line.strip() else {}
-        metrics = {k[4:]: v for k, v in record.items() if k.startswith("val/")}
-        if metrics and record["step"] % iters_per_epoch == 0:
-            by_iteration[record["step"]] = {"epoch": record["epoch"], "iteration": record["step"], **metrics}  # fmt: skip
-    return [by_iteration[i] for i in sorted(by_iteration)]
-
-
 def write_results(
     output_dir: str | os.PathLike,
     app: str,
     config: dict[str, Any],
     iters_per_epoch: int,
     extra: dict[str, Any] | None = None,
+    measured: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """`results.json`, written atomically: every end-of-epoch validation, the best over epochs
-    and the final one (both labelled), whether the data was a demo set (`demo`, from the
-    config's data.demo), the encoder (source, name, checkpoint, its sha256 as the
-    config records it, random_weights), `extra` (the protocol's sizes, the encoder's
-    architecture) and the config."""
-    metric = json.loads((Path(output_dir) / RESULTS_NAME).read_text())["metric"]
-    epochs = validation_history(output_dir, iters_per_epoch)
-    best = max(
-        epochs, key=lambda e: e[metric]
-    )  # both headline metrics (d1, mIoU): larger is better
+    """`results.json`, written atomically: every end-of-epoch validation, the reported result
+    (`best`, labelled with its rule: by default the best over epochs) and the final one, the
+    grid of heads and the reported one, the selection rule (`evaluation.selection`), the
+    reported head's per-class or per-depth-bin table, whether the data was a demo set (`demo`,
+    from the config's data.demo), the encoder (source, name, checkpoint, its sha256 as the
+    config records it, random_weights), `extra` (the protocol's sizes and TTA, the encoder's
+    architecture) and the config. `measured`: eval.select=holdout's one measurement."""
+    chosen = selection_results(output_dir, config, iters_per_epoch, measured)
+    table = chosen.pop("table")
     enc = config["encoder"]
     results = {
         "task": app,
         "dataset": config["dataset"]["name"],
         "demo": bool(config.get("data", {}).get("demo", False)),  # demo data: never beside the paper
         "head": config["head"]["name"],
-        "metric": metric,
-        "best": {"label": "best over epochs", **best},
-        "final": {"label": "final epoch", **epochs[-1]},
-        "epochs": epochs,
+        **chosen,
+        ("per_depth_bin" if app == "depth" else "per_class"): table,
         "encoder": encoder_record(enc, enc.get("sha256")),
         **(extra or {}),
         "config": config,
@@ -461,14 +577,21 @@ TABLE_KEYS = {
 
 
 def results_table(results: dict[str, Any]) -> str:
-    """One line per validation, then the best and the final ones, labelled."""
+    """One line per validation, the reported and final ones (labelled), and for a grid one line
+    per lr, the reported head marked."""
     keys = TABLE_KEYS[results["task"]]
     enc = results["encoder"]
     label = encoder_label(enc.get("source", "pixio"), enc["name"])
-    title = f"{results['task']} {results['dataset']} {results['head']} ({label})"
-    lines = [title, "  ".join(f"{h:>10}" for h in ("", "epoch", *keys))]
-    rows = [("", r) for r in results["epochs"]] + [("best", results["best"]), ("final", results["final"])]  # fmt: skip
-    for label, r in rows:
-        cells = [f"{label:>10}", f"{r['epoch']:>10.3g}", *(f"{r.get(k, float('nan')):>10.4g}" for k in keys)]  # fmt: skip
-        lines.append("  ".join(cells))
+    select = results.get("select") or {"rule": "reference", "text": "best over epochs"}
+    title = f"{results['task']} {results['dataset']} {results['head']} ({label}); reported: {select['text']}"  # fmt: skip
+    grid = results.get("grid") or {}
+    rows = [("", r) for r in results["epochs"]] + [("reported", results["best"]), ("final", results["final"])]  # fmt: skip
+    if len(grid) > 1:
+        rows += [(name, g["best"]) for name, g in grid.items()]
+    w = max(10, *(len(name) for name, _ in rows))
+    lines = [title, "  ".join(f"{h:>{w if i == 0 else 10}}" for i, h in enumerate(("", "epoch", *keys)))]  # fmt: skip
+    for name, r in rows:
+        mark = "  <- reported" if name == results.get("reported_head") and len(grid) > 1 else ""
+        cells = [f"{name:>{w}}", f"{r['epoch']:>10.3g}", *(f"{r.get(k, float('nan')):>10.4g}" for k in keys)]  # fmt: skip
+        lines.append("  ".join(cells) + mark)
     return "\n".join(lines)

@@ -2,8 +2,10 @@
 docs/reproduction.md).
 
 Both take the list of (B, 2D, h, w) maps of `evaluation.features.FrozenFeatures` and the output
-size, and return logits (B, out, H, W) upsampled bilinearly (align_corners=True). Sigmoid *
-max_depth (depth) or softmax (segmentation) is the caller's.
+size, and return logits (B, out, H, W) upsampled bilinearly (align_corners=True); size None
+keeps the head's own resolution (the bins depth output forms its depth there first). Sigmoid *
+max_depth (depth), the bins' weighted sum of centres (`bins_to_depth`) or softmax
+(segmentation) is the caller's.
 
 Parameter names follow the reference so its head weights load: the linear head is the
 reference's `nn.Sequential(BatchNorm2d, Conv2d)` (`0.*`, `1.*`); the DPT head uses the DPT /
@@ -24,11 +26,38 @@ from torch.nn import functional as F
 from evaluation.features import dpt_block_ids, linear_block_ids
 
 HEAD_KINDS = ("linear", "dpt")
+DEPTH_OUTPUTS = ("regression", "bins")  # head.depth_output
+DEPTH_BINS = 256  # the bins output's classes (DINOv2's linear depth protocol)
+BINS_NORMS = ("linear", "softmax")  # head.bins_norm
+BINS_EPS = 0.1  # the "linear" normalisation's floor (AdaBins, as DINOv2 uses it)
 
 
-def upsample(x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
-    """Bilinear, align_corners=True (the reference's choice throughout the heads)."""
+def upsample(x: torch.Tensor, size: Sequence[int] | None) -> torch.Tensor:
+    """Bilinear, align_corners=True (the reference's choice throughout the heads); size None:
+    `x` unchanged (the head's own resolution)."""
+    if size is None:
+        return x
     return F.interpolate(x, size=tuple(size), mode="bilinear", align_corners=True)
+
+
+def bin_centres(min_depth: float, max_depth: float, bins: int = DEPTH_BINS) -> torch.Tensor:
+    """(bins,) depths spaced evenly from min_depth to max_depth, both included (DINOv2's "UD")."""
+    return torch.linspace(min_depth, max_depth, bins)
+
+
+def bins_to_depth(logits: torch.Tensor, centres: torch.Tensor, norm: str = "linear") -> torch.Tensor:  # fmt: skip
+    """Depth (B, 1, h, w) from bin logits (B, bins, h, w): the sum of the bin centres weighted
+    by the normalised logits. "linear" (DINOv2's default, after AdaBins): w = relu(l) + 0.1,
+    divided by its sum over the bins; "softmax": w = softmax(l)."""
+    if norm == "linear":
+        weights = F.relu(logits) + BINS_EPS
+        weights = weights / weights.sum(dim=1, keepdim=True)
+    elif norm == "softmax":
+        weights = torch.softmax(logits, dim=1)
+    else:
+        raise ValueError(f"bins norm must be one of {', '.join(BINS_NORMS)}, got {norm!r}")
+    centres = centres.to(weights.dtype).view(1, -1, 1, 1)
+    return (weights * centres).sum(dim=1, keepdim=True)
 
 
 class LinearHead(nn.Sequential):
@@ -37,8 +66,8 @@ class LinearHead(nn.Sequential):
     def __init__(self, in_channels: int, out_channels: int) -> None:
         super().__init__(nn.BatchNorm2d(in_channels), nn.Conv2d(in_channels, out_channels, 1))
 
-    def forward(self, features: list[torch.Tensor], size: tuple[int, int]) -> torch.Tensor:
-        """features: [..., (B, in, h, w)] -> (B, out, *size)."""
+    def forward(self, features: list[torch.Tensor], size: tuple[int, int] | None) -> torch.Tensor:
+        """features: [..., (B, in, h, w)] -> (B, out, *size) ((B, out, h, w) for size None)."""
         x = features[-1]
         for layer in self:
             x = layer(x)
@@ -120,8 +149,9 @@ class DPTHead(nn.Module):
             nn.Conv2d(features, out_channels, 1),
         )
 
-    def forward(self, features: list[torch.Tensor], size: tuple[int, int]) -> torch.Tensor:
-        """features: 4 x (B, in, h, w), shallow to deep -> (B, out, *size)."""
+    def forward(self, features: list[torch.Tensor], size: tuple[int, int] | None) -> torch.Tensor:
+        """features: 4 x (B, in, h, w), shallow to deep -> (B, out, *size) ((B, out, 8h, 8w)
+        for size None)."""
         if len(features) != 4:
             raise ValueError(f"the DPT head takes 4 feature maps, got {len(features)}")
         s = self.scratch

@@ -6,6 +6,14 @@ normalisation (the pad is the mean colour); its padded part is dropped from the 
 Depth averages the per-window predictions over the windows covering each pixel ("mean"),
 segmentation sums the per-window softmax probabilities ("sum").
 
+Test-time augmentation (`eval.tta`, off by default as in the reference): `flip` averages the
+prediction of the image and that of its mirror image, flipped back; `multiscale` does the same at
+every scale of `eval.tta_scales` (mmsegmentation's aug-test recipe: ratios 0.5-1.75, each with
+and without a flip): the image is resized (bilinear), predicted with the same sliding windows,
+and the prediction resized back (bilinear) before the average. Every pass contributes the
+per-pixel mean over its windows (depth in metres, class probabilities), so a pass at another
+scale weighs as much as the original.
+
 The reference runs one window per encoder call; here `window_batch` windows go through the
 model together. Windows are accumulated in the same order either way, so the result is the same
 up to what batch-size-dependent kernels change (last-ulp differences on some back-ends; exact
@@ -14,7 +22,7 @@ with per-sample-deterministic kernels, see tests/evaluation/test_inference.py).
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 from torch.nn import functional as F
@@ -22,6 +30,8 @@ from torch.nn import functional as F
 WINDOW = 256
 STRIDE = 170  # int(256 * 2 / 3)
 REDUCTIONS = ("mean", "sum")
+TTA_MODES = ("none", "flip", "multiscale")
+TTA_SCALES = (0.5, 0.75, 1.0, 1.25, 1.5, 1.75)  # mmsegmentation's aug-test image ratios
 
 
 def window_starts(size: int, window: int = WINDOW, stride: int = STRIDE) -> list[int]:
@@ -84,3 +94,52 @@ def sliding_window(
             count[:, top:bottom, left:right] += 1
     assert total is not None  # at least one window: window_starts is never empty
     return total / count if reduce == "mean" else total
+
+
+def tta_passes(mode: str, scales: Sequence[float] = TTA_SCALES) -> list[tuple[float, bool]]:
+    """(scale, flipped) of each prediction `predict_with_tta` averages: `none` one, `flip` the
+    image and its mirror, `multiscale` every scale with and without the flip."""
+    if mode not in TTA_MODES:
+        raise ValueError(f"tta must be one of {', '.join(TTA_MODES)}, got {mode!r}")
+    if mode == "none":
+        return [(1.0, False)]
+    chosen = (1.0,) if mode == "flip" else tuple(scales)
+    return [(float(scale), flip) for scale in chosen for flip in (False, True)]
+
+
+def scaled_size(height: int, width: int, scale: float) -> tuple[int, int]:
+    """The image's size at `scale`, rounded, at least one pixel."""
+    return max(1, int(height * scale + 0.5)), max(1, int(width * scale + 0.5))
+
+
+def resize(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """(C, H, W) -> (C, *size), bilinear with half-pixel centres (align_corners=False, as
+    mmsegmentation's resizes); unchanged when the size is already that."""
+    if tuple(x.shape[-2:]) == tuple(size):
+        return x
+    return F.interpolate(x[None], size=size, mode="bilinear", align_corners=False)[0]
+
+
+def predict_with_tta(
+    run: Callable[[torch.Tensor, str], torch.Tensor],
+    image: torch.Tensor,
+    passes: Sequence[tuple[float, bool]],
+    reduce: str = "mean",
+) -> torch.Tensor:
+    """Full-image prediction (C, H, W) of a normalised image (3, H, W) averaged over `passes`
+    (`tta_passes`); `run(image, reduce)` predicts one image with sliding windows. A single pass
+    at scale 1 without a flip is `run(image, reduce)` itself (the reference path); otherwise each
+    pass is the windows' per-pixel mean ("mean") on the flipped / resized image, resized back to
+    (H, W) and flipped back, and the passes are averaged."""
+    if list(passes) == [(1.0, False)]:
+        return run(image, reduce)
+    height, width = image.shape[-2:]
+    total: torch.Tensor | None = None
+    for scale, flip in passes:
+        x = image.flip(-1) if flip else image
+        out = run(resize(x, scaled_size(height, width, scale)), "mean")  # (C, h, w)
+        out = resize(out, (height, width))
+        out = out.flip(-1) if flip else out
+        total = out if total is None else total + out
+    assert total is not None, "no TTA pass"
+    return total / len(passes)

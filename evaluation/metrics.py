@@ -9,13 +9,17 @@ the whole set before dividing.
 Per-sample forms for the trainer's validation (`Task.validate` returns per-sample statistics
 that `pixio.runtime.validation.add_real` sums over real samples and ranks, `Task.summarize`
 turns the totals into numbers): `depth_metric_sums` + `summarize_depth`, and
-`segmentation_stats` + `summarize_segmentation`.
+`segmentation_stats` + `summarize_segmentation`. Tables of the same totals: per class
+(`class_table`: IoU, accuracy and pixels of each class) and per depth bin (`depth_bin_sums` +
+`depth_bin_table`: d1 and abs_rel pooled over the valid pixels whose ground truth falls in each
+bin, and their count).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 
@@ -101,6 +105,55 @@ def summarize_depth(totals: Mapping[str, torch.Tensor]) -> dict[str, float]:
     return {**means, "images": count}
 
 
+DEPTH_TABLE_BINS = 10  # per-depth-bin table: equal bins of ground-truth depth from 0 to max_depth
+
+
+def depth_bin_edges(max_depth: float, bins: int = DEPTH_TABLE_BINS) -> torch.Tensor:
+    """(bins + 1,) float64 edges 0, max_depth / bins, ..., max_depth of the per-bin table."""
+    return torch.linspace(0.0, max_depth, bins + 1, dtype=torch.float64)
+
+
+def depth_bin_sums(
+    pred: torch.Tensor,
+    target: torch.Tensor,
+    edges: torch.Tensor,
+    min_depth: float = 1e-3,
+    max_depth: float | None = None,
+) -> dict[str, torch.Tensor]:
+    """Per-sample, per-bin sums over the valid pixels of each counted image (the images
+    `depth_metric_sums` counts): `bin_pixels`, `bin_d1` (pixels with max(p/g, g/p) < 1.25) and
+    `bin_abs_rel` (sum of |p - g| / g), each (B, bins) float64; a pixel's bin is that of its
+    ground truth, [edges[i], edges[i + 1]) (the last bin includes its upper edge)."""
+    if pred.ndim == 4:
+        pred, target = pred.squeeze(1), target.squeeze(1)
+    bins = len(edges) - 1
+    out = {k: torch.zeros(pred.shape[0], bins, dtype=torch.float64) for k in ("bin_pixels", "bin_d1", "bin_abs_rel")}  # fmt: skip
+    inner = edges[1:-1].double().to(pred.device)
+    for i in range(pred.shape[0]):
+        valid = depth_valid_mask(target[i], min_depth, max_depth)
+        if int(valid.sum()) < MIN_VALID_PIXELS:
+            continue  # skipped, as in the per-image metrics
+        p, g = pred[i][valid].clamp_min(min_depth).double(), target[i][valid].double()
+        index = torch.bucketize(g, inner, right=True)  # (n,) in 0..bins-1
+        hits = (torch.maximum(g / p, p / g) < 1.25).double()
+        out["bin_pixels"][i] = torch.bincount(index, minlength=bins).double()
+        out["bin_d1"][i] = torch.bincount(index, weights=hits, minlength=bins)
+        out["bin_abs_rel"][i] = torch.bincount(index, weights=(p - g).abs() / g, minlength=bins)
+    return {k: v.to(pred.device) for k, v in out.items()}
+
+
+def depth_bin_table(totals: Mapping[str, torch.Tensor], edges: torch.Tensor) -> list[dict[str, float | None]]:  # fmt: skip
+    """Summed `depth_bin_sums` -> one row per bin: `from` / `to` (metres), `pixels`, `d1` (%)
+    and `abs_rel` over the bin's pixels (None for an empty bin)."""
+    rows = []
+    for i in range(len(edges) - 1):
+        n = float(totals["bin_pixels"][i])
+        d1 = float(totals["bin_d1"][i]) / n * 100 if n else None
+        abs_rel = float(totals["bin_abs_rel"][i]) / n if n else None
+        rows.append({"from": float(edges[i]), "to": float(edges[i + 1]), "pixels": int(n), "d1": d1, "abs_rel": abs_rel})  # fmt: skip
+    return rows
+
+
 def silog_loss(
     pred: torch.Tensor,
     target: torch.Tensor,
@@ -179,3 +232,24 @@ def summarize_segmentation(totals: Mapping[str, torch.Tensor]) -> dict[str, floa
         else math.nan
     )
     return {"miou": miou(inter, union), "acc": acc, "macc": macc}
+
+
+def class_table(
+    totals: Mapping[str, torch.Tensor], class_names: Sequence[str] | None = None
+) -> list[dict[str, Any]]:
+    """Summed `segmentation_stats` -> one row per class: `class` (its index), `name` (when the
+    dataset names its classes), `iou` (%, None when the class is neither in the targets nor
+    predicted: left out of mIoU), `acc` (% of its pixels labelled right, None when it has none)
+    and `pixels` (its labelled pixels)."""
+    # (K,) sums; per-sample (B, K) statistics are summed first
+    inter, union, area = (totals[k].double().reshape(-1, totals[k].shape[-1]).sum(0) for k in ("intersection", "union", "target_area"))  # fmt: skip
+    rows = []
+    for k in range(len(inter)):
+        row: dict[str, Any] = {"class": k}
+        if class_names is not None:
+            row["name"] = class_names[k]
+        row["iou"] = float(inter[k] / union[k] * 100) if union[k] > 0 else None
+        row["acc"] = float(inter[k] / area[k] * 100) if area[k] > 0 else None
+        row["pixels"] = int(area[k])
+        rows.append(row)
+    return rows

@@ -67,7 +67,8 @@ def test_two_epoch_dpt_run_writes_results_with_best_and_final(inputs, tmp_path):
     # The sizes asked for (64 / 64 / 42), not the reference's, and so labelled.
     assert results["protocol"] == {"patch_size": 16, "crop_size": 64, "window": 64, "stride": 42,
                                    "reference": {"crop_size": 256, "window": 256, "stride": 170},
-                                   "as_reference": False}  # fmt: skip
+                                   "as_reference": False,
+                                   "tta": {"mode": "none", "reference": "none"}}  # fmt: skip
     assert (
         results["architecture"]["n_cls_tokens"] == 8
         and results["architecture"]["source"] == "pixio"
