@@ -16,7 +16,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from app_helpers import REPO, TINY_ENCODER, read_json, save_tiny_encoder
+import torch.multiprocessing as mp
+from app_helpers import REPO, TINY_ENCODER, free_port, read_json, save_tiny_encoder
 from launch_helpers import record_launches, run_app
 from PIL import Image
 
@@ -28,6 +29,8 @@ from evaluation.linear_data import CentreCrop, LabelledImages, build_indexes
 from pixio.data.make_shards import main as make_shards
 from pixio.runtime import checkpointing
 from pixio.runtime.config import ConfigError, OptimConfig
+from pixio.runtime.distributed import DistInfo
+from pixio.runtime.validation import add_real
 
 COLOURS = {"blue": (30, 60, 200), "green": (40, 170, 60), "red": (200, 40, 40)}
 
@@ -83,6 +86,7 @@ def same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.slow
 def test_colour_classes_are_learned_and_results_follow_the_schema(inputs, tmp_path):
     encoder, root = inputs
     out = tmp_path / "run"
@@ -110,6 +114,7 @@ def test_colour_classes_are_learned_and_results_follow_the_schema(inputs, tmp_pa
     assert "\nlinear  imagenet  cls " in report.format_comparison(rows)
 
 
+@pytest.mark.slow
 def test_grid_heads_equal_single_lr_runs_with_one_encoder_forward_per_batch(inputs, tmp_path, monkeypatch):  # fmt: skip
     encoder, root = inputs
     calls = []
@@ -137,6 +142,7 @@ def test_grid_heads_equal_single_lr_runs_with_one_encoder_forward_per_batch(inpu
     assert "head_lr0.5" not in report.format_comparison(rows)
 
 
+@pytest.mark.slow
 def test_a_stopped_run_resumes_to_the_uninterrupted_result(inputs, tmp_path):
     encoder, root = inputs
     # Accumulation over 2 batches of 8 (global batch 16), two heads (dotted names in the
@@ -154,6 +160,42 @@ def test_a_stopped_run_resumes_to_the_uninterrupted_result(inputs, tmp_path):
     assert ra["config"]["train"]["accum_iter"] == 2 and ra["global_batch"] == 16
     for key in ("best", "final", "epochs", "grid"):
         assert ra[key] == rb[key], key
+
+
+def _worker(rank: int, world: int, port: int, args: list[str]) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      WORLD_SIZE=str(world), LOCAL_RANK=str(rank))  # fmt: skip
+    torch.set_num_threads(1)
+    linear.run_linear(compose(args))
+
+
+@pytest.mark.slow
+def test_two_processes_count_every_validation_image_once(inputs, tmp_path):
+    encoder, _ = inputs
+    root = colour_folder(tmp_path / "odd", {"train": 16, "val": 5})  # 15 images: one padded
+    out = tmp_path / "two"
+    args = overrides(encoder, root, out, **{"head.lrs": "[0.5,64.0]", "train.epochs": 2, "linear.global_batch": 16})  # fmt: skip
+    mp.spawn(_worker, args=(2, free_port(), args), nprocs=2, join=True)
+    results = read_json(out / "results.json")
+    assert results["global_batch"] == 16 and results["config"]["train"]["accum_iter"] == 1
+    assert results["epochs"][-1]["samples"] == 15
+    # Each head's final numbers are those of its saved weights over the whole set in one process.
+    cpu = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
+    task = linear.build_task(compose(args), cpu, 3)
+    saved = heads(out)
+    for h in task.grid:
+        h.module.load_state_dict(saved[h.name])
+        h.module.eval()
+    val = LabelledImages(build_indexes(root)[1], CentreCrop(32, 32))
+    totals: dict[str, torch.Tensor] = {}
+    for i in range(len(val)):
+        batch = task.to_device({k: torch.as_tensor(v)[None] for k, v in val[i].items()}, cpu.device)  # fmt: skip
+        add_real(totals, task.validate({"encoder": task.features, **{h.name: h.module for h in task.grid}}, batch), torch.tensor([True]))  # fmt: skip
+    totals["samples"] = torch.tensor(15.0, dtype=torch.float64)
+    expected = task.summarize(totals)
+    for name, head in results["grid"].items():
+        assert head["final"]["top1"] == pytest.approx(expected[f"{name}/top1"]), name
+        assert head["final"]["top5"] == pytest.approx(expected[f"{name}/top5"]), name
 
 
 def test_webdataset_shards_read_as_the_image_folder(inputs, tmp_path):
