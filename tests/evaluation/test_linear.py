@@ -1,8 +1,9 @@
 """The ImageNet linear probe (`python -m evaluation.linear`) on CPU: colour classes a probe on a
 tiny random encoder separates; an lr grid whose heads equal single-lr runs of the same seed with
-one encoder forward per batch; an exact resume under gradient accumulation; the webdataset form
-of a split read as its ImageFolder; results.json in the evaluations' schema and its report
-rows; config errors naming the key; the demo."""
+one encoder forward per batch; an exact resume under gradient accumulation; two gloo processes
+counting every validation image once; the webdataset form of a split read as its ImageFolder;
+results.json in the evaluations' schema and its report rows; the FLOPs per sample against
+torch's count; bad data and config errors naming the culprit; the demo."""
 
 from __future__ import annotations
 
