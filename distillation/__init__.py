@@ -2,3 +2,5 @@
 
 `python -m distillation.train experiment=distill_demo`; see docs/distillation.md.
 """
+
+import pixio  # noqa: F401  (first: sets OpenMP's wait policy before anything loads torch)

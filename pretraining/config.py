@@ -11,20 +11,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig
 
-from pixio.architecture import compare, describe, model_architecture
-from pixio.checkpoint import read_architecture
 from pixio.constants import DEFAULT_PATCH_SIZE as PATCH
 from pixio.data.config import DataConfig, check_data
-from pixio.models.mae import PixioMAE
-from pixio.models.masking import num_kept
+from pixio.models.mask_counts import num_kept
 from pixio.models.registry import build_mae, list_models
-from pixio.monitor import MonitorConfig, check_monitor
+from pixio.monitor_config import MonitorConfig, check_monitor
 from pixio.runtime.config import (
     ConfigError,
     LauncherConfig,
@@ -36,6 +32,9 @@ from pixio.runtime.config import (
     validate_common,
 )
 from pixio.runtime.paths import PathsConfig, check_path_refs
+
+if TYPE_CHECKING:  # torch loads after validation (docs/performance.md, "Fast command lines")
+    from pixio.models.mae import PixioMAE
 
 # Keys that fix parameter shapes: a resume cannot change them.
 SHAPE_KEYS = tuple(
@@ -122,6 +121,11 @@ def check_init_from(cfg: Any) -> None:
     if path is None:
         return
     require(Path(path).exists(), "train.init_from", f"not found: {path}")
+    import torch
+
+    from pixio.architecture import compare, describe, model_architecture
+    from pixio.checkpoint import read_architecture
+
     try:
         arch = read_architecture(path, "mae")
         if arch is None:

@@ -5,7 +5,8 @@
     python -m pretraining.train experiment=pretrain_vith16_imagenet data.root=... launcher=slurm
 
 `main(cfg)` is the job itself (set up, build, run, close); `cli` validates the config and hands
-`main` to the launcher (in-process, torchrun, or a SLURM job through submitit).
+`main` to the launcher (in-process, torchrun, or a SLURM job through submitit). torch and the
+trainer are imported by `main`: `--help`, `--cfg job` and a config error never load them.
 """
 
 from __future__ import annotations
@@ -14,20 +15,12 @@ import logging
 from pathlib import Path
 
 import hydra
-import torch
 from omegaconf import DictConfig
 
-from pixio.data.loader import build_data
-from pixio.monitor import KnnMonitor
-from pixio.runtime.checkpoint_dir import has_checkpoints
 from pixio.runtime.config import to_container
 from pixio.runtime.job import run_job
 from pixio.runtime.launcher import validate_and_launch
-from pixio.runtime.rank0 import rank0_result
-from pixio.runtime.runconfig import check_resume
-from pixio.runtime.trainer import Trainer
 from pretraining.config import SHAPE_KEYS, build_model, register_configs, validate_pretrain
-from pretraining.task import MAETask
 
 log = logging.getLogger("pixio.pretrain")
 register_configs()
@@ -35,8 +28,16 @@ register_configs()
 
 def main(cfg: DictConfig) -> None:
     """Pre-train one Pixio MAE: set up, build, run, close."""
+    import torch
+
+    from pixio.data.loader import build_data
+    from pixio.monitor import KnnMonitor
+    from pixio.runtime.runconfig import check_resume
+    from pixio.runtime.trainer import Trainer
+    from pretraining.task import MAETask
+
     validate_pretrain(cfg)
-    with run_job(cfg.output_dir, cfg.train.device) as info:
+    with run_job(cfg.output_dir, cfg.train.device, cfg.train.cpu_threads) as info:
         config = to_container(cfg)
         check_resume(cfg.output_dir, config, SHAPE_KEYS)
         # data mistakes stop before the model exists
@@ -60,6 +61,9 @@ def main(cfg: DictConfig) -> None:
 def initial_weights(cfg: DictConfig, rank: int) -> str | None:
     """`train.init_from` for a fresh run; None (logged) when the run resumes from its own
     checkpoint, whose weights win."""
+    from pixio.runtime.checkpoint_dir import has_checkpoints
+    from pixio.runtime.rank0 import rank0_result
+
     path = cfg.train.init_from
     if path is not None and rank0_result(lambda: has_checkpoints(cfg.output_dir)):
         if rank == 0:

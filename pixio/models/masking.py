@@ -6,6 +6,8 @@ from dataclasses import dataclass
 
 import torch
 
+from pixio.models.mask_counts import num_kept
+
 
 @dataclass
 class GroupMask:
@@ -43,11 +45,6 @@ def group_patch_ids(h: int, w: int, grid: int, device: torch.device | None = Non
 def num_groups(h: int, w: int, grid: int) -> int:
     """Number of g x g groups in an h x w patch grid."""
     return (h // grid) * (w // grid)
-
-
-def num_kept(n_groups: int, mask_ratio: float) -> int:
-    """Groups left visible per sample (the same count for every sample of a batch)."""
-    return int(n_groups * (1 - mask_ratio))
 
 
 def group_masking(

@@ -1,11 +1,16 @@
-"""Model registry: Pixio encoder and pre-training model sizes by name."""
+"""Model registry: Pixio encoder and pre-training model sizes by name.
+
+The table and its checks load no torch (config validation reads them before torch loads); the
+model classes are imported by the builders.
+"""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from pixio.models.encoder import PixioEncoder
-from pixio.models.mae import PixioMAE
+if TYPE_CHECKING:
+    from pixio.models.encoder import PixioEncoder
+    from pixio.models.mae import PixioMAE
 
 # name -> (embed_dim, depth, num_heads); patch 16, input 256, 8 class tokens for all.
 ENCODER_SIZES: dict[str, tuple[int, int, int]] = {
@@ -91,6 +96,8 @@ def encoder_kwargs(name: str, **overrides: Any) -> dict[str, Any]:
 
 def build_encoder(name: str, **overrides: Any) -> PixioEncoder:
     """Build a Pixio encoder by name, e.g. `build_encoder("pixio_vith16", drop_path=0.4)`."""
+    from pixio.models.encoder import PixioEncoder
+
     return PixioEncoder(**_resolve(name, overrides, ENCODER_OVERRIDES))
 
 
@@ -104,4 +111,6 @@ def build_mae(name: str, **overrides: Any) -> PixioMAE:
     dim, heads = dec.get("decoder_embed_dim", 512), dec.get("decoder_num_heads", 16)
     if dim % heads:
         raise ValueError(f"decoder_embed_dim {dim} is not divisible by decoder_num_heads {heads}")
+    from pixio.models.mae import PixioMAE
+
     return PixioMAE(**dec, **kwargs)

@@ -33,9 +33,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from pixio.runtime.choices import COMPILE_CHOICES
+
 log = logging.getLogger("pixio.compile")
 
-COMPILE_CHOICES = ("auto", "true", "false")
 BACKEND = "inductor"  # tests switch to "aot_eager" where only the graph counts matter
 
 

@@ -16,15 +16,14 @@ from typing import Any
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from pixio.runtime.compile import COMPILE_CHOICES
+from pixio.runtime.choices import COMPILE_CHOICES, OPTIMIZERS, PARALLEL_CHOICES, SCHEDULES
 from pixio.runtime.launcher import (
     LauncherConfig,
     check_launcher_keys,
     hydra_overrides,
     launcher_config,
 )
-from pixio.runtime.optim import OPTIMIZERS, SCHEDULES
-from pixio.runtime.parallel import PARALLEL_CHOICES
+from pixio.runtime.threads import parse_cpu_threads
 
 
 class ConfigError(ValueError):
@@ -67,6 +66,7 @@ class TrainConfig:
     deterministic: bool = False  # bit-exact GPU runs: deterministic kernels (slower)
     activation_checkpointing: bool = False  # recompute block activations in backward
     device: str = "auto"  # auto | cpu | cuda
+    cpu_threads: str = "auto"  # torch CPU threads per process: N | auto (its cores / local ranks)
     seed: int = 0  # global seed (model init, masking, data order)
     max_iters: int | None = None  # stop (with a checkpoint) after this many iterations
     peak_tflops: float | None = None  # MFU's peak TFLOP/s per device; None = the GPU's bf16 peak
@@ -131,8 +131,17 @@ def check_train(t: Any) -> None:
     check_choice(t, "train", "precision", ("bf16", "fp16", "fp32"))
     check_choice(t, "train", "parallel", PARALLEL_CHOICES)
     check_choice(t, "train", "device", ("auto", "cpu", "cuda"))
+    check_cpu_threads(t.cpu_threads)
     compile_ = str(t.compile).lower()  # Hydra types a bare true / false as a bool
     require(compile_ in COMPILE_CHOICES, "train.compile", f"must be one of auto, true, false; got {t.compile!r}")  # fmt: skip
+
+
+def check_cpu_threads(value: Any, key: str = "train.cpu_threads") -> None:
+    """auto or a positive integer (`pixio.runtime.threads`)."""
+    try:
+        parse_cpu_threads(value)
+    except ValueError as err:
+        raise ConfigError(f"{key}: {err}") from None
 
 
 def check_optim(o: Any, t: Any) -> None:

@@ -1,8 +1,12 @@
-"""What every job's `main(cfg)` runs inside: process group, an exclusive lock on `output_dir`,
-logging, one-line errors, and clean-up.
+"""What every job's `main(cfg)` runs inside: CPU threads, process group, an exclusive lock on
+`output_dir`, logging, one-line errors, and clean-up.
 
-    with run_job(cfg.output_dir, cfg.train.device) as info:
+    with run_job(cfg.output_dir, cfg.train.device, cfg.train.cpu_threads) as info:
         ...build and fit...
+
+- CPU threads: torch's thread count for the job's life, from `train.cpu_threads`
+  (`pixio.runtime.threads`; restored on exit), logged in one line with the OpenMP wait policy
+  and the CPU affinity.
 
 - Lock: rank 0 holds `fcntl.flock` on `output_dir/.pixio.lock` for the life of the run, so a
   second run started in the same `output_dir` stops with a message naming the holder (host,
@@ -28,14 +32,13 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-import torch.distributed as dist
+from pixio.runtime.config import ConfigError, check_cpu_threads
+from pixio.runtime.threads import cpu_threads
 
-from pixio.checkpoint import UnsafeCheckpointError
-from pixio.runtime.checkpointing import CheckpointError
-from pixio.runtime.config import ConfigError
-from pixio.runtime.distributed import DistInfo, cleanup, init_distributed, is_dist
-from pixio.runtime.logging import setup_logging
+if TYPE_CHECKING:  # torch is imported when a job starts, not when an app checks its config
+    from pixio.runtime.distributed import DistInfo
 
 log = logging.getLogger("pixio.job")
 
@@ -59,9 +62,20 @@ class DataError(RuntimeError):
     """Input data the user must fix; the message names the file, list or split."""
 
 
-JOB_ERRORS = (
-    ConfigError, CheckpointError, UnsafeCheckpointError, RunLockedError, OutputDirError, DataError,
-)  # fmt: skip
+def job_errors() -> tuple[type[Exception], ...]:
+    """The errors a user can act on (one line, no traceback)."""
+    from pixio.runtime.checkpointing import CheckpointError
+    from pixio.safe_load import UnsafeCheckpointError
+
+    return (
+        ConfigError, CheckpointError, UnsafeCheckpointError, RunLockedError, OutputDirError, DataError,
+    )  # fmt: skip
+
+
+def __getattr__(name: str) -> Any:
+    if name == "JOB_ERRORS":  # the tuple, built on use (it imports torch)
+        return job_errors()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def _holder() -> dict[str, object]:
@@ -176,6 +190,10 @@ def prepare_output_dir(output_dir: str | os.PathLike) -> Path:
 
 def _lock_on_rank0(output_dir: str | os.PathLike, info: DistInfo) -> OutputDirLock | None:
     """Rank 0 takes the lock; every rank learns the outcome, so all stop together."""
+    import torch.distributed as dist
+
+    from pixio.runtime.distributed import is_dist
+
     lock, problem = None, None
     if info.rank == 0:
         try:
@@ -194,7 +212,7 @@ def _lock_on_rank0(output_dir: str | os.PathLike, info: DistInfo) -> OutputDirLo
 
 def error_line(err: BaseException) -> str | None:
     """The one-line message for an error a user can act on; None for anything else (a bug)."""
-    if isinstance(err, JOB_ERRORS):
+    if isinstance(err, job_errors()):
         return str(err)
     if isinstance(err, OSError) and err.errno in _DISK_ERRNOS:
         where = f" {err.filename}" if err.filename else ""
@@ -211,14 +229,23 @@ def _to_log_files(line: str) -> None:
 
 
 @contextlib.contextmanager
-def run_job(output_dir: str | os.PathLike, device: str = "auto") -> Iterator[DistInfo]:
-    """Process group, output_dir lock, logging; one-line errors; release and clean-up on exit."""
-    info = init_distributed(device=device)
+def run_job(
+    output_dir: str | os.PathLike, device: str = "auto", threads: object = "auto"
+) -> Iterator[DistInfo]:
+    """CPU threads (`train.cpu_threads`), process group, output_dir lock, logging; one-line
+    errors; release, clean-up and the process's own thread count back on exit."""
+    from pixio.runtime.distributed import cleanup, init_distributed
+    from pixio.runtime.logging import setup_logging
+
     lock = None
     try:
-        lock = _lock_on_rank0(output_dir, info)
-        setup_logging(Path(output_dir), info.rank)
-        yield info
+        check_cpu_threads(threads)
+        with cpu_threads(threads) as choice:
+            info = init_distributed(device=device)
+            lock = _lock_on_rank0(output_dir, info)
+            setup_logging(Path(output_dir), info.rank)
+            log.info(choice.describe())
+            yield info
     except Exception as err:
         line = error_line(err)
         if line is None:

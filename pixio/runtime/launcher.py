@@ -24,11 +24,13 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-import submitit
 from omegaconf import DictConfig, OmegaConf
 
-from pixio.runtime.distributed import read_dist_env
-from pixio.runtime.preemption import wait_through_signals
+from pixio._lazy import lazy_exports
+from pixio.runtime.threads import NUM_THREADS_ENV, mark_default
+
+# Loaded only on use (submitit, torch): a config check and --help import this module.
+__getattr__, _ = lazy_exports(__name__, {"SubmititMain": "pixio.runtime.slurm_job"})
 
 
 @dataclasses.dataclass
@@ -148,6 +150,8 @@ def hydra_overrides() -> list[str]:
 
 def under_process_launcher() -> bool:
     """True inside torchrun or a multi-task srun step (ranks already exist)."""
+    from pixio.runtime.distributed import read_dist_env
+
     env = read_dist_env()
     return env.source == "torchrun" or env.world_size > 1
 
@@ -240,9 +244,18 @@ def _torchrun_env() -> dict[str, str]:
     """This environment with the defaults above, where the user set none."""
     env = dict(os.environ)
     env.setdefault("PET_SIGNALS_TO_HANDLE", TORCHRUN_SIGNALS)
+    if NUM_THREADS_ENV not in env:  # torchrun then sets 1 per rank: not the user's choice, so
+        mark_default(NUM_THREADS_ENV, env)  # the ranks' train.cpu_threads=auto decides
     if "PET_SHUTDOWN_TIMEOUT" not in env:
         env.setdefault("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", str(TORCHRUN_SHUTDOWN_TIMEOUT_S))
     return env
+
+
+def wait_through_signals(child: subprocess.Popen) -> int:
+    """`pixio.runtime.preemption.wait_through_signals`, imported on use (it loads torch)."""
+    from pixio.runtime import preemption
+
+    return preemption.wait_through_signals(child)
 
 
 def run_torchrun(cfg: DictConfig, nproc: int, overrides: Sequence[str]) -> None:
@@ -257,34 +270,7 @@ def run_torchrun(cfg: DictConfig, nproc: int, overrides: Sequence[str]) -> None:
         raise SystemExit(code)
 
 
-# -- SLURM: submitit ---------------------------------------------------------------------------
-INHERITED_RENDEZVOUS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
-
-
-class SubmititMain(submitit.helpers.Checkpointable):
-    """The callable a SLURM task runs: ``main(cfg)``, which takes its rank from the srun step's
-    variables like any SLURM task (``pixio.runtime.distributed.read_dist_env``).
-
-    ``checkpoint()`` (called by submitit on rank 0 when the job requeues itself) resubmits a fresh
-    copy: the training state lives in ``output_dir``'s checkpoint, which the trainer resumes from.
-    """
-
-    def __init__(self, main: Callable[[DictConfig], Any], cfg: DictConfig) -> None:
-        self.main = main
-        self.cfg = cfg
-
-    def __call__(self) -> Any:
-        # sbatch hands the job the submitting shell's environment: rendez-vous variables left
-        # there (a torchrun session, an exported MASTER_ADDR=localhost) would override the
-        # step's own and hang a multi-node job, so inside a submitit task the step decides.
-        for key in INHERITED_RENDEZVOUS:
-            os.environ.pop(key, None)
-        return self.main(self.cfg)
-
-    def checkpoint(self, *args: Any, **kwargs: Any) -> submitit.helpers.DelayedSubmission:
-        return submitit.helpers.DelayedSubmission(type(self)(self.main, self.cfg))
-
-
+# -- SLURM: submitit (the job itself: pixio.runtime.slurm_job.SubmititMain) -----------------
 def slurm_parameters(lc: LauncherConfig) -> dict[str, Any]:
     """submitit ``AutoExecutor.update_parameters`` arguments for ``lc``."""
     params: dict[str, Any] = {
@@ -329,6 +315,10 @@ def submit_slurm(main: Callable[[DictConfig], Any], cfg: DictConfig, lc: Launche
     """Submit ``main(cfg)`` to SLURM; prints the job id and log path and returns the job.
     SlurmUnavailableError, before anything is created, where there is no `sbatch`."""
     require_sbatch()
+    import submitit
+
+    from pixio.runtime.slurm_job import SubmititMain
+
     # Resolve now: interpolations such as ${hydra:...} cannot be resolved inside the job.
     job_cfg = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
     output_dir = Path(job_cfg.get("output_dir") or ".").absolute()

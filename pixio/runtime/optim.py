@@ -10,6 +10,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from pixio.runtime.choices import OPTIMIZERS, SCHEDULES
+
 
 def is_no_decay(name: str, param: torch.Tensor) -> bool:
     """The reference rule: no weight decay for parameters with ndim <= 1 or names ending in `.bias`.
@@ -119,9 +121,6 @@ def build_lars(model: nn.Module, lr: float, weight_decay: float) -> LARS:
     return LARS([g for g in groups if g["params"]], lr=lr, weight_decay=weight_decay)
 
 
-OPTIMIZERS = ("adamw", "lars")
-
-
 def optimizer_from_config(model: nn.Module, o: Any, lr: float) -> torch.optim.Optimizer:
     """The optimiser an `optim` config node names (`name`: adamw | lars; absent: adamw) over
     `model`'s trainable parameters, at `lr`."""
@@ -156,9 +155,6 @@ def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
 def resolve_lr(lr: float | None, blr: float, global_batch: int) -> float:
     """Absolute lr: `lr` when given, else the linear scaling rule blr * global_batch / 256."""
     return lr if lr is not None else blr * global_batch / 256
-
-
-SCHEDULES = ("cosine", "poly", "constant")
 
 
 @dataclass(frozen=True)

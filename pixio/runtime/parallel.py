@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from pixio.models.init import init_parameters
+from pixio.runtime.choices import PARALLEL_CHOICES
 
 if TYPE_CHECKING:
     from torch.distributed.device_mesh import DeviceMesh
@@ -38,7 +39,6 @@ FSDP_MIN_PARAMS = 1_000_000_000
 # Frozen modules hold only weights: replicated while they take at most this much per GPU (a 1B
 # encoder is 2.7 GB in bf16), sharded above it (the 5B teacher: 10.9 GB in bf16).
 FROZEN_REPLICATE_MAX_BYTES = 4 * 2**30
-PARALLEL_CHOICES = ("auto", "none", "ddp", "fsdp")
 
 
 def num_params(module: nn.Module) -> int:

@@ -304,7 +304,8 @@ def _write_stderr(message: str) -> None:
 # -- data-loader workers -------------------------------------------------------------------------
 class SignalSafeLoader(DataLoader):
     """A `DataLoader` whose workers leave SIGTERM, SIGINT and SIGUSR2 to the main process (see
-    the module doc); the same arguments as `DataLoader`, `worker_init_fn` included."""
+    the module doc) and run one torch thread each; the same arguments as `DataLoader`,
+    `worker_init_fn` included."""
 
     def __init__(self, *args: Any, worker_init_fn: Any = None, **kwargs: Any) -> None:
         super().__init__(*args, worker_init_fn=_WorkerInit(worker_init_fn), **kwargs)
@@ -330,6 +331,10 @@ class _WorkerInit:
         self.then = then
 
     def __call__(self, worker_id: int) -> None:
+        # One math thread per worker, whatever the trainer's train.cpu_threads: a loader runs
+        # many workers beside the trainer, each decoding its own images (PyTorch's worker loop
+        # sets this too; stated here so every Pixio loader keeps it).
+        torch.set_num_threads(1)
         for sig in WORKER_IGNORED:
             signal.signal(sig, signal.SIG_IGN)  # a pending one is discarded
         signal.pthread_sigmask(signal.SIG_UNBLOCK, WORKER_IGNORED)
