@@ -16,12 +16,10 @@ from typing import Any
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
-from distillation.loss import CLS_LOSSES, FUSIONS, PATCH_LOSSES
-from pixio.architecture import resolve
-from pixio.checkpoint import read_architecture
+from distillation.choices import CLS_LOSSES, FUSIONS, PATCH_LOSSES
 from pixio.constants import DEFAULT_PATCH_SIZE as PATCH
 from pixio.data.config import DataConfig, check_data_paths, check_data_values
-from pixio.models.masking import num_kept
+from pixio.models.mask_counts import num_kept
 from pixio.models.registry import encoder_kwargs, list_models
 from pixio.runtime.config import (
     ConfigError,
@@ -122,6 +120,9 @@ def teacher_build(t: Any) -> tuple[str, dict[str, Any]]:
     with `t`'s sizes (null img_size: the registry's; so also while the checkpoint is unset or
     not made yet: meta-device plans). ArchitectureError naming each size in which `t`
     disagrees with the record; ValueError for an unreadable file."""
+    from pixio.architecture import resolve  # torch: only when a teacher is read or built
+    from pixio.checkpoint import read_architecture
+
     sizes = {k: getattr(t, k) for k in (*SIZE_KEYS, "img_size") if getattr(t, k) is not None}
     path = OmegaConf.select(t, "checkpoint", default=None)  # None while unset (???)
     arch = read_architecture(path, run_config=False) if path else None  # the header only

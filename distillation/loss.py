@@ -13,9 +13,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-CLS_LOSSES = ("cosine", "l1", "mse", "none")
-PATCH_LOSSES = ("cosine", "l1", "mse")
-FUSIONS = ("avg", "sum")
+from distillation.choices import CLS_LOSSES, FUSIONS, PATCH_LOSSES  # noqa: F401 (re-exported)
 
 
 def token_distance(student: torch.Tensor, teacher: torch.Tensor, kind: str) -> torch.Tensor:

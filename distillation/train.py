@@ -15,22 +15,21 @@ import logging
 import subprocess
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import hydra
-import torch
 from omegaconf import DictConfig
 
 from distillation.config import register_configs, shape_keys, teacher_build, validate_distill
-from distillation.model import Student, build_student, teacher_loader
-from distillation.task import DistillTask, student_module
-from pixio.data.loader import build_data
-from pixio.models.encoder import PixioEncoder
 from pixio.models.registry import build_encoder
 from pixio.runtime.config import ConfigError, to_container
 from pixio.runtime.job import run_job
 from pixio.runtime.launcher import validate_and_launch
-from pixio.runtime.runconfig import check_resume
-from pixio.runtime.trainer import Trainer
+
+if TYPE_CHECKING:  # torch and the trainer load in `main`: --help and config errors stay fast
+    from distillation.model import Student
+    from distillation.task import DistillTask
+    from pixio.models.encoder import PixioEncoder
 
 log = logging.getLogger("pixio.distill")
 register_configs()
@@ -47,6 +46,9 @@ def build_teacher(cfg: DictConfig) -> PixioEncoder:
 
 def build_students(cfg: DictConfig, teacher_dim: int) -> dict[str, Student]:
     """Every student of `students`, by module name (student_<encoder name>)."""
+    from distillation.model import build_student
+    from distillation.task import student_module
+
     s = cfg.student
     common = dict(img_size=cfg.img_size, n_cls_tokens=cfg.teacher.n_cls_tokens)
     return {
@@ -61,6 +63,11 @@ def build_students(cfg: DictConfig, teacher_dim: int) -> dict[str, Student]:
 def build_task(cfg: DictConfig) -> DistillTask:
     """Teacher and students on the meta device (the trainer materialises them: students from
     their seeds, the teacher from its checkpoint)."""
+    import torch
+
+    from distillation.model import teacher_loader
+    from distillation.task import DistillTask
+
     with torch.device("meta"):
         teacher = build_teacher(cfg)
         students = build_students(cfg, teacher.embed_dim)
@@ -70,8 +77,14 @@ def build_task(cfg: DictConfig) -> DistillTask:
 
 def main(cfg: DictConfig) -> None:
     """Distil one teacher into every student: set up, build, run, close."""
+    import torch
+
+    from pixio.data.loader import build_data
+    from pixio.runtime.runconfig import check_resume
+    from pixio.runtime.trainer import Trainer
+
     validate_distill(cfg)
-    with run_job(cfg.output_dir, cfg.train.device) as info:
+    with run_job(cfg.output_dir, cfg.train.device, cfg.train.cpu_threads) as info:
         config = to_container(cfg)
         check_resume(cfg.output_dir, config, shape_keys(cfg))
         # data mistakes stop before any model exists
