@@ -75,9 +75,9 @@ class MemoryEstimate:
 
 def saved_activation_bytes(head: nn.Module, features: Sequence[torch.Tensor], size: tuple[int, int] | None) -> int:  # fmt: skip
     """Bytes of the tensors autograd keeps for the backward of `head(features, size)`, each
-    storage counted once, the head's own parameters left out. Works on the meta device, where
-    it costs no memory and no compute."""
-    params = {p.untyped_storage()._cdata for p in head.parameters()}
+    storage counted once; the head's parameters and buffers (its state, counted apart) left
+    out. Works on the meta device, where it costs no memory and no compute."""
+    params = {t.untyped_storage()._cdata for t in (*head.parameters(), *head.buffers())}
     kept: dict[int, int] = {}
 
     def pack(t: torch.Tensor) -> torch.Tensor:

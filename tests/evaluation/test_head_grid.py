@@ -11,6 +11,7 @@ import torch
 from app_helpers import compose_eval, cpu_overrides, read_json, save_tiny_encoder, small_demo
 
 from evaluation.common import validate_eval
+from evaluation.datasets import get_info
 from evaluation.depth import main as depth_main
 from evaluation.features import FrozenFeatures
 from evaluation.grid import head_name, metric_key
@@ -99,6 +100,21 @@ def test_four_heads_train_on_one_encoder_pass_and_equal_single_lr_runs(app, metr
     for row in grid["epochs"]:
         assert row[metric] == max(row[metric_key(head_name(lr), metric)] for lr in LRS)
     assert grid["select"]["rule"] == "reference" and "ties go to the first" in grid["select"]["head_rule"]  # fmt: skip
+    table = grid["per_depth_bin" if app == "depth" else "per_class"]
+    assert (table["head"], table["epoch"], table["split"]) == (grid["reported_head"], grid["best"]["epoch"], "val")  # fmt: skip
+    if app == "semseg":  # the reported row's mIoU is the mean of its classes' IoUs
+        assert table["rows"][0]["name"] == get_info("ade20k").class_names[0]
+        ious = [r["iou"] for r in table["rows"] if r["iou"] is not None]
+        assert sum(ious) / len(ious) == pytest.approx(grid["best"]["miou"])
+
+
+def test_a_bins_depth_head_with_flip_tta_trains_and_is_recorded(inputs, tmp_path):
+    values = {"head.depth_output": "bins", "eval.tta": "flip", "train.epochs": 1}
+    results = run_app("depth", inputs, tmp_path / "bins", **values)
+    head = heads_of(tmp_path / "bins")["head"]
+    assert head["1.weight"].shape[0] == 256  # 256 bin logits
+    assert results["protocol"]["tta"] == {"mode": "flip", "reference": "none"}
+    assert results["config"]["head"]["depth_output"] == "bins" and 0 <= results["best"]["d1"] <= 100
 
 
 def test_a_dpt_grid_equals_its_single_lr_run(inputs, tmp_path):
