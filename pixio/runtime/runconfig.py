@@ -31,7 +31,7 @@ BOOKKEEPING_PREFIXES = (
     "launcher.", "logger.", "output_dir", "train.max_iters", "train.log_every",
     "train.vis_every", "train.save_every_iters", "train.keep_last", "train.keep_every",
     "train.async_save", "train.compile", "train.device", "data.num_workers", "data.root",
-    "data.shard_list",
+    "data.shard_list", "paths.", "train.cpu_threads", "train.peak_tflops",
 )  # fmt: skip
 
 

@@ -76,3 +76,18 @@ def test_a_run_saved_before_digests_were_kept_resumes_with_a_warning(caplog):
         "ckpt does not record encoder.sha256 (saved before file digests were kept): cannot check "
         "that encoder.checkpoint is the file it was trained with"
     ]
+
+
+def test_site_paths_and_cpu_settings_change_quietly_on_resume(caplog):
+    """A run saved before the `paths` group (or with other threads / peak) resumes with
+    information lines only: machine settings do not change what is computed."""
+    old = {"data": {"root": "/a"}, "train": {"cpu_threads": "auto", "peak_tflops": None}}
+    new = {
+        "data": {"root": "/a"},
+        "paths": {"nyuv2": "/data/nyu", "kitti": None},
+        "train": {"cpu_threads": 1, "peak_tflops": 989.0},
+    }
+    caplog.set_level("INFO", logger="pixio.config")
+    changes = check_resume_config(old, new, FROZEN, "ckpt")
+    assert {key for key, _, _ in changes} == {"paths.nyuv2", "train.cpu_threads", "train.peak_tflops"}  # fmt: skip
+    assert {r.levelname for r in caplog.records} == {"INFO"}
