@@ -3,8 +3,9 @@
 
     python -m evaluation.report outputs/eval/pixio_vith16
 
-Reads each `results.json` below the root: depth and segmentation runs (best over epochs and
-final, labelled), k-NN runs (top-1 / top-5 per k) and linear probes (the reported head's top-1,
+Reads each `results.json` below the root: depth and segmentation runs (the reported result and
+the final one, labelled with the rule that chose them, `eval.select`; a grid of lrs: one row per
+head under the run's), k-NN runs (top-1 / top-5 per k) and linear probes (the reported head's top-1,
 then one row per head of its lr grid). A run folder with `val_results.json` but
 no `results.json` yet (running, or stopped) is shown from that file and marked `incomplete`.
 Encoders are labelled by name for Pixio and `source:name` for a baseline (`timm:...`,
@@ -22,7 +23,9 @@ listed as `demo-<dataset>` and a run of random weights (a demo without a checkpo
 `random_weights`) is marked `random-weights`; either stands in the second table beside no
 published number, and is left out of the first. A file that cannot be read, is cut short or lacks a finished run's values is skipped and
 named on stderr (`skipped <file>: <why>`); the rest is reported. Exit status 1 only when nothing
-could be reported.
+could be reported. `--per-class` also prints each run's table of its reported result: IoU,
+accuracy and pixels per class (segmentation), d1, abs_rel and pixels per ground-truth depth bin
+(depth).
 """
 
 from __future__ import annotations
@@ -68,14 +71,21 @@ TASK_OF = {"nyuv2": "depth", "kitti": "depth", "ade20k": "semseg", "pascal": "se
 HEADLINE = {"depth": "d1", "semseg": "miou"}
 PAPER_COLUMNS = ("Pixio H/16 paper", "MAE H/14 paper")
 COLUMNS = ("task", "dataset", "head", "encoder", "checkpoint", "metric", "sizes", "best (epoch)",
-           "final", *PAPER_COLUMNS, "run")  # fmt: skip
+           "final", *PAPER_COLUMNS, "rule", "run")  # fmt: skip
+# eval.select -> the every-run table's `rule` cell, and the side-by-side table's mark
+RULE_CELLS = {"reference": "val-best", "last": "val-last", "holdout": "holdout",
+              "holdout-running": "holdout-only"}  # fmt: skip
+RULE_MARKS = {"last": "l", "holdout": "h"}
 TASK_ORDER = {"depth": 0, "semseg": 1, "knn": 2, "linear": 3}
 LINEAR_TASK = "linear"  # evaluation.linear's results.json
 RANDOM_MARK = "random-weights"
 COMPARISON_TITLE = (
     "side by side (best over epochs; k-NN top-1; linear probe: the reported head's top-1)"
 )
-COMPARISON_NOTE = "+ best of several runs; * incomplete run; - no run."
+COMPARISON_NOTE = (
+    "+ best of several runs; * incomplete run; - no run; h chosen on a holdout of the training "
+    "split, the validation split measured once; l last epoch."
+)
 NO_COMPARISON = (
     "(no run of a trained encoder on real data: nothing to put beside the published numbers)"
 )
@@ -91,7 +101,13 @@ RANDOM_NOTE = (
     "they stand beside no published number and are left out of the side-by-side table."
 )
 RUNS_NOTE = (
-    "best = best over epochs (the number the paper reports); final = last epoch. "
+    "best = the reported result, final = the last epoch, by the run's rule (eval.select): "
+    "val-best = best is the best epoch on the validation split (the number the paper "
+    "reports), final the last epoch on it; val-last = both the last epoch; holdout = "
+    "best is the validation split measured once with the head and epoch chosen on a holdout of "
+    "the training split, final the last epoch on that holdout (training images); a grid's "
+    "`<head> head_lr<value>` rows: that head's best and final on its run's epochs' split; "
+    "holdout-only = an incomplete holdout run: both on the holdout. "
     "Depth: d1 %; segmentation: mIoU %; k-NN: top-1 %; linear probe: top-1 % of the reported "
     "head (head = the feature; its lr grid's heads in the rows under it).\n"
     "sizes = crop/window/stride (k-NN: resize/crop) used; reference 256/256/170 (k-NN 256/256); "
@@ -176,7 +192,8 @@ class Row:
     demo: bool = False  # a demo experiment's generated data
     sha256: str | None = None  # the checkpoint's digest (None: random or not recorded)
     checkpoint: str | None = None  # the checkpoint's path as recorded
-    grid: bool = False  # one head of a linear probe's lr grid (not in the side-by-side table)
+    grid: bool = False  # one head of an lr grid (not in the side-by-side table)
+    rule: str = "reference"  # eval.select of a depth / segmentation run ("" for k-NN)
 
     @property
     def label(self) -> str:
@@ -207,8 +224,9 @@ class Row:
         published = _published(self.dataset, self.head) if self.comparable else ["-", "-"]
         dataset = f"{DEMO_PREFIX}{self.dataset}" if self.demo else self.dataset
         checkpoint = checkpoint_cell(self.sha256, self.checkpoint, self.random)
+        rule = RULE_CELLS.get(self.rule, "-") if self.rule else "-"
         return [self.task, dataset, self.head, self.label, checkpoint, self.metric, self.sizes,
-                f"{_num(self.best)}{epoch}", _num(self.final), *published,
+                f"{_num(self.best)}{epoch}", _num(self.final), *published, rule,
                 " ".join([self.run, *marks])]  # fmt: skip
 
 
@@ -238,13 +256,22 @@ def _encoder_fields(enc: dict[str, Any]) -> dict[str, Any]:
 
 
 def head_rows(results: dict[str, Any], run: str) -> list[Row]:
-    """The row of a depth / segmentation results.json."""
-    metric = results["metric"]
+    """The row of a depth / segmentation results.json (its rule: `select.rule`, `reference` for
+    files from before the key), then, for a grid of several lrs, one row per head."""
+    metric, head = results["metric"], results["head"]
     best, final, enc = results["best"], results["final"], encoder_of(results)
-    sizes = _sizes(results.get("protocol"), ("crop_size", "window", "stride"))
-    return [Row(results["task"], results["dataset"], results["head"], enc["name"], metric,
-                best[metric], best.get("epoch"), final[metric], run, sizes=sizes,
-                demo=bool(results.get("demo")), **_encoder_fields(enc))]  # fmt: skip
+    common = dict(run=run, sizes=_sizes(results.get("protocol"), ("crop_size", "window", "stride")),
+                  demo=bool(results.get("demo")), rule=(results.get("select") or {}).get("rule", "reference"),
+                  **_encoder_fields(enc))  # fmt: skip
+    shown = metric if "head" not in best else f"{metric} ({best['head']})"
+    rows = [Row(results["task"], results["dataset"], head, enc["name"], shown, best[metric],
+                best.get("epoch"), final[metric], **common)]  # fmt: skip
+    grid = results.get("grid") or {}
+    for name, entry in grid.items() if len(grid) > 1 else ():
+        b, f = entry["best"], entry["final"]
+        rows.append(Row(results["task"], results["dataset"], f"{head} {name}", enc["name"], metric,
+                        b[metric], b.get("epoch"), f[metric], grid=True, **common))  # fmt: skip
+    return rows
 
 
 def knn_rows(results: dict[str, Any], run: str) -> list[Row]:
@@ -255,7 +282,7 @@ def knn_rows(results: dict[str, Any], run: str) -> list[Row]:
     for k, top1 in sorted(results["top1"].items(), key=lambda kv: int(kv[0])):
         metric = f"top1 (top5 {_num(results.get('top5', {}).get(k))})"
         rows.append(Row("knn", results.get("dataset") or "imagenet", f"k={k}", enc["name"],
-                        metric, top1, None, top1, run, sizes=sizes,
+                        metric, top1, None, top1, run, sizes=sizes, rule="",
                         demo=bool(results.get("demo")), **_encoder_fields(enc)))  # fmt: skip
     return rows
 
@@ -291,9 +318,11 @@ def incomplete_rows(record: dict[str, Any], run_dir: Path, run: str) -> list[Row
     encoder, data = config.get("encoder") or {}, config.get("data") or {}
     demo = bool(data.get("demo", data.get("build_demo")))  # data.demo: the apps record it
     metric, best, last = record["metric"], record["best"], record.get("last") or {}
+    select = (config.get("eval") or {}).get("select", "reference")  # its validations' split
+    rule = "holdout-running" if select == "holdout" else select
     return [Row(task, dataset, head, encoder.get("name", "?"), metric,
                 best[metric], best.get("epoch"), last.get(metric), run, "incomplete",
-                demo=demo, **{**_encoder_fields(encoder), "random": is_random(encoder)})]  # fmt: skip
+                demo=demo, rule=rule, **{**_encoder_fields(encoder), "random": is_random(encoder)})]  # fmt: skip
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:
@@ -382,7 +411,8 @@ def best_cell(runs: list[Row]) -> str:
     if not runs:
         return "-"
     top = max(runs, key=_score)
-    return f"{_num(top.best)}{'*' if top.status else ''}{'+' if len(runs) > 1 else ''}"
+    marks = f"{RULE_MARKS.get(top.rule, '')}{'*' if top.status else ''}{'+' if len(runs) > 1 else ''}"  # fmt: skip
+    return f"{_num(top.best)}{marks}"
 
 
 def format_comparison(rows: list[Row]) -> str:
@@ -402,6 +432,39 @@ def format_comparison(rows: list[Row]) -> str:
     return _align(["task", "dataset", "head", *labels, *PAPER_COLUMNS], body)
 
 
+def table_report(results: dict[str, Any], run: str) -> str | None:
+    """The per-class (segmentation) or per-depth-bin (depth) table of a run's reported result,
+    titled with what it is (head, epoch, split, rule); None when the run recorded none."""
+    table = results.get("per_class") or results.get("per_depth_bin")
+    if not isinstance(table, dict) or not table.get("rows"):
+        return None
+    enc = encoder_of(results)
+    rule = RULE_CELLS.get((results.get("select") or {}).get("rule", "reference"), "-")
+    title = (f"{results['task']} {results['dataset']} {results['head']} of "
+             f"{encoder_label(enc.get('source', PIXIO), enc['name'])} ({run}): head "
+             f"{table.get('head')}, epoch {table.get('epoch')}, {table.get('split')} split, rule {rule}")  # fmt: skip
+    if "per_class" in results:
+        header = ["class", "name", "IoU %", "acc %", "pixels"]
+        body = [[str(r["class"]), r.get("name", "-"), _num(r["iou"]), _num(r["acc"]), str(r["pixels"])] for r in table["rows"]]  # fmt: skip
+    else:
+        header = ["gt depth (m)", "pixels", "d1 %", "abs_rel"]
+        body = [[f"{r['from']:g}-{r['to']:g}", str(r["pixels"]), _num(r["d1"]), _num(r["abs_rel"])] for r in table["rows"]]  # fmt: skip
+    return f"{title}\n{_align(header, body)}"
+
+
+def tables_under(root: str | Path) -> list[str]:
+    """`table_report` of every readable results.json below `root`, in path order."""
+    out = []
+    for path in sorted(Path(root).rglob(RESULTS_FILE)):
+        try:
+            results = read_run(path)
+        except ResultsFileError:
+            continue  # named once already, by collect
+        if results.get("task") in TASK_ORDER and (text := table_report(results, str(path.parent.relative_to(root)) or ".")):  # fmt: skip
+            out.append(text)
+    return out
+
+
 def missing(rows: list[Row]) -> list[str]:
     """The dataset x head cells of the published table that no run covers."""
     found = {(r.dataset, r.head) for r in rows}
@@ -411,6 +474,7 @@ def missing(rows: list[Row]) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("output_root", help="folder holding the runs (searched recursively)")
+    parser.add_argument("--per-class", action="store_true", help="also print each run's per-class (segmentation) or per-depth-bin (depth) table")  # fmt: skip
     args = parser.parse_args(argv)
     if not Path(args.output_root).is_dir():
         print(f"error: {args.output_root} is not a directory", file=sys.stderr)
@@ -430,6 +494,9 @@ def main(argv: list[str] | None = None) -> int:
         print(RANDOM_NOTE)
     if gaps := missing([r for r in rows if r.headline]):
         print(f"no run for: {', '.join(gaps)}")
+    if args.per_class:
+        for text in tables_under(args.output_root):
+            print("", text, sep="\n")
     if skipped:
         print(f"skipped {len(skipped)} file(s) that could not be read (named on stderr)")
     return 0

@@ -18,6 +18,7 @@ from tests_helpers import CONFIG_DIR
 import pixio
 from evaluation.common import write_results
 from evaluation.demo_data import build_demo
+from evaluation.selection import tables_path
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -141,3 +142,14 @@ def fake_run(
     config = {"encoder": {"source": source, "name": name, "checkpoint": "/ckpt/encoder.pth", "sha256": sha256},
               "dataset": {"name": dataset}, "head": {"name": head}, "data": {"demo": demo}}  # fmt: skip
     write_results(out, app, config, iters_per_epoch=4, extra=extra)
+
+
+def fake_history(out, rows, metric="d1", tables=None) -> None:
+    """metrics.jsonl (2 iterations per epoch), val_results.json and tables as a run leaves them."""
+    out.mkdir(parents=True)
+    lines = [{"step": 2 * (e + 1), "epoch": float(e + 1), **{f"val/{k}": v for k, v in r.items()}, "val/samples": 3.0} for e, r in enumerate(rows)]  # fmt: skip
+    (out / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+    (out / "val_results.json").write_text(json.dumps({"metric": metric, "mode": "max"}))
+    for it, table in (tables or {}).items():
+        tables_path(out, it).parent.mkdir(exist_ok=True)
+        tables_path(out, it).write_text(json.dumps({"tables": table}))

@@ -213,7 +213,7 @@ def test_random_weight_runs_are_marked_and_never_beside_published_numbers(tmp_pa
     assert [r[-2] for r in marked] == ["demo", "knn_demo", "knn_demo"]
     assert marked[0][3:12] == ["pixio_vitt16", "random", "d1", "-", "97.00", "(1)", "97.00", "-", "-"]  # fmt: skip
     assert [r[2] for r in marked[1:]] == ["k=5", "k=10"]  # by k, not as text
-    assert marked[2][-5:] == ["95.00", "-", "-", "knn_demo", report.RANDOM_MARK]
+    assert marked[2][-6:] == ["95.00", "-", "-", "-", "knn_demo", report.RANDOM_MARK]  # fmt: skip
     assert report.RANDOM_NOTE in out
     # Only random-weight runs: no side-by-side table at all, every run still listed.
     for run in ("trained",):

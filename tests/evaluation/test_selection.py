@@ -5,8 +5,6 @@ holdout is a seeded, disjoint share of the training pairs."""
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
 from app_helpers import (  # fmt: skip
@@ -14,6 +12,7 @@ from app_helpers import (  # fmt: skip
     N_VAL,
     compose_eval,
     cpu_overrides,
+    fake_history,
     read_json,
     save_tiny_encoder,
     small_demo,
@@ -24,7 +23,7 @@ from evaluation.common import build_task, validate_eval, write_results
 from evaluation.datasets import DepthDataset, build_dataset
 from evaluation.depth import main
 from evaluation.grid import metric_key
-from evaluation.selection import holdout_indices, selection_path, tables_path
+from evaluation.selection import holdout_indices, selection_path
 from pixio.runtime.config import ConfigError
 from pixio.runtime.distributed import DistInfo
 from pixio.runtime.validation import add_real
@@ -115,17 +114,6 @@ def test_a_holdout_run_stopped_and_resumed_reports_what_an_uninterrupted_one_doe
     a, b = read_json(full / "results.json"), read_json(part / "results.json")
     for key in ("best", "final", "epochs", "grid", "reported_head", "per_depth_bin"):
         assert a[key] == b[key], key
-
-
-def fake_history(out, rows, metric="d1", tables=None) -> None:
-    """metrics.jsonl (2 iterations per epoch), val_results.json and tables as a run leaves them."""
-    out.mkdir(parents=True)
-    lines = [{"step": 2 * (e + 1), "epoch": float(e + 1), **{f"val/{k}": v for k, v in r.items()}, "val/samples": 3.0} for e, r in enumerate(rows)]  # fmt: skip
-    (out / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
-    (out / "val_results.json").write_text(json.dumps({"metric": metric, "mode": "max"}))
-    for it, table in (tables or {}).items():
-        tables_path(out, it).parent.mkdir(exist_ok=True)
-        tables_path(out, it).write_text(json.dumps({"tables": table}))
 
 
 def two_heads(a: float, b: float) -> dict[str, float]:
