@@ -34,13 +34,14 @@ from PIL import Image
 from torch import nn
 
 from pixio.data.images import DecodeError, load_rgb
-from pixio.inference import IMAGE_SUFFIXES, normalize
+from pixio.inference import IMAGE_SUFFIXES
 from pixio.knn import build_demo_folders, global_features, knn_hits
 from pixio.models.features import FeatureEncoder
 from pixio.monitor_config import SPLITS, MonitorConfig, check_monitor  # noqa: F401 (re-exported)
 from pixio.runtime.config import require
 from pixio.runtime.distributed import DistInfo, is_dist, reduce_device
 from pixio.runtime.parallel import unwrap
+from pixio.runtime.prefetch import normalize_images
 from pixio.runtime.rank0 import rank0_result
 
 log = logging.getLogger("pixio.monitor")
@@ -208,7 +209,7 @@ class KnnMonitor:
         device = next(encoder.parameters()).device
         out = []
         for start in range(0, images.shape[0], self.cfg.batch_size):
-            batch = normalize(images[start : start + self.cfg.batch_size].to(device))
+            batch = normalize_images(images[start : start + self.cfg.batch_size].to(device))
             out.append(global_features(encoder, batch))
         return torch.cat(out) if out else torch.zeros(0, encoder.embed_dim, device=device)
 

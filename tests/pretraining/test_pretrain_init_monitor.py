@@ -23,11 +23,11 @@ import pixio
 from pixio.checkpoint import save_mae
 from pixio.convert import convert
 from pixio.data.demo import demo_jpeg
-from pixio.inference import normalize
 from pixio.knn import global_features, knn_evaluate
 from pixio.monitor import KnnMonitor, MonitorConfig, decode, plan
 from pixio.runtime.config import ConfigError, to_container
 from pixio.runtime.distributed import DistInfo
+from pixio.runtime.prefetch import normalize_images
 from pixio.runtime.trainer import Trainer
 from pretraining.config import build_model, check_init_from
 from pretraining.task import MAETask
@@ -111,7 +111,7 @@ def _direct(cfg, mae) -> tuple[float, float]:
     with torch.no_grad():
         for split in ("train", "val"):
             images = torch.stack([decode(s, 64) for s in subsets[split]])
-            feats[split] = global_features(mae.eval(), normalize(images))
+            feats[split] = global_features(mae.eval(), normalize_images(images))
     labels = {s: torch.tensor([x.label for x in subsets[s]]) for s in feats}
     result = knn_evaluate(feats["train"], labels["train"], feats["val"], labels["val"], [cfg.k], cfg.temperature, subsets["num_classes"])  # fmt: skip
     return result[cfg.k]
