@@ -24,9 +24,10 @@ from pixio.data.loader import images_and_noise
 from pixio.models.flops import mae_model_flops
 from pixio.models.mae import PixioMAE
 from pixio.runtime.config import ConfigError
+from pixio.runtime.distributed import is_main
 from pixio.runtime.prefetch import normalize_batch
 from pixio.runtime.task import ModuleSpec, OptimizerSpec, Periodic, StepOutput, Task
-from pretraining.vis import reconstruction_grid
+from pretraining.vis import reconstruction_picture, reconstruction_rows
 
 log = logging.getLogger("pixio.pretrain")
 MODULE = "mae"  # the checkpoint's section name for the MAE (model.mae.*, optimizer.mae.*)
@@ -88,11 +89,14 @@ class MAETask(Task):
         imgs = imgs[:8]
         noise = None if noise is None else noise[:8]
         out = modules[MODULE](imgs, mask_ratio=self.mask_ratio, noise=noise)
-        grid = reconstruction_grid(
+        if not is_main():  # every rank ran the forward (FSDP); rank 0's picture is written
+            return {}
+        rows = reconstruction_rows(
             imgs.float().cpu(), out.pred.float().cpu(), out.mask.float().cpu(),
             self.model.patch_size, norm_pix_loss=self.model.norm_pix_loss,
         )  # fmt: skip
-        return {"reconstruction": grid}
+        title = f"MAE reconstructions of training images (loss {float(out.loss):.3f})"
+        return {"reconstruction": reconstruction_picture(rows, self.mask_ratio, title)}
 
     def export(self, states: dict[str, dict[str, torch.Tensor]], output_dir: Path) -> list[Path]:
         """encoder.safetensors: the encoder, its architecture in the file's metadata."""

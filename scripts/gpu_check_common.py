@@ -229,12 +229,14 @@ class MAEStep:
 
 def mae_step(ctx: Ctx, m: dict[str, Any], compiled: str) -> MAEStep:
     """Build the plan's MAE as the trainer does (meta, then seeded init on the device) and its
-    step: `compiled` none (eager), model (torch.compile of the whole model, what train.compile
-    does) or blocks (each block compiled apart: one graph per block shape). Runs the first step."""
+    step: `compiled` none (eager), blocks (each block compiled apart by
+    pixio.runtime.compile.compile_units, what train.compile does) or model (torch.compile of the
+    whole model, for comparison). Runs the first step."""
     import torch
 
     from pixio import build_mae
     from pixio.models.flops import mae_model_flops
+    from pixio.runtime.compile import compile_units, training_path
     from pixio.runtime.parallel import materialize
 
     plan, dev = ctx.plan, ctx.device
@@ -252,8 +254,7 @@ def mae_step(ctx: Ctx, m: dict[str, Any], compiled: str) -> MAEStep:
              gflops_per_image={"train": flops.train / 1e9, "encoder_forward": flops.encoder / 1e9, "decoder_forward": flops.decoder / 1e9})  # fmt: skip
     net = torch.compile(model) if compiled == "model" else model
     if compiled == "blocks":
-        for block in [*model.blocks, *model.decoder_blocks]:
-            block.compile()
+        compile_units([*model.blocks, *model.decoder_blocks], training_path)
 
     def step() -> None:
         with ctx.autocast():

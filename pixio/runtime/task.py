@@ -44,10 +44,11 @@ class ModuleSpec:
 
 @dataclass
 class OptimizerSpec:
-    """One AdamW over the trainable parameters of `modules`, with its own schedule and scaler.
+    """One optimiser (`optim.name`: AdamW or LARS) over the trainable parameters of `modules`,
+    with its own schedule and scaler.
 
-    `optim` is an `optim` config node (pixio.runtime.config.OptimConfig): lr or blr, schedule,
-    warmup, min_lr, weight decay, betas, clip_grad, fused.
+    `optim` is an `optim` config node (pixio.runtime.config.OptimConfig): name, lr or blr,
+    schedule, warmup, min_lr, weight decay, betas, clip_grad, fused.
     """
 
     modules: tuple[str, ...]  # names of trainable modules (keys of Task.modules())

@@ -115,8 +115,8 @@ class Trainer:
 
     `data` is a loader with `iterate(start_iteration)` (EpochLoader, MapLoader; optionally
     `state_dict(iteration)` / `load_state_dict`, kept per rank in checkpoints so a resume
-    continues its stream exactly; `iteration` may be one less than the batches it yielded: the
-    trainer fetches one batch ahead), or any re-iterable of batches (one pass per epoch,
+    continues its stream exactly; `iteration` may be up to two less than the batches it yielded:
+    the trainer fetches one batch ahead and, on CUDA, the DevicePrefetcher one more), or any re-iterable of batches (one pass per epoch,
     fast-forwarded on resume). The epoch length is `train.iters_per_epoch`, or the data's
     `len()` when that is null. `val_data` (an EvalLoader: (batch, real) pairs) enables
     validation every `train.val_every` epochs and at the end, for a task with `validation` set.
@@ -209,7 +209,10 @@ class Trainer:
             spec.load(module)
         if choice == "ddp":
             ids = [self.device.index] if self.device.type == "cuda" else None
-            ddp = nn.parallel.DistributedDataParallel(module, ids, process_group=group)
+            # Gradients as views of the all-reduce buckets: one gradient copy fewer (2.5 GB, ViT-H).
+            ddp = nn.parallel.DistributedDataParallel(
+                module, ids, process_group=group, gradient_as_bucket_view=True
+            )
             module = self._ddp[name] = ddp
         if not compile_enabled(self.t.compile, self.device):
             return module

@@ -11,7 +11,7 @@ from PIL import Image
 from pixio.constants import IMAGENET_MEAN, IMAGENET_STD
 from pixio.models.patchify import patchify
 from pixio.runtime.vis import save_png
-from pretraining.vis import reconstruction_grid
+from pretraining.vis import reconstruction_grid, reconstruction_picture, reconstruction_rows
 
 P, H, W, PAD = 8, 16, 32, 2  # non-square: a 2 x 4 patch grid
 
@@ -100,3 +100,23 @@ def test_save_png_round_trip(tmp_path: Path) -> None:
     assert path == tmp_path / "vis" / "step10.png"
     assert np.array_equal(np.asarray(Image.open(path)), grid)
     assert [p.name for p in (tmp_path / "vis").iterdir()] == ["step10.png"]
+
+
+def test_titled_picture_draws_the_grid_rows() -> None:
+    """The training picture renders the same rows as the grid (panels enlarged to about
+    PANEL_PX), with column titles and the figure title drawn as text: a taller, wider RGB
+    image whose title area is not blank, and a title change changes the picture."""
+    imgs, mask = batch(b=2)
+    pred = torch.randn(2, mask.shape[1], P * P * 3)
+    rows = reconstruction_rows(imgs, pred, mask, P)
+    assert len(rows) == 2 and all(len(r) == 3 for r in rows)
+    grid = reconstruction_grid(imgs, pred, mask, P, pad=PAD)
+    for i, row in enumerate(rows):  # the panels are the grid's, pixel for pixel
+        for c, t in enumerate(row):
+            assert np.array_equal(panel(grid, i, c), (t.permute(1, 2, 0) * 255).round().byte().numpy())  # fmt: skip
+    a = reconstruction_picture(rows, 0.75, "MAE reconstructions (loss 0.500)")
+    b = reconstruction_picture(rows, 0.75, "MAE reconstructions (loss 0.900)")
+    assert a.dtype == np.uint8 and a.ndim == 3 and a.shape[2] == 3
+    assert a.shape[0] > 2 * H * 4 and a.shape[1] > 3 * W * 4  # enlarged for reading
+    assert a.shape == b.shape and not np.array_equal(a, b)
+    assert (a[:20] < 128).any()  # dark title text at the top

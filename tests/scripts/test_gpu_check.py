@@ -16,7 +16,7 @@ from pixio.models.flops import ViTSpec, mae_flops
 REPO = Path(__file__).resolve().parents[2]
 SCRIPT = REPO / "scripts" / "gpu_check.sh"
 ALL_STAGES = ["env", "mae_eager", "mae_compiled", "pretrain_resume", "fsdp2", "trainer_keys",
-              "depth_demo", "semseg_demo", "knn_demo", "distill_demo", "jpeg", "mae_compiled_blocks"]  # fmt: skip
+              "depth_demo", "semseg_demo", "knn_demo", "distill_demo", "jpeg", "mae_compiled_model"]  # fmt: skip
 
 
 def run_check(*args: str, timeout: int = 150, cpu_env: bool = False) -> tuple[subprocess.CompletedProcess, dict]:  # fmt: skip
