@@ -29,6 +29,9 @@ def _overrides(shards, out, *launcher: str) -> list[str]:
         *local, *launcher, f"data.root={shards}", "data.kind=web", "data.shuffle_buffer=8",
         "data.num_workers=1", "train.epochs=4", f"train.iters_per_epoch={ITERS // 4}",
         "train.save_every_iters=1000", f"output_dir={out}",
+        # auto gives 2 threads here and SLURM's cpus-per-task (1) in the job: one count for
+        # both, as bit-exact equality on the CPU needs the same thread count.
+        "train.cpu_threads=1",
     ]  # fmt: skip
 
 
