@@ -1,4 +1,6 @@
-"""Frozen-encoder features for the evaluation heads and the shared `encoder` config group.
+"""Frozen-encoder features for the evaluation heads, and the encoder built from the shared
+`encoder` config group (the group and its checks: `evaluation.encoder_config`, which loads no
+torch).
 
 The encoder is a Pixio one (`encoder.source=pixio`, the registry) or a baseline behind the same
 feature API (`transformers`: ViT, ViTMAE, DINOv2 folders; `timm`: ViTs and hybrids by name), see
@@ -11,36 +13,26 @@ The DPT head reads blocks depth // 4 * k - 1 for k = 1..4, the linear head the l
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from pixio.architecture import ArchitectureError, resolve
-from pixio.checkpoint import (
-    broadcast_checked_state,
-    broadcast_encoder_state,
-    checkpoint_digest,
-    read_architecture,
+from evaluation.encoder_config import (  # noqa: F401  (EncoderConfig, pixio_build: re-exported)
+    EncoderConfig,
+    baseline_kwargs,
+    encoder_overrides,
+    has_checkpoint,
+    pixio_build,
 )
-from pixio.models.baselines import SOURCES, BaselineError, build_baseline
+from pixio.checkpoint import broadcast_checked_state, broadcast_encoder_state, checkpoint_digest
+from pixio.models.baselines import BaselineError, build_baseline
 from pixio.models.features import FeatureEncoder
-from pixio.models.registry import build_encoder, encoder_kwargs, list_models
-from pixio.runtime.config import ConfigError, check_choice, require, require_set
+from pixio.models.registry import build_encoder
+from pixio.runtime.config import ConfigError
 from pixio.runtime.parallel import cast_blocks, frozen_block_dtype
 
 log = logging.getLogger("pixio.eval")
-
-
-REFERENCE_SIDE = 256  # the protocol's crop and window side for patch 16 (docs/reproduction.md)
-
-
-def reference_side(patch: int) -> int:
-    """The crop / window side for an encoder of this patch size: 256, or the largest multiple of
-    the patch up to 256 (patch 14: 252), so the image tiles into whole patches."""
-    return REFERENCE_SIDE // patch * patch
 
 
 def dpt_block_ids(depth: int) -> list[int]:
@@ -89,65 +81,7 @@ def token_map(block: dict[str, torch.Tensor], h: int, w: int) -> torch.Tensor:
     return x.transpose(1, 2).reshape(x.shape[0], x.shape[2], h, w)
 
 
-# ---- the `encoder` config group ----------------------------------------------------------------
-@dataclass
-class EncoderConfig:
-    source: str = "pixio"  # pixio | transformers | timm (baselines: docs/evaluation.md, Baselines)
-    # pixio: registry name; transformers: vit | vit_mae | dinov2 | dinov2_with_registers (the
-    # folder's model_type); timm: a ViT's model name (hybrids included)
-    name: str = "pixio_vith16"
-    # pixio: .pth / .safetensors / training checkpoint dir / HF folder; transformers: a
-    # from_pretrained folder; timm: a weights file, or a folder holding one
-    checkpoint: str | None = None
-    module: str | None = None  # pixio: trained module of a multi-module training checkpoint
-    # pixio: sizes for a checkpoint that does not record its architecture (every .safetensors
-    # file Pixio writes and a training checkpoint directory do: set, they must agree with it)
-    img_size: int | None = None  # pixio, timm: position-table size the checkpoint was trained at
-    embed_dim: int | None = None  # pixio: override the registry width (small demo/test encoders)
-    depth: int | None = None  # pixio: override the registry depth
-    num_heads: int | None = None  # pixio: override the registry head count
-    n_cls_tokens: int | None = None  # pixio: override the class-token count (None: 8)
-    # baselines: transformers config fields / timm.create_model arguments (e.g. tiny test sizes)
-    model_kwargs: dict[str, Any] = field(default_factory=dict)
-    random_if_missing: bool = False  # demo only: a missing checkpoint gives random weights (logged)
-
-
-PIXIO_ONLY = ("module", "embed_dim", "depth", "num_heads", "n_cls_tokens")
-
-
-def encoder_overrides(cfg: Any) -> dict[str, Any]:
-    """The registry overrides that are set in an `encoder` config node."""
-    keys = ("img_size", "embed_dim", "depth", "num_heads", "n_cls_tokens")
-    return {k: cfg[k] for k in keys if cfg.get(k) is not None}
-
-
-def baseline_kwargs(cfg: Any) -> dict[str, Any]:
-    """What a baseline is built with: `model_kwargs`, and timm's `img_size` when set."""
-    kwargs = dict(cfg.get("model_kwargs") or {})
-    if cfg.get("img_size") is not None:
-        kwargs["img_size"] = cfg.img_size
-    return kwargs
-
-
-def _has_checkpoint(cfg: Any) -> bool:
-    return cfg.checkpoint is not None and Path(cfg.checkpoint).exists()
-
-
-def pixio_build(cfg: Any) -> tuple[str, dict[str, Any]]:
-    """(registry name, build overrides) of a Pixio `encoder` node: the architecture its
-    checkpoint records (every `.safetensors` file Pixio writes), checked against `name` and the
-    size keys that are set (ConfigError naming the differing sizes); else `name` and those keys
-    (a training checkpoint directory's tensors name any differing size when they are read)."""
-    overrides = encoder_overrides(cfg)
-    if not _has_checkpoint(cfg):
-        return cfg.name, overrides
-    try:
-        arch = read_architecture(cfg.checkpoint, cfg.get("module"), run_config=False)
-        return resolve(arch, cfg.name, overrides, cfg.checkpoint)
-    except (ArchitectureError, ValueError) as err:  # a record that disagrees; an unreadable file
-        raise ConfigError(f"encoder.checkpoint: {err}") from None
-
-
+# ---- building the encoder (its config group and checks: evaluation.encoder_config) --------
 def build_meta_encoder(cfg: Any) -> FeatureEncoder:
     """The encoder of an `encoder` node on the meta device: its architecture, no weights, no
     memory (a transformers folder's config.json gives a baseline's)."""
@@ -155,51 +89,8 @@ def build_meta_encoder(cfg: Any) -> FeatureEncoder:
         if cfg.get("source", "pixio") == "pixio":
             name, overrides = pixio_build(cfg)
             return build_encoder(name, **overrides)
-        folder = cfg.checkpoint if _has_checkpoint(cfg) else None
+        folder = cfg.checkpoint if has_checkpoint(cfg) else None
         return build_baseline(cfg.source, cfg.name, folder, **baseline_kwargs(cfg))
-
-
-def encoder_patch_size(cfg: Any) -> int:
-    """The patch grid's stride of an `encoder` node's model (a hybrid's: stem stride x patch)."""
-    if cfg.get("source", "pixio") == "pixio":
-        name, overrides = pixio_build(cfg)
-        return encoder_kwargs(name, **overrides)["patch_size"]
-    return build_meta_encoder(cfg).patch_size
-
-
-def check_encoder(cfg: Any) -> int:
-    """The `encoder` group: a known source and model, an existing checkpoint that the model's
-    family accepts (ConfigError naming the key otherwise). Returns the model's patch size."""
-    require_set(cfg, "encoder.name")
-    e = cfg.encoder
-    check_choice(e, "encoder", "source", SOURCES)
-    if e.source == "pixio":
-        require(e.name in list_models(), "encoder.name", f"unknown model {e.name!r}; known: {', '.join(list_models())}")  # fmt: skip
-        require(not e.model_kwargs, "encoder.model_kwargs", "applies to baselines (encoder.source=transformers|timm); a Pixio encoder takes embed_dim, depth, num_heads, n_cls_tokens")  # fmt: skip
-    else:
-        for key in PIXIO_ONLY:
-            require(e.get(key) is None, f"encoder.{key}", f"applies to encoder.source=pixio only; a {e.source} baseline's architecture comes from its checkpoint and encoder.model_kwargs")  # fmt: skip
-        require(not (e.source == "transformers" and e.img_size is not None), "encoder.img_size", "a transformers folder's config.json sets image_size (or encoder.model_kwargs.image_size)")  # fmt: skip
-    if not (e.random_if_missing and not _has_checkpoint(e)):
-        require(e.checkpoint is not None, "encoder.checkpoint", "is required (a frozen evaluation of random weights says nothing)")  # fmt: skip
-        require(Path(e.checkpoint).exists(), "encoder.checkpoint", f"not found: {e.checkpoint}")
-    if e.source == "pixio":
-        return encoder_patch_size(e)
-    require(not (e.img_size is not None and "img_size" in (e.model_kwargs or {})), "encoder.img_size", "is also set in encoder.model_kwargs.img_size: set one")  # fmt: skip
-    try:  # the meta build checks the name, the folder's family and the arguments
-        return build_meta_encoder(e).patch_size
-    except BaselineError as err:
-        raise ConfigError(f"encoder.{err.key}: {err}") from None
-
-
-def check_random_weights(cfg: Any) -> None:
-    """Random weights (`encoder.random_if_missing` without a checkpoint) are for the demo
-    experiments only, which build their own data (`data.build_demo`); anywhere else a missing
-    checkpoint is a ConfigError naming it, so a typo never evaluates random weights."""
-    e = cfg.encoder
-    if e.random_if_missing and not _has_checkpoint(e):
-        found = "is null" if e.checkpoint is None else f"not found: {e.checkpoint}"
-        require(cfg.data.build_demo, "encoder.checkpoint", f"{found} (random weights, encoder.random_if_missing, are for the demo experiments only, which set data.build_demo=true)")  # fmt: skip
 
 
 def encoder_digest(cfg: Any) -> str | None:
@@ -208,7 +99,7 @@ def encoder_digest(cfg: Any) -> str | None:
     22 GB: about 45 s at 500 MB/s; a training checkpoint directory: the per-file digests its
     manifest lists, a few kilobytes): call it once per job, on rank 0
     (`pixio.runtime.rank0.rank0_result`)."""
-    if _has_checkpoint(cfg):
+    if has_checkpoint(cfg):
         return checkpoint_digest(cfg.checkpoint)
     if not cfg.get("random_if_missing", False):
         raise ConfigError(f"encoder.checkpoint: not found: {cfg.checkpoint}")
@@ -227,7 +118,7 @@ def load_frozen_encoder(
     reaches the GPU: a 5B encoder never holds its 21.8 GB of fp32 weights there."""
     device = device or torch.device("cpu")
     dtype = frozen_block_dtype(device, precision)
-    if not _has_checkpoint(cfg):
+    if not has_checkpoint(cfg):
         if not cfg.get("random_if_missing", False):
             raise ConfigError(f"encoder.checkpoint: not found: {cfg.checkpoint}")
         log.warning(

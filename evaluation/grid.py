@@ -20,31 +20,15 @@ import torch
 from omegaconf import OmegaConf
 from torch import nn
 
-from pixio.runtime.config import require
+from evaluation.choices import head_name
 from pixio.runtime.task import ModuleSpec, OptimizerSpec
 
-PREFIX = "head_lr"
 RULE = "the head with the best {metric} over epochs; ties go to the first in the list of lrs"
-
-
-def head_name(lr: float) -> str:
-    """`head_lr<lr>` in the shortest form that names it (`head_lr0.1`, `head_lr1e-05`)."""
-    return f"{PREFIX}{lr:g}"
 
 
 def metric_key(head: str, metric: str) -> str:
     """A head's validation metric as the task reports it: `<head>/<metric>`."""
     return f"{head}/{metric}"
-
-
-def check_lrs(lrs: Sequence[float], key: str) -> None:
-    """ConfigError naming `key` unless the lrs are a non-empty list of positive values whose
-    head names differ."""
-    values = list(lrs)
-    require(len(values) > 0, key, "needs at least one lr")
-    require(all(v > 0 for v in values), key, f"every lr must be positive, got {values}")
-    names = [head_name(v) for v in values]
-    require(len(set(names)) == len(names), key, f"holds the same lr twice ({', '.join(names)})")
 
 
 def with_lr(optim: Any, lr_key: str, value: float) -> Any:

@@ -23,12 +23,10 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn import functional as F
 
+from evaluation.choices import BINS_NORMS, HEAD_KINDS
 from evaluation.features import dpt_block_ids, linear_block_ids
 
-HEAD_KINDS = ("linear", "dpt")
-DEPTH_OUTPUTS = ("regression", "bins")  # head.depth_output
 DEPTH_BINS = 256  # the bins output's classes (DINOv2's linear depth protocol)
-BINS_NORMS = ("linear", "softmax")  # head.bins_norm
 BINS_EPS = 0.1  # the "linear" normalisation's floor (AdaBins, as DINOv2 uses it)
 
 

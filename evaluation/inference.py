@@ -27,11 +27,11 @@ from collections.abc import Callable, Sequence
 import torch
 from torch.nn import functional as F
 
+from evaluation.choices import TTA_MODES, TTA_SCALES
+
 WINDOW = 256
 STRIDE = 170  # int(256 * 2 / 3)
 REDUCTIONS = ("mean", "sum")
-TTA_MODES = ("none", "flip", "multiscale")
-TTA_SCALES = (0.5, 0.75, 1.0, 1.25, 1.5, 1.75)  # mmsegmentation's aug-test image ratios
 
 
 def window_starts(size: int, window: int = WINDOW, stride: int = STRIDE) -> list[int]:

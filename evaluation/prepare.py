@@ -27,17 +27,23 @@ from pathlib import Path
 
 import numpy as np
 
-from evaluation.datasets import get_info, scan_layout, split_list_path, write_split_list
-from evaluation.datasets.base import LABEL_FORMATS, SegDataset, check_pairs, dataset_from_pairs
-from evaluation.datasets.info import DATASETS, VOC_PLAIN_TRAIN_SIZE, DatasetInfo
-from evaluation.datasets.labels import (
-    describe_values,
-    fitting_formats,
-    format_ranges,
-    reduced_without_ignore,
+from evaluation.datasets.info import (
+    DATASETS,
+    LABEL_FORMATS,
+    VOC_PLAIN_TRAIN_SIZE,
+    DatasetInfo,
+    get_info,
 )
-from evaluation.datasets.splits import LIST_HEADER, SPLITS, Pair, parse_split_lines
-from evaluation.datasets.transforms import UnreadableImageError
+from evaluation.datasets.splits import (
+    LIST_HEADER,
+    SPLITS,
+    Pair,
+    check_pairs,
+    parse_split_lines,
+    scan_layout,
+    split_list_path,
+    write_split_list,
+)
 
 
 class PrepareError(Exception):
@@ -104,6 +110,10 @@ def write_list(path: Path, root: Path, pairs: list[Pair], force: bool) -> str:
 def verify(info: DatasetInfo, split: str, pairs: list[Pair], label_format: str) -> list[str]:
     """Decode every pair as validation does (no augmentation): one `unreadable:` note per bad
     pair, and for segmentation the stored label values and the formats they fit."""
+    # Decoding loads torch (the datasets): only --verify does; --help and the lists never do.
+    from evaluation.datasets.base import SegDataset, dataset_from_pairs
+    from evaluation.datasets.transforms import UnreadableImageError
+
     dataset = dataset_from_pairs(info.name, pairs, "val", label_format=label_format)
     if isinstance(dataset, SegDataset):
         dataset.seen_labels = np.zeros(2**16, dtype=bool)  # masks are 8- or 16-bit
@@ -138,6 +148,13 @@ def label_notes(
 ) -> list[str]:
     """`<split>: label values 0-150 fit label_format=raw`, and a warning for a reduced set
     without 255 (see evaluation/datasets/labels.py)."""
+    from evaluation.datasets.labels import (  # torch, as `verify`: --verify only
+        describe_values,
+        fitting_formats,
+        format_ranges,
+        reduced_without_ignore,
+    )
+
     fits = " and ".join(fitting_formats(values, info))
     fits = f"label_format={fits}" if fits else f"no label_format ({format_ranges(info)})"
     notes = [f"{split}: label values {describe_values(values)} fit {fits}"]

@@ -31,7 +31,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from evaluation.grid import RULE, head_name, head_results, metric_key, reported_head
+from evaluation.choices import head_name
+from evaluation.grid import RULE, head_results, metric_key, reported_head
 from pixio.runtime.atomic import atomic_path, write_text_atomic
 from pixio.runtime.distributed import is_main
 from pixio.runtime.step import autocast, autocast_dtype
@@ -39,7 +40,6 @@ from pixio.runtime.validation import RESULTS_NAME, run_validation
 
 log = logging.getLogger("pixio.eval")
 
-SELECT_RULES = ("reference", "last", "holdout")
 RULES = {
     "reference": "epoch with the best {metric} on the validation split (the reference's rule: "
     "chosen on the split it reports)",

@@ -5,7 +5,8 @@
         encoder.checkpoint=/ckpt/pixio_vith16.pth data.root=/data/loveda
     python -m evaluation.semseg -m dataset=ade20k,pascal,loveda head=dpt,linear launcher=slurm ...
 
-`main(cfg)` is the job (see evaluation.common.run_eval); `cli` validates the config and hands
+`main(cfg)` is the job (evaluation.head_job.run_eval, imported when it runs: `--help`, `--cfg job`
+and a config error load no torch); `cli` validates the config and hands
 `main` to the launcher. A sweep (-m) submits one job per dataset x head, each in
 `output_root/<dataset>_<head>`.
 """
@@ -17,13 +18,15 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
-from evaluation.common import cli_main, register_configs, run_eval
+from evaluation.common import cli_main, register_configs
 
 register_configs()
 
 
 def main(cfg: DictConfig) -> None:
     """Train and validate one segmentation head on the frozen encoder."""
+    from evaluation.head_job import run_eval  # torch, the models and the trainer: with the job
+
     run_eval(cfg, "semseg")
 
 

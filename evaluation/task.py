@@ -28,10 +28,11 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from evaluation.choices import TTA_SCALES
 from evaluation.features import FrozenFeatures
 from evaluation.grid import GridHead, metric_key, reported_head
 from evaluation.heads import DEPTH_BINS, DPTHead, bin_centres, bins_to_depth, upsample
-from evaluation.inference import TTA_SCALES, predict_with_tta, sliding_window, tta_passes
+from evaluation.inference import predict_with_tta, sliding_window, tta_passes
 from evaluation.metrics import (
     MIN_VALID_PIXELS,
     class_table,

@@ -20,19 +20,17 @@ import torch
 from torch.utils.data import Dataset
 
 from evaluation.datasets import transforms as T
-from evaluation.datasets.info import EIGEN_CROP, DatasetInfo, get_info
+from evaluation.datasets.info import EIGEN_CROP, LABEL_FORMATS, DatasetInfo, get_info
 from evaluation.datasets.labels import warn_if_reduced_without_ignore
 from evaluation.datasets.splits import (
     SPLITS,
     Pair,
-    missing_files,
+    check_pairs,
     read_split_list,
     require_dir,
     scan_layout,
 )
 from pixio.runtime.distributed import is_main
-
-LABEL_FORMATS = ("raw", "reduced")
 
 
 class PairDataset(Dataset):
@@ -165,13 +163,3 @@ def dataset_from_pairs(
         return DepthDataset(info, pairs, split, crop_size)
     reduce_zero = info.reduce_zero_label and label_format == "raw"
     return SegDataset(info, pairs, split, crop_size, reduce_zero=reduce_zero)
-
-
-def check_pairs(pairs: list[Pair], source: str | Path) -> None:
-    """An empty split, or listed files that do not exist, are errors naming them."""
-    if not pairs:
-        raise ValueError(f"no (image, target) pairs in {source}")
-    missing = missing_files(pairs)
-    if missing:
-        shown = ", ".join(str(p) for p in missing[:3])
-        raise FileNotFoundError(f"{len(missing)} files listed by {source} not found: {shown}")

@@ -21,6 +21,10 @@ class DatasetInfo:
     reduce_zero_label: bool = False  # raw 0 = other / no data -> 255, k -> k - 1
 
 
+# How a segmentation set's masks are stored (data.label_format; evaluation/datasets/labels.py):
+# the release's values, remapped on the fly (raw), or 0..K-1 and 255 (reduced).
+LABEL_FORMATS = ("raw", "reduced")
+
 # Rows 45:471 and columns 41:601 of the 480 x 640 NYUv2 frames (top, bottom, left, right).
 EIGEN_CROP: tuple[int, int, int, int] = (45, 471, 41, 601)
 

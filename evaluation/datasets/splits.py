@@ -198,3 +198,13 @@ def scan_layout(name: str, root: str | Path, split: str) -> list[Pair]:
 def missing_files(pairs: Iterable[Pair]) -> list[Path]:
     """The paths of `pairs` that are not files."""
     return [p for pair in pairs for p in pair if not p.is_file()]
+
+
+def check_pairs(pairs: list[Pair], source: str | Path) -> None:
+    """An empty split, or listed files that do not exist, are errors naming them."""
+    if not pairs:
+        raise ValueError(f"no (image, target) pairs in {source}")
+    missing = missing_files(pairs)
+    if missing:
+        shown = ", ".join(str(p) for p in missing[:3])
+        raise FileNotFoundError(f"{len(missing)} files listed by {source} not found: {shown}")

@@ -16,8 +16,8 @@ from PIL import Image
 from tests_helpers import CONFIG_DIR
 
 import pixio
-from evaluation.common import write_results
 from evaluation.demo_data import build_demo
+from evaluation.head_job import write_results
 from evaluation.selection import tables_path
 
 REPO = Path(__file__).resolve().parents[2]

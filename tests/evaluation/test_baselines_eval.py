@@ -23,7 +23,8 @@ from baseline_helpers import TINY_TIMM, save_hf_folder, save_timm_weights, tiny_
 
 from evaluation.common import validate_eval
 from evaluation.depth import main as depth_main
-from evaluation.knn import global_features, image_folders
+from evaluation.knn import global_features
+from evaluation.knn_job import image_folders
 from pixio.runtime import checkpointing
 from pixio.runtime.config import ConfigError
 
@@ -54,7 +55,7 @@ def test_one_epoch_depth_run_on_a_transformers_vit_mae(mae_folder, tmp_path):
     results = read_json(out / "results.json")
     assert results["protocol"] == {"patch_size": 14, "crop_size": 252, "window": 252, "stride": 168,
                                    "reference": {"crop_size": 256, "window": 256, "stride": 170},
-                                   "as_reference": False}  # fmt: skip
+                                   "as_reference": False, "tta": {"mode": "none", "reference": "none"}}  # fmt: skip
     enc = results["encoder"]
     assert (enc["source"], enc["name"], enc["checkpoint"]) == ("transformers", "vit_mae", str(mae_folder))  # fmt: skip
     assert len(enc["sha256"]) == 64

@@ -11,7 +11,7 @@ import pytest
 import torch
 from app_helpers import compose_eval
 
-from evaluation.common import run_eval
+from evaluation.head_job import run_eval
 from evaluation.report import DEMO_PREFIX, collect
 
 THRESHOLDS = {"depth": ("d1", 50.0), "semseg": ("miou", 20.0)}

@@ -20,9 +20,9 @@ from app_helpers import (
     small_demo,
 )
 
-from evaluation.common import build_task, run_eval
 from evaluation.datasets import build_dataset
 from evaluation.depth import main
+from evaluation.head_job import build_task, run_eval
 from pixio.runtime import checkpointing
 from pixio.runtime.distributed import DistInfo
 from pixio.runtime.validation import add_real

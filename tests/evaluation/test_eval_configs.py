@@ -13,7 +13,7 @@ from app_helpers import compose_eval
 from config_helpers import UNKNOWN_EPOCH, refusal
 
 from evaluation.common import check_sweep_output, resolve_sizes, swept_keys, validate_eval
-from evaluation.features import encoder_patch_size
+from evaluation.encoder_config import encoder_patch_size
 from pixio.runtime.config import ConfigError, check_known_keys
 from pixio.runtime.launcher import validate_and_launch
 
@@ -140,7 +140,7 @@ def test_knn_refuses_unknown_plus_keys_and_takes_model_kwargs(tmp_path, capsys):
 
     assert refusal(config("+train.epoch=1"), validate_knn, capsys) == (
         "config error: train.epoch: unknown key (a '+' override adds it, but nothing reads it); "
-        "the keys of train are batch_size, device, precision\n"  # k-NN has no epochs
+        "the keys of train are batch_size, device, precision, cpu_threads\n"  # k-NN has no epochs
     )
     line = refusal(config("+knn.temprature=0.1"), validate_knn, capsys)
     assert line.startswith("config error: knn.temprature: unknown key")

@@ -13,8 +13,8 @@ import torch
 
 import pixio
 from evaluation import vis
-from evaluation.common import IterationLoader
 from evaluation.features import FrozenFeatures
+from evaluation.head_job import IterationLoader
 from evaluation.heads import build_head
 from evaluation.task import DepthTask, SegmentationTask, Windows
 from pixio.runtime.maploader import MapLoader

@@ -10,11 +10,12 @@ import pytest
 import torch
 from app_helpers import compose_eval, cpu_overrides, read_json, save_tiny_encoder, small_demo
 
+from evaluation.choices import head_name
 from evaluation.common import validate_eval
 from evaluation.datasets import get_info
 from evaluation.depth import main as depth_main
 from evaluation.features import FrozenFeatures
-from evaluation.grid import head_name, metric_key
+from evaluation.grid import metric_key
 from evaluation.semseg import main as semseg_main
 from evaluation.task import HeadTask
 from pixio.runtime import checkpointing

@@ -16,7 +16,8 @@ from PIL import Image
 from torch.nn import functional as F
 
 import pixio
-from evaluation.knn import global_features, image_folders, knn_classify, knn_evaluate
+from evaluation.knn import global_features, knn_classify, knn_evaluate
+from evaluation.knn_job import image_folders
 
 
 def unit(angle_deg: float) -> list[float]:
@@ -194,9 +195,14 @@ def test_knn_config_errors_name_the_key(tmp_path):
 
     def config(*overrides: str):
         with initialize_config_dir(config_dir=CONFIG_DIR, version_base=None):
-            return compose("eval_knn", [f"data.root={tmp_path}", f"output_dir={tmp_path}", *overrides])  # fmt: skip
+            return compose("eval_knn", [f"data.root={tmp_path / 'data'}", f"output_dir={tmp_path}", *overrides])  # fmt: skip
 
     missing = tmp_path / "nope.pth"
+    # Values and paths first, then the encoder (whose checks may read the checkpoint with torch).
+    with pytest.raises(ConfigError, match=r"^data.root: .*train is not a directory"):
+        validate_knn(config(f"encoder.checkpoint={missing}"))
+    for split in ("train", "val"):
+        (tmp_path / "data" / split).mkdir(parents=True)
     with pytest.raises(ConfigError, match=f"^encoder.checkpoint: not found: {missing}$"):
         validate_knn(config(f"encoder.checkpoint={missing}"))
     with pytest.raises(ConfigError, match="^encoder.checkpoint: is required"):
@@ -204,8 +210,6 @@ def test_knn_config_errors_name_the_key(tmp_path):
     missing.write_bytes(b"")
     with pytest.raises(ConfigError, match="^knn.k: must be a non-empty list"):
         validate_knn(config(f"encoder.checkpoint={missing}", "knn.k=[10,0]"))
-    with pytest.raises(ConfigError, match=r"^data.root: .*train is not a directory"):
-        validate_knn(config(f"encoder.checkpoint={missing}"))
 
 
 # ---- bad input and failures ---------------------------------------------------------------------
@@ -234,7 +238,8 @@ def test_random_weights_are_refused_outside_the_demos(tmp_path):
 def test_an_output_dir_holding_other_results_is_refused(tmp_path, caplog):
     from app_helpers import fake_run
 
-    from evaluation.knn import start_checks, validate_knn
+    from evaluation.knn import validate_knn
+    from evaluation.knn_job import start_checks
     from pixio.runtime.config import ConfigError
 
     for split in ("train", "val"):
@@ -277,7 +282,7 @@ def truncated_jpeg(path: Path) -> Path:
 
 @pytest.mark.parametrize("workers", [0, 1])
 def test_an_unreadable_image_stops_extraction_with_one_line_naming_it(tmp_path, workers):
-    from evaluation.knn import extract_features
+    from evaluation.knn_job import extract_features
     from pixio.runtime.distributed import DistInfo
     from pixio.runtime.job import DataError
 
@@ -300,7 +305,7 @@ def _two_ranks(rank: int, port: int, out: Path) -> None:
     only rank 1 met, one line per step in out/rank<r>.txt."""
     import os
 
-    from evaluation.knn import raise_unreadable
+    from evaluation.knn_job import raise_unreadable
     from pixio.runtime.config import ConfigError
     from pixio.runtime.distributed import init_distributed
     from pixio.runtime.rank0 import rank0_result
@@ -372,7 +377,7 @@ def test_knn_results_json_has_the_head_runs_schema(tmp_path):
     # holding the metric, the same encoder record, protocol, architecture, config.
     from app_helpers import fake_run
 
-    from evaluation.knn import results_record
+    from evaluation.knn_job import results_record
     from evaluation.results import read_results, run_identity
 
     ckpt = tmp_path / "enc.safetensors"

@@ -23,9 +23,11 @@ from launch_helpers import record_launches, run_app
 from PIL import Image
 
 import evaluation.linear as linear
+import evaluation.linear_job as linear_job
 import pixio
 from evaluation import report
-from evaluation.grid import build_grid, head_name, head_results, reported_head
+from evaluation.choices import head_name
+from evaluation.grid import build_grid, head_results, reported_head
 from evaluation.linear_data import CentreCrop, LabelledImages, build_indexes
 from pixio.data.make_shards import main as make_shards
 from pixio.runtime import checkpointing
@@ -94,7 +96,7 @@ def test_colour_classes_are_learned_and_results_follow_the_schema(inputs, tmp_pa
     # Full batches (48 images, 1 iteration per epoch): LARS leaves the bias unscaled, and with
     # 3 classes a small batch's bias gradient is noise that outgrows the slowly moving weight.
     full = {"train.batch_size": 48, "train.epochs": 30, "train.val_every": 10, "optim.warmup_epochs": 5}  # fmt: skip
-    results = linear.run_linear(compose(overrides(encoder, root, out, **full)))
+    results = linear_job.run_linear(compose(overrides(encoder, root, out, **full)))
     assert results == read_json(out / "results.json")
     assert (results["task"], results["dataset"], results["head"], results["metric"]) == ("linear", "imagenet", "cls", "top1")  # fmt: skip
     assert results["best"]["top1"] >= 90, results["epochs"]
@@ -119,14 +121,14 @@ def test_colour_classes_are_learned_and_results_follow_the_schema(inputs, tmp_pa
 def test_grid_heads_equal_single_lr_runs_with_one_encoder_forward_per_batch(inputs, tmp_path, monkeypatch):  # fmt: skip
     encoder, root = inputs
     calls = []
-    real = linear.pooled_features
-    monkeypatch.setattr(linear, "pooled_features", lambda *a, **k: calls.append(a[1].shape[0]) or real(*a, **k))  # fmt: skip
+    real = linear_job.pooled_features
+    monkeypatch.setattr(linear_job, "pooled_features", lambda *a, **k: calls.append(a[1].shape[0]) or real(*a, **k))  # fmt: skip
     short = {"train.epochs": 2, "train.val_every": 1}
     runs = {"grid": "[0.5,64.0]", "low": "[0.5]", "high": "[64.0]"}
     counted = {}
     for run, lrs in runs.items():
         calls.clear()
-        linear.run_linear(compose(overrides(encoder, root, tmp_path / run, **short, **{"head.lrs": lrs})))  # fmt: skip
+        linear_job.run_linear(compose(overrides(encoder, root, tmp_path / run, **short, **{"head.lrs": lrs})))  # fmt: skip
         counted[run] = list(calls)
     # 12 training batches of 8 and 2 validations of 18 images (batches of 8, 8, 2): the same
     # encoder calls whatever the number of heads.
@@ -150,10 +152,10 @@ def test_a_stopped_run_resumes_to_the_uninterrupted_result(inputs, tmp_path):
     # checkpoint's keys), saves every 4 iterations, stopped mid-epoch 2 after a save.
     extra = {"linear.global_batch": 16, "head.lrs": "[0.5,64.0]", "train.save_every_iters": 4, "train.epochs": 3, "train.val_every": 1}  # fmt: skip
     full, part = tmp_path / "full", tmp_path / "part"
-    linear.run_linear(compose(overrides(encoder, root, full, **extra)))
-    assert linear.run_linear(compose(overrides(encoder, root, part, **extra, **{"train.max_iters": 8}))) is None  # fmt: skip
+    linear_job.run_linear(compose(overrides(encoder, root, full, **extra)))
+    assert linear_job.run_linear(compose(overrides(encoder, root, part, **extra, **{"train.max_iters": 8}))) is None  # fmt: skip
     assert not (part / "results.json").exists()
-    linear.run_linear(compose(overrides(encoder, root, part, **extra)))
+    linear_job.run_linear(compose(overrides(encoder, root, part, **extra)))
     a, b = heads(full), heads(part)
     assert a.keys() == b.keys() == {"head_lr0.5", "head_lr64"}
     assert all(same(a[k], b[k]) for k in a)
@@ -167,7 +169,7 @@ def _worker(rank: int, world: int, port: int, args: list[str]) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                       WORLD_SIZE=str(world), LOCAL_RANK=str(rank))  # fmt: skip
     torch.set_num_threads(1)
-    linear.run_linear(compose(args))
+    linear_job.run_linear(compose(args))
 
 
 @pytest.mark.slow
@@ -182,7 +184,7 @@ def test_two_processes_count_every_validation_image_once(inputs, tmp_path):
     assert results["epochs"][-1]["samples"] == 15
     # Each head's final numbers are those of its saved weights over the whole set in one process.
     cpu = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
-    task = linear.build_task(compose(args), cpu, 3)
+    task = linear_job.build_task(compose(args), cpu, 3)
     saved = heads(out)
     for h in task.grid:
         h.module.load_state_dict(saved[h.name])
@@ -247,7 +249,7 @@ def test_bad_data_and_config_name_the_culprit(inputs, tmp_path, capsys):
     ]
     for extra, message in cases:
         with pytest.raises(ConfigError, match=message):
-            linear.run_linear(compose(overrides(encoder, root, tmp_path / "refused", **extra)))
+            linear_job.run_linear(compose(overrides(encoder, root, tmp_path / "refused", **extra)))
     # The process count is known inside the job: one `config error:` line, exit 2.
     in_job = [
         (
@@ -265,7 +267,7 @@ def test_bad_data_and_config_name_the_culprit(inputs, tmp_path, capsys):
     ]
     for extra, message in in_job:
         with pytest.raises(SystemExit) as exit_info:
-            linear.run_linear(compose(overrides(encoder, root, tmp_path / "refused", **extra)))
+            linear_job.run_linear(compose(overrides(encoder, root, tmp_path / "refused", **extra)))
         err = capsys.readouterr().err
         assert exit_info.value.code == 2 and f"config error: {message}" in err, err
 
@@ -276,7 +278,7 @@ def test_an_unreadable_image_stops_the_run_naming_it(inputs, tmp_path, capsys):
     bad = copy / "train/green/03.jpg"
     bad.write_bytes(bad.read_bytes()[:200])  # a truncated JPEG
     with pytest.raises(SystemExit) as exit_info:
-        linear.run_linear(compose(overrides(encoder, copy, tmp_path / "out", **{"train.batch_size": 48})))  # fmt: skip
+        linear_job.run_linear(compose(overrides(encoder, copy, tmp_path / "out", **{"train.batch_size": 48})))  # fmt: skip
     err = capsys.readouterr().err
     assert exit_info.value.code == 1 and f"error: cannot read image {bad}: corrupt_image" in err, (
         err
@@ -318,10 +320,10 @@ def test_flops_per_sample_are_torch_s_count_of_the_step():
     from torch.utils.flop_counter import FlopCounterMode
 
     with torch.device("meta"):
-        features = linear.PooledFeatures(pixio.build_encoder("pixio_vitt16", **TINY_ENCODER), "both")  # fmt: skip
-        grid = build_grid([1.0, 2.0], lambda: linear.linear_head(features.dim, 7), OptimConfig(name="lars"), "blr")  # fmt: skip
+        features = linear_job.PooledFeatures(pixio.build_encoder("pixio_vitt16", **TINY_ENCODER), "both")  # fmt: skip
+        grid = build_grid([1.0, 2.0], lambda: linear_job.linear_head(features.dim, 7), OptimConfig(name="lars"), "blr")  # fmt: skip
         batch = {"image": torch.empty(4, 3, 48, 32), "label": torch.zeros(4, dtype=torch.long)}
-    task = linear.LinearProbeTask(features, grid, 7)
+    task = linear_job.LinearProbeTask(features, grid, 7)
     modules = {"encoder": features, **{h.name: h.module for h in grid}}
     with FlopCounterMode(display=False) as counter:
         task.step(modules, batch).loss.backward()

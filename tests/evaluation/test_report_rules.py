@@ -9,8 +9,8 @@ import json
 from app_helpers import fake_history
 
 from evaluation import report
-from evaluation.common import write_results
 from evaluation.grid import metric_key
+from evaluation.head_job import write_results
 
 ENCODER = {"name": "pixio_vith16", "checkpoint": "/ckpt/encoder.pth", "sha256": "ab" * 32}
 

@@ -18,11 +18,12 @@ from app_helpers import (  # fmt: skip
     small_demo,
 )
 
-import evaluation.common as common
-from evaluation.common import build_task, validate_eval, write_results
+import evaluation.head_job as head_job
+from evaluation.common import validate_eval
 from evaluation.datasets import DepthDataset, build_dataset
 from evaluation.depth import main
 from evaluation.grid import metric_key
+from evaluation.head_job import build_task, write_results
 from evaluation.selection import holdout_indices, selection_path
 from pixio.runtime.config import ConfigError
 from pixio.runtime.distributed import DistInfo
@@ -45,7 +46,7 @@ def test_holdout_reads_the_validation_split_once_after_the_choice(inputs, tmp_pa
     checkpoint, root = inputs
     val_images = {str(p[0]) for p in build_dataset("kitti", root, "val").pairs}
     events: list[tuple[str, ...]] = []
-    read, choose = DepthDataset.__getitem__, common.holdout_choice
+    read, choose = DepthDataset.__getitem__, head_job.holdout_choice
 
     def recorded_read(self, index):  # the val split's images; training crops; held-out images
         image = str(self.pairs[index][0])
@@ -57,7 +58,7 @@ def test_holdout_reads_the_validation_split_once_after_the_choice(inputs, tmp_pa
         return choose(*args, **kwargs)
 
     monkeypatch.setattr(DepthDataset, "__getitem__", recorded_read)
-    monkeypatch.setattr(common, "holdout_choice", recorded_choice)
+    monkeypatch.setattr(head_job, "holdout_choice", recorded_choice)
     out = tmp_path / "run"
     cfg = compose_eval("depth", cpu_overrides(checkpoint, root, out, **HOLDOUT))
     main(cfg)
