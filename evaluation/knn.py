@@ -4,7 +4,8 @@
         data.root=/datasets/imagenet launcher.gpus=8
     python -m evaluation.knn experiment=knn_demo     # CPU, about a minute
 
-Protocol: resize the short side to 256 (bicubic), center crop 256, ImageNet normalisation;
+Protocol: resize the short side to 256 (bicubic), center crop 256, ImageNet normalisation (on
+the device: the loader's workers hand over uint8 crops);
 feature = mean of the class tokens of the last block BEFORE the final norm, L2-normalised;
 cosine similarity to every training image, the k nearest vote with weight exp(sim / T)
 (T = 0.07), top-1 / top-5 accuracy in percent for k in {10, 20, 100, 200}. The maths (and the

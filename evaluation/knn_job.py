@@ -1,7 +1,8 @@
 """The k-NN job of `python -m evaluation.knn` (whose docstring gives the protocol; the config
 and its checks are `evaluation.knn_config`'s, which loads no torch): the image folders, every
 image's global feature extracted once over all ranks, the classification on rank 0,
-results.json and the optional features.pt.
+results.json and the optional features.pt. The loader's workers hand over uint8 crops, which
+the device normalises (`normalize_images`, the trainer's), as in pre-training's pipeline.
 """
 
 from __future__ import annotations
@@ -26,7 +27,6 @@ from evaluation.encoder_config import reference_side
 from evaluation.features import encoder_digest, load_frozen_encoder
 from evaluation.knn_config import check_output_owner
 from evaluation.results import RESULTS_FILE, encoder_record
-from pixio.constants import IMAGENET_MEAN, IMAGENET_STD
 from pixio.knn import build_demo_folders, global_features, knn_evaluate
 from pixio.models.features import FeatureEncoder
 from pixio.runtime.atomic import atomic_path, write_text_atomic
@@ -35,6 +35,7 @@ from pixio.runtime.distributed import DistInfo, barrier, is_dist, reduce_device
 from pixio.runtime.job import DataError, OutputDirError, run_job
 from pixio.runtime.logging import WandbLogger
 from pixio.runtime.maploader import EvalLoader
+from pixio.runtime.prefetch import normalize_images
 from pixio.runtime.rank0 import rank0_result
 
 log = logging.getLogger("pixio.knn")
@@ -44,13 +45,14 @@ FEATURES_NAME = "features.pt"
 
 # ---- data -------------------------------------------------------------------------------------
 def knn_transform(resize: int = 256, crop: int = 256) -> transforms.Compose:
-    """Short side to `resize` (bicubic), center crop `crop`, to [0, 1], ImageNet normalisation."""
+    """Short side to `resize` (bicubic), center crop `crop`: uint8 (3, crop, crop). The ImageNet
+    normalisation is the device's (`normalize_images` in `extract_features`): the workers hand
+    over a quarter of float32's bytes."""
     return transforms.Compose(
         [
             transforms.Resize(resize, interpolation=transforms.InterpolationMode.BICUBIC),
             transforms.CenterCrop(crop),
-            transforms.ToTensor(),
-            transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+            transforms.PILToTensor(),
         ]
     )
 
@@ -119,7 +121,8 @@ def extract_features(
             unreadable += images
             continue
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
-            feats.append(global_features(encoder, images.to(info.device, non_blocking=True)))
+            batch = normalize_images(images.to(info.device, non_blocking=True))  # (B, 3, H, W)
+            feats.append(global_features(encoder, batch))
         real.append(is_real)
     raise_unreadable(unreadable, info)
     local = torch.cat(feats)  # (m, D): positions rank, rank + W, ... of the padded set

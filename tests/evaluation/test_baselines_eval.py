@@ -27,6 +27,7 @@ from evaluation.knn import global_features
 from evaluation.knn_job import image_folders
 from pixio.runtime import checkpointing
 from pixio.runtime.config import ConfigError
+from pixio.runtime.prefetch import normalize_images
 
 HYBRID = "vit_base_r50_s16_224"
 
@@ -105,7 +106,7 @@ def test_knn_run_on_a_timm_vit_hybrid_matches_in_process_features(hybrid_knn, hy
     saved = torch.load(tmp / "out" / "features.pt")
     with torch.no_grad():
         for key, dataset in (("train", train_set), ("val", val_set)):
-            expected = global_features(encoder, torch.stack([s[0] for s in dataset]))
+            expected = global_features(encoder, normalize_images(torch.stack([s[0] for s in dataset])))
             torch.testing.assert_close(saved[key], expected, rtol=0, atol=1e-5)
 
 

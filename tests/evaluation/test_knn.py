@@ -18,6 +18,7 @@ from torch.nn import functional as F
 import pixio
 from evaluation.knn import global_features, knn_classify, knn_evaluate
 from evaluation.knn_job import image_folders
+from pixio.runtime.prefetch import normalize_images
 
 
 def unit(angle_deg: float) -> list[float]:
@@ -162,7 +163,7 @@ def test_knn_app_end_to_end_matches_in_process_features(knn_setup, one_process_r
     assert record["encoder"]["checkpoint"] == str(ckpt.resolve()) and record["demo"] is False
     train_set, val_set = image_folders(data, 32, 32)
     with torch.no_grad():
-        feats = [global_features(encoder, torch.stack([s[0] for s in d])) for d in (train_set, val_set)]  # fmt: skip
+        feats = [global_features(encoder, normalize_images(torch.stack([s[0] for s in d]))) for d in (train_set, val_set)]  # fmt: skip
     saved = torch.load(one_process_run / "features.pt")
     torch.testing.assert_close(saved["train"], feats[0], rtol=0, atol=1e-5)
     torch.testing.assert_close(saved["val"], feats[1], rtol=0, atol=1e-5)
@@ -172,6 +173,38 @@ def test_knn_app_end_to_end_matches_in_process_features(knn_setup, one_process_r
         assert record["top1"][str(k)] == pytest.approx(top1)
         assert record["top5"][str(k)] == pytest.approx(top5)
     assert "top-1" in (tmp / "out" / "train.log").read_text()
+
+
+def test_uint8_crops_normalised_on_the_device_equal_the_float_path(tmp_path):
+    """The workers' uint8 crops, normalised where the encoder runs, give the images, features and
+    accuracies of the former float path (ToTensor + Normalize in the workers)."""
+    from torchvision import transforms
+
+    from evaluation.knn_job import extract_features
+    from pixio.constants import IMAGENET_MEAN, IMAGENET_STD
+    from pixio.runtime.distributed import DistInfo
+
+    data = make_folder(tmp_path / "data", {"train": 4, "val": 2})
+    float_path = transforms.Compose([
+        transforms.Resize(32, interpolation=transforms.InterpolationMode.BICUBIC),
+        transforms.CenterCrop(32), transforms.ToTensor(), transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+    ])  # fmt: skip
+    train, val = image_folders(data, 32, 32)
+    assert train[0][0].dtype == torch.uint8 and train[0][0].shape == (3, 32, 32)
+    torch.manual_seed(0)
+    encoder = pixio.build_encoder("pixio_vitt16", **TINY_ENCODER).eval()
+    info = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
+    feats, reference = [], []
+    for dataset in (train, val):
+        floats = torch.stack([float_path(train.loader(path)) for path, _ in dataset.samples])
+        assert (normalize_images(torch.stack([x for x, _ in dataset])) - floats).abs().max() <= 1e-6
+        feats.append(extract_features(encoder, dataset, 5, info))
+        with torch.no_grad():
+            reference.append(global_features(encoder, floats))
+        torch.testing.assert_close(feats[-1], reference[-1], rtol=0, atol=1e-6)
+    labels = [torch.tensor(d.targets) for d in (train, val)]
+    ks = [1, 3, 12]
+    assert knn_evaluate(feats[0], labels[0], feats[1], labels[1], ks, 0.07, 3) == knn_evaluate(reference[0], labels[0], reference[1], labels[1], ks, 0.07, 3)  # fmt: skip
 
 
 @pytest.mark.slow
