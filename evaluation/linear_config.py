@@ -23,8 +23,7 @@ from evaluation.encoder_config import (
     reference_side,
     resolve_encoder_name,
 )
-from evaluation.report import linear_owner_problem
-from evaluation.results import app_identity
+from evaluation.results import app_identity, owner_problem
 from pixio.runtime.config import (
     LauncherConfig,
     LoggerConfig,
@@ -131,7 +130,7 @@ def check_output_owner(cfg: Any, **digest: str | None) -> None:
     """ConfigError unless output_dir is free for this probe's results.json: none there, or a
     linear probe's of the same feature and encoder (with `sha256=`, the same checkpoint)."""
     identity = app_identity(TASK, cfg.encoder, DATASET, cfg.linear.feature, **digest)
-    problem = linear_owner_problem(cfg.output_dir, identity)
+    problem = owner_problem(cfg.output_dir, identity)
     require(problem is None, "output_dir", str(problem))
 
 

@@ -38,23 +38,15 @@ from pathlib import Path
 from typing import Any
 
 from evaluation.results import (
-    IDENTITY_KEYS,
     PIXIO,
     RESULTS_FILE,
     VAL_RESULTS_FILE,
     ResultsFileError,
-    _check_metric,
-    _need,
-    _shown,
-    describe_run,
     encoder_of,
     is_knn,
     is_random,
-    load_json_object,
-    owner_problem,
     read_results,
     read_val_results,
-    run_identity,
 )
 
 # (dataset, head) -> headline metric of Pixio ViT-H/16 (631M), frozen encoder: d1 % / mIoU %.
@@ -114,48 +106,6 @@ RUNS_NOTE = (
     "a baseline of another patch size uses the largest multiple of its patch up to 256 "
     "(patch 14: 252/252/168); - = not recorded."
 )
-
-
-def read_run(path: str | Path) -> dict[str, Any]:
-    """A finished run's results.json, checked: `evaluation.results.read_results`, and a linear
-    probe's (task `linear`: the head-run schema with the `grid` of its heads, each with a
-    `best` and a `final` top-1), which that reader does not take."""
-    path = Path(path)
-    record = load_json_object(path)
-    if record.get("task") != LINEAR_TASK:
-        return read_results(path)
-    for key in ("dataset", "head", "metric", "reported_head"):
-        _need(isinstance(record.get(key), str), path, f"`{key}` is {_shown(record.get(key))}, not a name")  # fmt: skip
-    for key in ("best", "final"):
-        _check_metric(record.get(key), record["metric"], key, path)
-    grid = record.get("grid")
-    _need(isinstance(grid, dict) and len(grid) > 0, path, f"`grid` is {_shown(grid)}, not the heads' results")  # fmt: skip
-    for name, head in grid.items():
-        for key in ("best", "final"):
-            entry = head.get(key) if isinstance(head, dict) else None
-            _check_metric(entry, record["metric"], f"grid.{name}.{key}", path)
-    encoder = record.get("encoder")
-    _need(isinstance(encoder, dict) and isinstance(encoder.get("name"), str), path, "`encoder.name` is missing")  # fmt: skip
-    return record
-
-
-def linear_owner_problem(output_dir: str | Path, identity: dict[str, Any]) -> str | None:
-    """`evaluation.results.owner_problem` for a linear probe (`identity` of task `linear`),
-    whose own results.json that function cannot read: the same probe (feature, encoder,
-    checkpoint) may replace it, any other run's stays."""
-    found = Path(output_dir) / RESULTS_FILE
-    try:
-        theirs = read_run(found) if found.exists() else None
-    except ResultsFileError as err:
-        return f"{err}; this run would replace it: move it away, or choose another output_dir"
-    if theirs is None or theirs.get("task") != LINEAR_TASK:
-        return owner_problem(output_dir, identity)
-    mine = run_identity(theirs)
-    if any(mine[k] != identity[k] for k in IDENTITY_KEYS if k in identity):
-        return (f"{output_dir} holds the results of another run ({RESULTS_FILE}: "
-                f"{describe_run(mine)}); this run ({describe_run(identity)}) would replace "
-                f"them: choose another output_dir, or move that file away")  # fmt: skip
-    return None
 
 
 def encoder_label(source: str, name: str) -> str:
@@ -351,7 +301,7 @@ def collect(root: str | Path) -> tuple[list[Row], list[str]]:
     for path in sorted(root.rglob(RESULTS_FILE)):
         run = str(path.parent.relative_to(root)) or "."
         try:
-            results = read_run(path)
+            results = read_results(path)
         except ResultsFileError as err:
             skipped.append(f"skipped {err}")
             continue
@@ -457,7 +407,7 @@ def tables_under(root: str | Path) -> list[str]:
     out = []
     for path in sorted(Path(root).rglob(RESULTS_FILE)):
         try:
-            results = read_run(path)
+            results = read_results(path)
         except ResultsFileError:
             continue  # named once already, by collect
         if results.get("task") in TASK_ORDER and (text := table_report(results, str(path.parent.relative_to(root)) or ".")):  # fmt: skip

@@ -2,9 +2,11 @@
 each belongs to, and whether a new run may write its results into a folder.
 
 - `results.json`, one schema for every task: `task`, `dataset`, `demo` (demo data), `head`
-  (k-NN: null), `metric`, `best` and `final` (labelled rows holding the metric), the `encoder`
-  record {source, name, checkpoint, module, sha256, random_weights} (`encoder_record`),
-  `protocol`, `architecture` and `config`. Head runs add every epoch's validation (`epochs`);
+  (k-NN: null; the linear probe: its feature), `metric`, `best` and `final` (labelled rows
+  holding the metric), the `encoder` record {source, name, checkpoint, module, sha256,
+  random_weights} (`encoder_record`), `protocol`, `architecture` and `config`. Head runs
+  (depth, segmentation, the linear probe) add every epoch's validation (`epochs`) and, for an lr
+  grid, each head's best and final (`grid`, checked like `best` and `final`);
   k-NN adds `by_k` and the `top1` / `top5` maps by k. k-NN files of earlier versions (`encoder`
   a name, `encoder_source`, `encoder_module`, `checkpoint_sha256`; the oldest without `task`,
   told apart by `top1`) still read (`encoder_of`).
@@ -25,7 +27,7 @@ from typing import Any
 PIXIO = "pixio"
 RESULTS_FILE = "results.json"
 VAL_RESULTS_FILE = "val_results.json"  # pixio.runtime.validation.RESULTS_NAME
-HEAD_TASKS = ("depth", "semseg")
+HEAD_TASKS = ("depth", "semseg", "linear")  # runs that train heads: evaluation.head_job, linear_job
 # What tells two runs' results apart: the task (a head run's dataset and head) and the encoder.
 IDENTITY_KEYS = ("task", "dataset", "head", "source", "name", "module", "sha256")
 
@@ -87,6 +89,17 @@ def _check_head(record: Mapping[str, Any], path: Path) -> None:
         _check_metric(record.get(key), record["metric"], key, path)
     encoder = record.get("encoder")
     _need(isinstance(encoder, dict) and isinstance(encoder.get("name"), str), path, "`encoder.name` is missing")  # fmt: skip
+    if "grid" in record:
+        _check_grid(record["grid"], record["metric"], path)
+
+
+def _check_grid(grid: Any, metric: str, path: Path) -> None:
+    """An lr grid's heads, each with a `best` and a `final` validation holding the metric."""
+    _need(isinstance(grid, dict) and len(grid) > 0, path, f"`grid` is {_shown(grid)}, not the heads' results")  # fmt: skip
+    for name, head in grid.items():
+        for key in ("best", "final"):
+            entry = head.get(key) if isinstance(head, dict) else None
+            _check_metric(entry, metric, f"grid.{name}.{key}", path)
 
 
 def _check_knn(record: Mapping[str, Any], path: Path) -> None:

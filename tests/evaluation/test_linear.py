@@ -29,6 +29,7 @@ from evaluation import report
 from evaluation.choices import head_name
 from evaluation.grid import build_grid, head_results, reported_head
 from evaluation.linear_data import CentreCrop, LabelledImages, build_indexes
+from evaluation.results import read_results
 from pixio.data.make_shards import main as make_shards
 from pixio.runtime import checkpointing
 from pixio.runtime.config import ConfigError, OptimConfig
@@ -111,7 +112,7 @@ def test_colour_classes_are_learned_and_results_follow_the_schema(inputs, tmp_pa
     assert set(heads(out)) == {"head_lr64"}
     assert sorted(heads(out)["head_lr64"]) == ["0.num_batches_tracked", "0.running_mean", "0.running_var", "1.bias", "1.weight"]  # fmt: skip
     # The report: one linear row, side by side too (a trained encoder on real data).
-    assert report.read_run(out / "results.json") == results
+    assert read_results(out / "results.json") == results
     rows, skipped = report.collect(tmp_path)
     assert not skipped and [(r.task, r.head, r.best, r.grid) for r in rows] == [("linear", "cls", results["best"]["top1"], False)]  # fmt: skip
     assert "\nlinear  imagenet  cls " in report.format_comparison(rows)

@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from app_helpers import fake_run
 
 from evaluation import report
@@ -176,7 +177,7 @@ def test_bad_files_are_skipped_and_named_and_the_rest_reported(tmp_path, capsys)
         f"skipped {tmp_path / 'dir' / 'results.json'}: cannot be read (Is a directory)",
         f"skipped {tmp_path / 'fallback' / 'results.json'}: empty",
         f"skipped {knn_nulls}: `top1.10` is null, not an accuracy",
-        f"skipped {nulls}: `task` is null, not one of depth, semseg or knn",
+        f"skipped {nulls}: `task` is null, not one of depth, semseg, linear or knn",
         f"skipped {binary}: cannot be read ('utf-8' codec can't decode byte 0xff in position 0: invalid start byte)",
     ])  # fmt: skip
     runs = {line.split()[-1]: line.split() for line in run_lines(captured.out.splitlines())[2:]}
@@ -268,3 +269,32 @@ def test_demo_runs_are_labelled_and_never_beside_published_numbers(tmp_path, cap
     ]
     assert all(r[-3:-1] == ["-", "-"] for r in demo_knn)
     assert report.DEMO_NOTE in out and not any(line.startswith("no run for") and "ade20k/linear" in line for line in out)  # fmt: skip
+
+
+def test_linear_probe_results_are_head_runs_for_the_shared_reader(tmp_path):
+    """A linear probe's results.json is read and its output folder guarded by the functions of the
+    depth / segmentation runs (task `linear` is a head task); its lr grid is checked like `best`
+    and `final`, for every head task."""
+    from evaluation.results import ResultsFileError, app_identity, owner_problem, read_results
+
+    row = {"epoch": 4.0, "iteration": 24, "top1": 61.5, "top5": 90.0}
+    record = {"task": "linear", "dataset": "imagenet", "demo": False, "head": "cls", "metric": "top1",
+              "best": {"label": "best over epochs", "head": "head_lr0.1", **row},
+              "final": {"label": "final epoch", "head": "head_lr0.1", **row},
+              "reported_head": "head_lr0.1", "grid": {"head_lr0.1": {"blr": 0.1, "best": row, "final": row}},
+              "encoder": {"source": "pixio", "name": "pixio_vith16", "module": None, "sha256": "ab" * 32}}  # fmt: skip
+    path = tmp_path / "probe" / "results.json"
+    path.parent.mkdir()
+    path.write_text(json.dumps(record))
+    assert read_results(path) == record
+    encoder = {"source": "pixio", "name": "pixio_vith16", "module": None}
+    assert owner_problem(path.parent, app_identity("linear", encoder, "imagenet", "cls", sha256="ab" * 32)) is None  # fmt: skip
+    other = owner_problem(path.parent, app_identity("linear", encoder, "imagenet", "avgpool"))
+    assert f"{path.parent} holds the results of another run (results.json: linear imagenet cls of pixio_vith16 (sha256 abababab" in other  # fmt: skip
+    depth = owner_problem(path.parent, app_identity("depth", encoder, "nyuv2", "dpt"))
+    assert depth.startswith(f"{path.parent} holds the results of another run (results.json: linear imagenet cls")  # fmt: skip
+    record["grid"]["head_lr0.1"]["final"] = None
+    path.write_text(json.dumps(record))
+    with pytest.raises(ResultsFileError) as err:
+        read_results(path)
+    assert str(err.value) == f"{path}: `grid.head_lr0.1.final` is null, not a validation record"
