@@ -106,7 +106,9 @@ def test_knn_run_on_a_timm_vit_hybrid_matches_in_process_features(hybrid_knn, hy
     saved = torch.load(tmp / "out" / "features.pt")
     with torch.no_grad():
         for key, dataset in (("train", train_set), ("val", val_set)):
-            expected = global_features(encoder, normalize_images(torch.stack([s[0] for s in dataset])))
+            expected = global_features(
+                encoder, normalize_images(torch.stack([s[0] for s in dataset]))
+            )
             torch.testing.assert_close(saved[key], expected, rtol=0, atol=1e-5)
 
 
