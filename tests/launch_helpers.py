@@ -14,7 +14,7 @@ import pytest
 from pixio.runtime import launcher
 
 REPO = Path(__file__).resolve().parents[1]
-APPS = ("pretraining.train", "distillation.train", "evaluation.depth", "evaluation.semseg", "evaluation.knn")  # fmt: skip
+APPS = ("pretraining.train", "distillation.train", "evaluation.depth", "evaluation.semseg", "evaluation.knn", "evaluation.linear")  # fmt: skip
 
 
 def run_app(
