@@ -17,6 +17,7 @@ split once (the other ranks wait) and broadcasts the index. Items are
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,8 +31,10 @@ from torchvision.transforms import functional as TF
 
 from evaluation.datasets import UnreadableImageError
 from pixio.data.images import DecodeError, decode_crop, load_rgb
-from pixio.monitor import Sample, folder_samples, shard_samples
+from pixio.monitor import LeftOut, Sample, folder_samples, shard_samples
 from pixio.runtime.config import ConfigError
+
+log = logging.getLogger("pixio.eval")
 
 SPLITS = ("train", "val")
 
@@ -88,16 +91,32 @@ def class_names(root: str | Path) -> list[str] | None:
     return train
 
 
+def list_samples(source: Path | list[Path], classes: list[str] | None) -> tuple[list[Sample], LeftOut]:  # fmt: skip
+    """A split's samples: its class folders' images, or its shards' labelled ones (the samples
+    without a usable `.cls` label left out and counted)."""
+    left_out = LeftOut()
+    if isinstance(source, Path):
+        return folder_samples(source, classes or []), left_out
+    samples = []
+    for tar in source:
+        found, skipped = shard_samples(tar)
+        samples += found
+        left_out.add(skipped)
+    return samples, left_out
+
+
 def build_index(root: str | Path, split: str, classes: list[str] | None) -> ImageIndex:
-    """The index of one split (the monitor's listing of folders or shards); ConfigError naming
-    data.root when it holds no labelled image."""
+    """The index of one split (the monitor's listing of folders or shards; shard samples
+    without a usable `.cls` label are skipped, counted and logged); ConfigError naming data.root
+    when it holds no labelled image."""
     source = split_source(root, split)
-    if isinstance(source, list):
-        samples = [s for tar in source for s in shard_samples(tar)]
-    else:
-        samples = folder_samples(source, classes or [])
+    samples, left_out = list_samples(source, classes)
+    where = source if isinstance(source, Path) else f"{root} ({split} shards)"
+    why = f" ({left_out.describe()})" if left_out.count else ""
     if not samples:
-        raise ConfigError(f"data.root: {source} holds no labelled image")
+        raise ConfigError(f"data.root: {where} holds no labelled image{why}")
+    if left_out.count:
+        log.warning("data.root: %s: %s", where, left_out.describe())
     root = Path(root)
     files = list(dict.fromkeys(s.path for s in samples))  # in order, each once
     position = {f: i for i, f in enumerate(files)}

@@ -10,7 +10,8 @@ folders per job, not per rank); shards are taken in a seeded order, their sample
 (shards written by `pixio.data.make_shards` are shuffled), so only the shards that hold the
 subset are opened. Each rank decodes its share (every W-th image) once, resized (short side,
 bicubic) and centre-cropped to `monitor.img_size`, and keeps it as uint8 in host memory.
-Unreadable images are skipped, counted and the first one named in the log.
+Unreadable images are skipped, counted and the first one named in the log; so are the shard
+samples without a usable `.cls` label (`shard_samples`).
 
 Each call: every rank encodes its share (the same number of batches on every rank, padded, so a
 sharded encoder's collectives line up), the bank is all-gathered, each rank classifies its val
@@ -79,11 +80,29 @@ def folder_samples(split: Path, classes: list[str]) -> list[Sample]:
     return out
 
 
-def shard_samples(tar: Path) -> list[Sample]:
+@dataclass
+class LeftOut:
+    """Samples of the shards read that a listing left out: how many, and the first of them
+    (`<tar>@<key>: <why>`), so a caller reports them in one line, whatever their number."""
+
+    count: int = 0
+    first: str | None = None
+
+    def add(self, reasons: list[str]) -> None:
+        self.count += len(reasons)
+        self.first = self.first or (reasons[0] if reasons else None)
+
+    def describe(self) -> str:
+        return f"{self.count} samples without a class label skipped (first: {self.first})"
+
+
+def shard_samples(tar: Path) -> tuple[list[Sample], list[str]]:
     """The labelled images of one webdataset tar, in order (headers and `.cls` members read,
-    image bytes skipped); samples without a `.cls` or an image are left out."""
+    image bytes skipped), and the samples left out, each `<tar>@<key>: <why>`: an image without
+    a `.cls`, a `.cls` that is not a class index, a `.cls` without an image. Callers count and
+    report the latter (`LeftOut`): none is dropped silently."""
     images: dict[str, tarfile.TarInfo] = {}
-    labels: dict[str, int] = {}
+    labels: dict[str, str] = {}
     with tarfile.open(tar) as handle:
         for member in handle:
             key, dot, ext = member.name.partition(".")
@@ -92,32 +111,45 @@ def shard_samples(tar: Path) -> list[Sample]:
             if "." + ext.lower() in SHARD_IMAGE_EXTS:
                 images[key] = member
             elif ext == "cls":
-                text = handle.extractfile(member).read().decode().strip()  # type: ignore[union-attr]
-                labels[key] = int(text) if text.lstrip("-").isdigit() else -1
-    keys = [k for k in images if labels.get(k, -1) >= 0]
-    return [Sample(str(tar), labels[k], images[k].offset_data, images[k].size) for k in keys]
+                data = handle.extractfile(member).read()  # type: ignore[union-attr]
+                labels[key] = data.decode(errors="replace").strip()
+    samples, skipped = [], []
+    for key, member in images.items():
+        text = labels.get(key)
+        if text is None or not text.isdigit():
+            why = "no .cls label" if text is None else f".cls {text[:20]!r} is not a class index"
+            skipped.append(f"{tar}@{key}: {why}")
+        else:
+            samples.append(Sample(str(tar), int(text), member.offset_data, member.size))
+    skipped += [f"{tar}@{key}: a .cls without an image" for key in labels if key not in images]
+    return samples, skipped
 
 
-def choose(root: Path, split: str, count: int, seed: int, classes: list[str] | None) -> list[Sample]:  # fmt: skip
-    """The seeded subset of `count` samples of one split (all of it when smaller)."""
+def choose(root: Path, split: str, count: int, seed: int, classes: list[str] | None) -> tuple[list[Sample], LeftOut]:  # fmt: skip
+    """The seeded subset of `count` samples of one split (all of it when smaller), and the
+    samples of the shards read that were left out (`shard_samples`)."""
     folder = root / split
     tars = sorted(folder.glob("*.tar"))
     rng = np.random.default_rng([seed, SPLITS.index(split)])
+    left_out = LeftOut()
     if not tars:
         samples = folder_samples(folder, classes or [])
         picked = rng.permutation(len(samples))[:count]
-        return [samples[i] for i in sorted(picked)]
+        return [samples[i] for i in sorted(picked)], left_out
     chosen: list[Sample] = []
     for i in rng.permutation(len(tars)):
-        chosen += shard_samples(tars[i])[: count - len(chosen)]
+        samples, skipped = shard_samples(tars[i])
+        chosen += samples[: count - len(chosen)]
+        left_out.add(skipped)
         if len(chosen) >= count:
             break
-    return chosen
+    return chosen, left_out
 
 
 def plan(cfg: Any) -> dict[str, Any]:
-    """Rank 0: the train and val subsets and the class count (ConfigError when a split is
-    empty, or an ImageFolder's splits hold other classes)."""
+    """Rank 0: the train and val subsets, the class count and, per split, the shard samples left
+    out for want of a label (`unlabelled`; ConfigError when a split holds no labelled image, or
+    an ImageFolder's splits hold other classes)."""
     root = Path(cfg.knn_root)
     if cfg.build_demo:
         build_demo_folders(root)
@@ -127,11 +159,14 @@ def plan(cfg: Any) -> dict[str, Any]:
         others = sorted(p.name for p in (root / "val").iterdir() if p.is_dir())
         require(classes == others, "monitor.knn_root", f"train/ and val/ hold different classes (e.g. {sorted(set(classes) ^ set(others))[:5]})")  # fmt: skip
     counts = {"train": cfg.train_images, "val": cfg.val_images}
-    subsets = {s: choose(root, s, counts[s], cfg.seed, classes) for s in SPLITS}
-    for split, samples in subsets.items():
-        require(bool(samples), "monitor.knn_root", f"{root / split} holds no labelled image")
-    labels = [s.label for samples in subsets.values() for s in samples]
-    return {**subsets, "num_classes": len(classes) if classes else max(labels) + 1}
+    picked = {s: choose(root, s, counts[s], cfg.seed, classes) for s in SPLITS}
+    for split, (samples, left_out) in picked.items():
+        why = f" ({left_out.describe()})" if left_out.count else ""
+        require(bool(samples), "monitor.knn_root", f"{root / split} holds no labelled image{why}")
+    labels = [s.label for samples, _ in picked.values() for s in samples]
+    return {**{s: samples for s, (samples, _) in picked.items()},
+            "num_classes": len(classes) if classes else max(labels) + 1,
+            "unlabelled": {s: left_out for s, (_, left_out) in picked.items()}}  # fmt: skip
 
 
 def decode(sample: Sample, side: int) -> torch.Tensor:
@@ -202,6 +237,9 @@ class KnnMonitor:
         bad = skipped[0] + skipped[1]
         if bad:
             log.warning("k-NN monitor: %d unreadable images skipped (first: %s)", len(bad), bad[0])
+        for split, left_out in subsets["unlabelled"].items():
+            if left_out.count:
+                log.warning("k-NN monitor: %s of %s: %s", split, cfg.knn_root, left_out.describe())
 
     @torch.no_grad()
     def features(self, encoder: FeatureEncoder, images: torch.Tensor) -> torch.Tensor:
