@@ -29,8 +29,11 @@ format: $(STAMP)
 	$(VENV)/bin/ruff check --fix .
 	$(VENV)/bin/ruff format .
 
+# Two workers (pytest-xdist): much of the suite waits on subprocesses and SLURM, not on the CPU.
+TEST_WORKERS ?= 2
+
 test: lint
-	$(PY) -m pytest -q --durations=15
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadgroup --durations=15
 
 clean:
 	rm -rf outputs .pytest_cache .ruff_cache

@@ -43,3 +43,12 @@ def dynamo_counters():
     counters.clear()
     yield counters
     torch._dynamo.reset()
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """`make test` runs two pytest-xdist workers (`--dist loadgroup`): the tests marked `slurm`
+    share one worker, so their jobs reach the one-node cluster one at a time, as in a serial
+    run (two jobs at once would queue behind each other and run into their time-outs)."""
+    for item in items:
+        if item.get_closest_marker("slurm"):
+            item.add_marker(pytest.mark.xdist_group("slurm"))

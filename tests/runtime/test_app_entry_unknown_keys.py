@@ -47,7 +47,7 @@ def run_cli(module: str, args: list[str], tmp_path, monkeypatch, capsys) -> str:
 @pytest.mark.parametrize("module", APPS)
 def test_a_key_added_with_plus_that_the_schema_lacks_is_refused(module, tmp_path, monkeypatch, capsys):  # fmt: skip
     err = run_cli(module, ["+train.epoch=1"], tmp_path, monkeypatch, capsys)
-    closest = "the keys of train are batch_size, device, precision" if module == "evaluation.knn" else "did you mean train.epochs?"  # fmt: skip
+    closest = "the keys of train are batch_size, device, precision, cpu_threads" if module == "evaluation.knn" else "did you mean train.epochs?"  # fmt: skip
     assert err == f"{UNKNOWN}{closest}\n"
 
 

@@ -246,7 +246,7 @@ def test_trainer_places_a_meta_built_frozen_module_in_bf16(tmp_path, meta_to_cpu
 
 # ---- 9. k-NN feature gather ---------------------------------------------------------------------
 def test_knn_gather_keeps_rank0_buffer_at_rows_whatever_the_world_size(monkeypatch):
-    from evaluation import knn
+    from evaluation import knn_job as knn
 
     world, m, d, rows = 64, 10, 3, 128
     local = torch.arange(m * d, dtype=torch.float32).reshape(m, d)

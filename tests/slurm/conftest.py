@@ -6,12 +6,14 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
 
 HERE = Path(__file__).resolve().parent
 START_HINT = "start it with: sudo scripts/slurm/local_cluster.sh start"
+BUSY_WAIT_S = 300  # how long the tests wait for a node another job holds
 
 
 def _cluster_problem() -> str | None:
@@ -24,17 +26,24 @@ def _cluster_problem() -> str | None:
         if not state_conf.exists():
             return f"no SLURM configuration; {START_HINT}"
         os.environ["SLURM_CONF"] = str(state_conf)  # the local cluster's, when /etc has none
-    try:
-        out = subprocess.run(
-            ["sinfo", "-h", "-o", "%T"], capture_output=True, text=True, timeout=15, check=False
-        )
-    except subprocess.TimeoutExpired:
-        return f"sinfo timed out (controller down?); {START_HINT}"
-    states = out.stdout.split()
-    if out.returncode != 0 or not any(s.rstrip("*~#") in ("idle", "mixed") for s in states):
-        detail = (out.stderr.strip() or " ".join(states) or "no nodes").splitlines()[0]
-        return f"SLURM cluster not up ({detail}); {START_HINT}"
-    return None
+    deadline = time.monotonic() + BUSY_WAIT_S
+    while True:
+        try:
+            out = subprocess.run(
+                ["sinfo", "-h", "-o", "%T"], capture_output=True, text=True, timeout=15, check=False
+            )
+        except subprocess.TimeoutExpired:
+            return f"sinfo timed out (controller down?); {START_HINT}"
+        states = [s.rstrip("*~#") for s in out.stdout.split()]
+        if out.returncode == 0 and any(s in ("idle", "mixed") for s in states):
+            return None
+        # A node busy with someone else's job is up: wait for it rather than skip.
+        busy = out.returncode == 0 and any(s in ("allocated", "completing") for s in states)
+        if not busy or time.monotonic() > deadline:
+            detail = (out.stderr.strip() or " ".join(states) or "no nodes").splitlines()[0]
+            waited = f", still after {BUSY_WAIT_S} s" if busy else ""
+            return f"SLURM cluster not up ({detail}{waited}); {START_HINT}"
+        time.sleep(2)
 
 
 @pytest.fixture(scope="session")
