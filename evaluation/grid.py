@@ -6,8 +6,8 @@ What any head task shares: the heads and their optimiser specs from a list of lr
 `head_lr<value>`, built from the same seed, so a grid head starts, and on the CPU stays, exactly
 where a single-lr run's head does; each optimiser its own lr and schedule), the per-head metric
 names (`<head>/<metric>`), each head's best over epochs and final validation, and the rule that
-picks the reported head. The linear probe and the depth and segmentation apps use it (`evaluation.head_job.build_task`,
-`evaluation.task`).
+picks the reported head. The linear probe and the depth and segmentation apps use it
+(`evaluation.head_job.build_task`, `evaluation.task`).
 """
 
 from __future__ import annotations
