@@ -20,6 +20,13 @@ from pixio.runtime.config import ConfigError, check_choice, require, require_set
 
 log = logging.getLogger("pixio.eval")
 
+# What a resume may not change about the frozen encoder (its file: by digest, ENCODER_FILE).
+ENCODER_SHAPE_KEYS = (
+    "encoder.source", "encoder.name", "encoder.module", "encoder.model_kwargs",
+    "encoder.embed_dim", "encoder.depth", "encoder.num_heads", "encoder.n_cls_tokens",
+)  # fmt: skip
+ENCODER_FILE = {"encoder.sha256": "encoder.checkpoint"}  # same file (digest) on resume
+
 REFERENCE_SIDE = 256  # the protocol's crop and window side for patch 16 (docs/reproduction.md)
 
 

@@ -27,6 +27,7 @@ from evaluation.common import check_output_owner, resolve_sizes, validate_eval
 from evaluation.datasets import build_dataset, get_info
 from evaluation.datasets.base import dataset_from_pairs
 from evaluation.demo_data import ensure_demo, is_demo_root
+from evaluation.encoder_config import ENCODER_FILE, ENCODER_SHAPE_KEYS
 from evaluation.features import FrozenFeatures, encoder_digest, load_frozen_encoder
 from evaluation.grid import build_grid
 from evaluation.heads import DEPTH_BINS, build_head, convert_sync_bn, head_block_ids
@@ -56,8 +57,7 @@ log = logging.getLogger("pixio.eval")
 
 # encoder.checkpoint, is allowed and logged).
 SHAPE_KEYS = (
-    "encoder.source", "encoder.name", "encoder.module", "encoder.model_kwargs",
-    "encoder.embed_dim", "encoder.depth", "encoder.num_heads", "encoder.n_cls_tokens",
+    *ENCODER_SHAPE_KEYS,
     "head.name", "dataset.name", "head.lrs", "head.depth_output", "head.bins_norm",
     "eval.select", "eval.holdout_fraction",
 )  # fmt: skip
@@ -66,7 +66,6 @@ INTRODUCED = {"encoder.source": "pixio", "head.depth_output": "regression", "hea
               "eval.select": "reference", "eval.holdout_fraction": 0.1}  # fmt: skip
 # The checkpoint's digest, recorded in the run's config at the start: a resume must use the same
 # file (it may have moved: the path is not compared, the digest is).
-ENCODER_FILE = {"encoder.sha256": "encoder.checkpoint"}
 
 
 # ---- building -----------------------------------------------------------------------------------

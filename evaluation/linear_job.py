@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from omegaconf import DictConfig
 from torch import nn
 
+from evaluation.encoder_config import ENCODER_FILE, ENCODER_SHAPE_KEYS
 from evaluation.features import FrozenFeatures, encoder_digest, load_frozen_encoder
 from evaluation.grid import (
     RULE,
@@ -59,11 +60,9 @@ log = logging.getLogger("pixio.eval")
 
 # A resume cannot change what the heads were trained on, nor the heads themselves.
 SHAPE_KEYS = (
-    "encoder.source", "encoder.name", "encoder.module", "encoder.model_kwargs",
-    "encoder.embed_dim", "encoder.depth", "encoder.num_heads", "encoder.n_cls_tokens",
+    *ENCODER_SHAPE_KEYS,
     "linear.feature", "head.lrs",
 )  # fmt: skip
-ENCODER_FILE = {"encoder.sha256": "encoder.checkpoint"}  # same file (digest) on resume
 
 
 # ---- the task -----------------------------------------------------------------------------------

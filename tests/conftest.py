@@ -52,3 +52,16 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if item.get_closest_marker("slurm"):
             item.add_marker(pytest.mark.xdist_group("slurm"))
+    # First in the queue: the group's jobs (about 6 minutes, mostly waiting on SLURM) then
+    # overlap the rest of the suite on the other worker instead of trailing it.
+    items.sort(key=lambda item: item.get_closest_marker("slurm") is None)
+
+
+@pytest.fixture(autouse=True)
+def _torch_threads_restored():
+    """A test that sets torch's thread count leaves it as it found it: an in-process run
+    (`train.cpu_threads=auto`) and a by-hand reference after it then use one count, as bit-equal
+    float results on the CPU need."""
+    before = torch.get_num_threads()
+    yield
+    torch.set_num_threads(before)

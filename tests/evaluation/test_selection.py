@@ -27,6 +27,7 @@ from evaluation.head_job import build_task, write_results
 from evaluation.selection import holdout_indices, selection_path
 from pixio.runtime.config import ConfigError
 from pixio.runtime.distributed import DistInfo
+from pixio.runtime.threads import cpu_threads
 from pixio.runtime.validation import add_real
 
 CPU = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
@@ -93,7 +94,7 @@ def by_hand(task, root) -> dict[str, float]:
     val = build_dataset("kitti", root, "val")
     modules = {"encoder": task.features, **{h.name: h.module.eval() for h in task.grid}}
     totals: dict[str, torch.Tensor] = {}
-    with torch.no_grad():
+    with torch.no_grad(), cpu_threads():  # the job's count (train.cpu_threads=auto): bit-equal sums
         for i in range(len(val)):
             item = {k: torch.as_tensor(v)[None] for k, v in val[i].items()}
             add_real(totals, task.validate(modules, task.to_device(item, CPU.device)), torch.tensor([True]))  # fmt: skip
