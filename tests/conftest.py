@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import random
+
+import numpy as np
 import pytest
 import torch
 from tests_helpers import CPU_OVERRIDES, TINY, TINY_DECODER, compose_pretrain
@@ -55,6 +58,15 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     # First in the queue: the group's jobs (about 6 minutes, mostly waiting on SLURM) then
     # overlap the rest of the suite on the other worker instead of trailing it.
     items.sort(key=lambda item: item.get_closest_marker("slurm") is None)
+
+
+@pytest.fixture(autouse=True)
+def _seeded():
+    """Every test starts from the same global RNG states, whatever ran before it in its process
+    (pytest-xdist hands each worker a different sequence of tests)."""
+    random.seed(0)
+    np.random.seed(0)
+    torch.manual_seed(0)
 
 
 @pytest.fixture(autouse=True)
