@@ -48,16 +48,36 @@ def dynamo_counters():
     torch._dynamo.reset()
 
 
+# The tests that submit jobs to the one-node cluster (all marked `slurm`).
+SLURM_FILES = "tests/slurm/test_slurm_"
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """`make test` runs two pytest-xdist workers (`--dist loadgroup`): the tests marked `slurm`
-    share one worker, so their jobs reach the one-node cluster one at a time, as in a serial
-    run (two jobs at once would queue behind each other and run into their time-outs)."""
+    """The `slurm` tests first in the queue: under `make test` one worker runs them (about 6
+    minutes, mostly waiting on SLURM), and they overlap the rest of the suite on the other
+    worker instead of trailing it."""
     for item in items:
-        if item.get_closest_marker("slurm"):
-            item.add_marker(pytest.mark.xdist_group("slurm"))
-    # First in the queue: the group's jobs (about 6 minutes, mostly waiting on SLURM) then
-    # overlap the rest of the suite on the other worker instead of trailing it.
+        if item.get_closest_marker("slurm") and not item.nodeid.startswith(SLURM_FILES):
+            raise pytest.UsageError(f"{item.nodeid}: a `slurm` test belongs in {SLURM_FILES}*.py")
     items.sort(key=lambda item: item.get_closest_marker("slurm") is None)
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config: pytest.Config, log):
+    """`make test` runs two pytest-xdist workers (`--dist loadgroup`): the SLURM tests form one
+    group on one worker, so their jobs reach the one-node cluster one at a time, as in a serial
+    run (two jobs at once would queue behind each other and run into their time-outs). The group
+    is chosen here by file: pytest 9.2 ignores the node-id suffix that xdist's own
+    `xdist_group` mark relies on."""
+    if config.getvalue("dist") != "loadgroup":
+        return None
+    from xdist.scheduler import LoadGroupScheduling
+
+    class SlurmGroupScheduling(LoadGroupScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return "slurm" if nodeid.startswith(SLURM_FILES) else super()._split_scope(nodeid)
+
+    return SlurmGroupScheduling(config, log)
 
 
 @pytest.fixture(autouse=True)
