@@ -53,31 +53,34 @@ SLURM_FILES = "tests/slurm/test_slurm_"
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """The `slurm` tests first in the queue: under `make test` one worker runs them (about 6
-    minutes, mostly waiting on SLURM), and they overlap the rest of the suite on the other
-    worker instead of trailing it."""
+    """Under `make test` the `slurm` tests come first (about 6 minutes, mostly waiting on SLURM,
+    on one worker beside the rest of the suite), then the files with `slow` tests, so that no
+    long file starts last and trails the others."""
+    slow_files = {item.path for item in items if item.get_closest_marker("slow")}
     for item in items:
         if item.get_closest_marker("slurm") and not item.nodeid.startswith(SLURM_FILES):
             raise pytest.UsageError(f"{item.nodeid}: a `slurm` test belongs in {SLURM_FILES}*.py")
-    items.sort(key=lambda item: item.get_closest_marker("slurm") is None)
+    items.sort(key=lambda item: (not item.get_closest_marker("slurm"), item.path not in slow_files))
 
 
 @pytest.hookimpl(optionalhook=True)
 def pytest_xdist_make_scheduler(config: pytest.Config, log):
-    """`make test` runs two pytest-xdist workers (`--dist loadgroup`): the SLURM tests form one
-    group on one worker, so their jobs reach the one-node cluster one at a time, as in a serial
-    run (two jobs at once would queue behind each other and run into their time-outs). The group
-    is chosen here by file: pytest 9.2 ignores the node-id suffix that xdist's own
-    `xdist_group` mark relies on."""
+    """`make test` runs two pytest-xdist workers (`--dist loadgroup`) that take whole files: a
+    file's module fixtures (a compiled model, a two-rank run) are built once, not once per
+    worker, and the SLURM files form one group, so their jobs reach the one-node cluster one at a
+    time as in a serial run (two jobs at once would queue behind each other into their
+    time-outs). xdist's own `xdist_group` mark cannot do this under pytest 9.2, which no longer
+    reads the node-id suffix the mark relies on."""
     if config.getvalue("dist") != "loadgroup":
         return None
     from xdist.scheduler import LoadGroupScheduling
 
-    class SlurmGroupScheduling(LoadGroupScheduling):
+    class FileScheduling(LoadGroupScheduling):
         def _split_scope(self, nodeid: str) -> str:
-            return "slurm" if nodeid.startswith(SLURM_FILES) else super()._split_scope(nodeid)
+            return "slurm" if nodeid.startswith(SLURM_FILES) else nodeid.split("::")[0]
 
-    return SlurmGroupScheduling(config, log)
+    config.option.loadscopereorder = False  # keep the order above
+    return FileScheduling(config, log)
 
 
 @pytest.fixture(autouse=True)

@@ -6,13 +6,12 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 from distill_helpers import MODULES, STUDENT_SIZES, fixed_batches, make_trainer
 from safetensors.torch import load_file
+from tests_helpers import free_port, start_ranks
 
 import pixio
 from distillation.export import export_students
@@ -133,12 +132,6 @@ def test_exported_students_load_and_match_the_trained_encoders(distill_config, t
     )
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _split(batches: list[dict], world: int, rank: int) -> list[dict]:
     n = batches[0]["image"].shape[0] // world
     return [{k: v[rank * n : (rank + 1) * n] for k, v in b.items()} for b in batches]
@@ -178,7 +171,7 @@ def test_two_gloo_processes_match_one(tmp_path, teacher_path, parallel):
     base = [*overrides_for(teacher_path, tmp_path / "two"), "train.epochs=1", NULL_EPOCH]
     out = str(tmp_path / "two.pth")
     workers = [*base, "train.batch_size=4", f"train.parallel={parallel}"]
-    mp.spawn(_worker, args=(2, _free_port(), workers, out), nprocs=2, join=True)
+    start_ranks(_worker, (2, free_port(), workers, out), nprocs=2, join=True)
     torch.set_num_threads(1)
     one = [*overrides_for(teacher_path, tmp_path / "one"), "train.epochs=1", NULL_EPOCH]
     single = make_trainer(compose_distill([*one, "train.batch_size=8"]), fixed_batches(4, 8))

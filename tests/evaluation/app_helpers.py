@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -108,13 +107,6 @@ def make_folder(root: Path, per_class: dict[str, int]) -> Path:
                 noisy = np.clip(np.asarray(rgb) + rng.normal(0, 40, size), 0, 255)
                 Image.fromarray(noisy.astype(np.uint8)).save(root / split / name / f"{i}.png")
     return root
-
-
-def free_port() -> int:
-    """A TCP port free on this host now (for a test's gloo rendezvous)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def run_knn_app(*overrides: str, timeout: int = 120) -> subprocess.CompletedProcess:

@@ -9,16 +9,15 @@ import os
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 from app_helpers import (
     N_VAL,
     compose_eval,
     cpu_overrides,
-    free_port,
     read_json,
     save_tiny_encoder,
     small_demo,
 )
+from tests_helpers import free_port, start_ranks
 
 from evaluation.datasets import build_dataset
 from evaluation.depth import main
@@ -132,7 +131,7 @@ def test_two_process_validation_counts_every_image_once(inputs, tmp_path):
     out = tmp_path / "two"
     overrides = cpu_overrides(checkpoint, root, out, **{"dataset": "kitti", "head": "linear",
                               "train.batch_size": 1, "train.epochs": 1})  # fmt: skip
-    mp.spawn(_worker, args=(2, free_port(), overrides), nprocs=2, join=True)
+    start_ranks(_worker, (2, free_port(), overrides), nprocs=2, join=True)
     final = read_json(out / "results.json")["final"]
     # 3 images over 2 ranks: one padded repeat, which must not count.
     assert final["samples"] == N_VAL and final["images"] == N_VAL

@@ -11,8 +11,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from app_helpers import free_port, knn_config, make_folder, run_knn_app
+from app_helpers import knn_config, make_folder, run_knn_app
 from PIL import Image
+from tests_helpers import free_port, start_ranks
 from torch.nn import functional as F
 
 import pixio
@@ -360,10 +361,7 @@ def _two_ranks(rank: int, port: int, out: Path) -> None:
 
 
 def test_two_ranks_share_rank0_work_and_every_unreadable_image(tmp_path):
-    import torch.multiprocessing as mp
-
-    # fork: the ranks start with this process's imports (spawn would import torch twice more)
-    mp.start_processes(_two_ranks, args=(free_port(), tmp_path), nprocs=2, start_method="fork")
+    start_ranks(_two_ranks, args=(free_port(), tmp_path), nprocs=2)
     ranks = [(tmp_path / f"rank{r}.txt").read_text().splitlines() for r in (0, 1)]
     assert ranks[0] == ranks[1]  # rank 0 read nothing bad, yet stops with rank 1
     computed, refused, unreadable = ranks[0]

@@ -17,10 +17,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import torch.multiprocessing as mp
-from app_helpers import REPO, TINY_ENCODER, free_port, read_json, save_tiny_encoder
+from app_helpers import REPO, TINY_ENCODER, read_json, save_tiny_encoder
 from launch_helpers import record_launches, run_app
 from PIL import Image
+from tests_helpers import free_port, start_ranks
 
 import evaluation.linear as linear
 import evaluation.linear_job as linear_job
@@ -179,7 +179,7 @@ def test_two_processes_count_every_validation_image_once(inputs, tmp_path):
     root = colour_folder(tmp_path / "odd", {"train": 16, "val": 5})  # 15 images: one padded
     out = tmp_path / "two"
     args = overrides(encoder, root, out, **{"head.lrs": "[0.5,64.0]", "train.epochs": 2, "linear.global_batch": 16})  # fmt: skip
-    mp.spawn(_worker, args=(2, free_port(), args), nprocs=2, join=True)
+    start_ranks(_worker, (2, free_port(), args), nprocs=2, join=True)
     results = read_json(out / "results.json")
     assert results["global_batch"] == 16 and results["config"]["train"]["accum_iter"] == 1
     assert results["epochs"][-1]["samples"] == 15

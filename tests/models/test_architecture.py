@@ -4,17 +4,17 @@ reader builds from it, and a name or size that disagrees is one line naming the 
 from __future__ import annotations
 
 import subprocess
-import sys
 
 import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
-from tests_helpers import TINY, TINY_DECODER, assert_same_weights
+from tests_helpers import TINY, TINY_DECODER, assert_same_weights, run_main
 
 import pixio
 from pixio.architecture import ArchitectureError, from_metadata
 from pixio.checkpoint import read_architecture, save_mae
+from pixio.convert import main as convert_main
 from pixio.hub import EncoderOnlyCheckpointError, hub_entries, load_mae
 
 SHRUNK = dict(depth=2, img_size=64)  # a registry size (pixio_vitt16) shrunk: depth and grid
@@ -26,8 +26,8 @@ def _metadata(path) -> dict[str, str]:
 
 
 def _convert(*args: str) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "pixio.convert", *args]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    """`python -m pixio.convert ARGS`, in this process."""
+    return run_main(convert_main, list(args))
 
 
 @pytest.fixture

@@ -11,15 +11,11 @@ import json
 import logging
 import os
 import shutil
-import socket
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 from integrity_helpers import (
     assert_refusal,
     record,
@@ -29,11 +25,12 @@ from integrity_helpers import (
     zero_inside_tensor,
     zero_record_header,
 )
-from tests_helpers import TINY
+from tests_helpers import TINY, free_port, run_main, start_ranks
 
 import pixio
 from pixio.checkpoint import DamagedCheckpointError, broadcast_encoder_state, checkpoint_digest
 from pixio.convert import convert
+from pixio.convert import main as convert_main
 from pixio.runtime import checkpoint_dir
 from pixio.runtime.checkpointing import (
     CheckpointError,
@@ -45,7 +42,6 @@ from pixio.safe_load import load_dcp_entries, safe_torch_load
 
 pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
 
-ROOT = Path(__file__).resolve().parents[2]
 FQN = "model.mae.patch_embed.proj.weight"  # 196 KB of tensor bytes in the tiny MAE
 DAMAGE = {"tensor bytes": zero_inside_tensor, "record header": zero_record_header}
 
@@ -160,9 +156,8 @@ def test_convert_cli_refuses_a_damaged_checkpoint_and_writes_nothing(run, tmp_pa
     zero_inside_tensor(final, FQN)
     dst = tmp_path / "encoder.safetensors"
     overrides = [f"--override={k}={v}" for k, v in TINY.items()]
-    cmd = [sys.executable, "-m", "pixio.convert", "--model", "pixio_vitt16", "--input", str(final),
-           "--output", str(dst), *overrides]  # fmt: skip
-    res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    argv = ["--model", "pixio_vitt16", "--input", str(final), "--output", str(dst), *overrides]
+    res = run_main(convert_main, argv)
     assert res.returncode == 2, res.stderr[-2000:]
     lines = res.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: checkpoint "), res.stderr
@@ -203,12 +198,6 @@ def test_evaluation_encoder_refuses_a_damaged_checkpoint(run):
 
 
 # ---- two ranks: rank 0 verifies and reads, rank 1 receives -------------------------------------
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _broadcast_worker(rank: int, port: int, paths: list[str], result: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                       WORLD_SIZE="2", LOCAL_RANK=str(rank))  # fmt: skip
@@ -235,7 +224,7 @@ def test_two_ranks_verify_once_on_the_reading_rank(run, tmp_path):
     zero_inside_tensor(damaged, FQN)
     result = str(tmp_path / "rank")
     paths = [str(intact), str(damaged)]
-    workers = mp.spawn(_broadcast_worker, (_free_port(), paths, result), nprocs=2, join=False)
+    workers = start_ranks(_broadcast_worker, (free_port(), paths, result), nprocs=2, join=False)
     deadline = time.monotonic() + 300
     while not workers.join(timeout=5):  # a worker's exception is raised here
         if time.monotonic() > deadline:

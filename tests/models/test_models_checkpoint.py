@@ -11,12 +11,13 @@ import sys
 import pytest
 import torch
 from integrity_helpers import resign, training_checkpoint
-from tests_helpers import TINY, assert_same_weights
+from tests_helpers import TINY, assert_same_weights, run_main
 from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
 
 import pixio
 from pixio.checkpoint import UnsafeCheckpointError, save_state_dict
 from pixio.convert import convert
+from pixio.convert import main as convert_main
 from pixio.runtime.checkpointing import CheckpointManager
 from pixio.safe_load import SafeDCPReader, read_dcp_metadata
 
@@ -112,9 +113,10 @@ def test_convert_cli_to_safetensors_pth_and_hf(tiny_encoder, tmp_path):
     torch.save({"model": tiny_encoder.state_dict()}, src)
     overrides = [f"--override={k}={v}" for k, v in TINY.items()]
     for dst in ["enc.safetensors", "enc2.pth", "hf"]:
-        cmd = [sys.executable, "-m", "pixio.convert", "--model", "pixio_vitt16", "--input", str(src),
-               "--output", str(tmp_path / dst), *overrides]  # fmt: skip
-        res = subprocess.run(cmd, capture_output=True, text=True, check=True)
+        argv = ["--model", "pixio_vitt16", "--input", str(src), "--output", str(tmp_path / dst),
+                *overrides]  # fmt: skip
+        res = run_main(convert_main, argv)
+        assert res.returncode == 0, res.stderr
         assert f"wrote {tmp_path / dst}" in res.stdout
         assert_same_weights(
             pixio.load_encoder("pixio_vitt16", tmp_path / dst, **TINY), tiny_encoder
@@ -122,6 +124,7 @@ def test_convert_cli_to_safetensors_pth_and_hf(tiny_encoder, tmp_path):
 
 
 def test_convert_cli_wrong_size_names_sizes(tiny_encoder, tmp_path):
+    """The real command line in its own process (the other convert tests call its main)."""
     src = tmp_path / "enc.pth"
     torch.save(tiny_encoder.state_dict(), src)
     cmd = [sys.executable, "-m", "pixio.convert", "--model", "pixio_vitt16", "--input", str(src),
@@ -246,9 +249,8 @@ def test_convert_cli_from_checkpoint_dir(tiny_mae, tmp_path):
     final = training_checkpoint(tmp_path / "run", {"mae": tiny_mae})
     overrides = [f"--override={k}={v}" for k, v in TINY.items()]
     dst = tmp_path / "encoder.safetensors"
-    cmd = [sys.executable, "-m", "pixio.convert", "--model", "pixio_vitt16", "--input", str(final),
-           "--output", str(dst), *overrides]  # fmt: skip
-    subprocess.run(cmd, capture_output=True, text=True, check=True)
+    argv = ["--model", "pixio_vitt16", "--input", str(final), "--output", str(dst), *overrides]
+    assert run_main(convert_main, argv).returncode == 0
     _assert_encoder_of(pixio.load_encoder("pixio_vitt16", dst, **TINY), tiny_mae)
 
 
@@ -257,12 +259,11 @@ def test_convert_cli_module(tmp_path):
     final = training_checkpoint(tmp_path / "run", {"student_a": a, "student_b": b})
     overrides = [f"--override={k}={v}" for k, v in TINY.items()]
     dst = tmp_path / "student_b.safetensors"
-    cmd = [sys.executable, "-m", "pixio.convert", "--model", "pixio_vitt16", "--input", str(final),
-           "--output", str(dst), *overrides]  # fmt: skip
-    res = subprocess.run(cmd, capture_output=True, text=True)
+    argv = ["--model", "pixio_vitt16", "--input", str(final), "--output", str(dst), *overrides]
+    res = run_main(convert_main, argv)
     assert res.returncode == 2 and "Traceback" not in res.stderr and not dst.exists()
     assert "'student_a', 'student_b'): pass module=..." in res.stderr
-    subprocess.run([*cmd, "--module", "student_b"], capture_output=True, text=True, check=True)
+    assert run_main(convert_main, [*argv, "--module", "student_b"]).returncode == 0
     _assert_encoder_of(pixio.load_encoder("pixio_vitt16", dst, **TINY), b)
     assert "last_proj.0.weight" not in pixio.read_state_dict(dst)
 
@@ -285,9 +286,8 @@ def test_convert_refuses_to_overwrite_its_input(tiny_mae, tiny_encoder, tmp_path
     with pytest.raises(ValueError, match=expected):
         convert("pixio_vitt16", src, dst, **TINY)
     if case == "inside dir":  # the CLI: one line, exit status 2
-        cmd = [sys.executable, "-m", "pixio.convert", "--model", "pixio_vitt16", "--input",
-               str(src), "--output", str(dst)]  # fmt: skip
-        res = subprocess.run(cmd, capture_output=True, text=True)
+        argv = ["--model", "pixio_vitt16", "--input", str(src), "--output", str(dst)]
+        res = run_main(convert_main, argv)
         assert res.returncode == 2 and f"--output {dst} lies inside" in res.stderr
         assert "Traceback" not in res.stderr
     assert {p: p.read_bytes() for p in [pth, *final.iterdir()]} == before

@@ -14,10 +14,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import torch.multiprocessing as mp
 import webdataset as wds
 from omegaconf import OmegaConf
-from tests_helpers import CPU_OVERRIDES
+from tests_helpers import CPU_OVERRIDES, free_port, start_ranks
 
 import pixio
 from pixio.checkpoint import save_mae
@@ -149,13 +148,10 @@ def _rank_worker(rank: int, world: int, port: int, root: str, out: str) -> None:
 def test_two_ranks_share_the_work_and_agree_with_one(tmp_path):
     """2 gloo ranks (odd shares, padded batches), plain and FSDP2-sharded, give one process's
     result."""
-    import socket
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     root, out = tmp_path / "knn", str(tmp_path / "row")
-    workers = mp.spawn(_rank_worker, args=(2, port, str(root), out), nprocs=2, join=False)
+    workers = start_ranks(_rank_worker, (2, port, str(root), out), nprocs=2, join=False)
     deadline = time.monotonic() + 300
     while not workers.join(timeout=5):  # a worker's exception is raised here
         if time.monotonic() > deadline:

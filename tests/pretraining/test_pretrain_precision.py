@@ -5,20 +5,12 @@ tolerance; a meta-built, FSDP-sharded model starts from the weights of a single-
 from __future__ import annotations
 
 import os
-import socket
 
 import pytest
 import torch
-import torch.multiprocessing as mp
-from tests_helpers import CPU_OVERRIDES, compose_pretrain
+from tests_helpers import CPU_OVERRIDES, compose_pretrain, free_port, start_ranks
 
 pytestmark = pytest.mark.timeout(300)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _batch(rank: int, world: int) -> dict:
@@ -74,7 +66,7 @@ def runs(tmp_path_factory) -> dict:
     results = {}
     for parallel in ("ddp", "fsdp"):
         out = str(tmp / f"{parallel}.pt")
-        mp.spawn(_worker, args=(2, _free_port(), parallel, out), nprocs=2, join=True)
+        start_ranks(_worker, (2, free_port(), parallel, out), nprocs=2, join=True)
         results[parallel] = torch.load(out, weights_only=True)
     return results
 

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import os
-import socket
 from pathlib import Path
 
 import pytest
 import torch
-import torch.multiprocessing as mp
+from tests_helpers import free_port, start_ranks
 
 from pixio.runtime import checkpointing
 from pixio.runtime.config import to_container
@@ -131,12 +130,6 @@ def test_resume_continues_exactly(cpu_config, tmp_path):
         assert torch.equal(a[k], b[k]), k
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _ddp_worker(
     rank: int, world: int, port: int, overrides: list[str], result_path: str, accum: int = 1
 ) -> None:
@@ -165,7 +158,7 @@ def _two_processes_match_one(tmp_path, base: list[str], workers: list[str], accu
 
     out = tmp_path / "two.pth"
     overrides = [*base, *workers, f"output_dir={tmp_path / 'two'}"]
-    mp.spawn(_ddp_worker, args=(2, _free_port(), overrides, str(out), accum), nprocs=2, join=True)
+    start_ranks(_ddp_worker, (2, free_port(), overrides, str(out), accum), nprocs=2, join=True)
     torch.set_num_threads(1)
     single = make_trainer(
         compose_pretrain([*base, "train.batch_size=8", f"output_dir={tmp_path / 'one'}"]),

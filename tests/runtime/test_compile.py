@@ -5,11 +5,10 @@ the losses of eager training; evaluation calls (eval mode, no gradients) never c
 from __future__ import annotations
 
 import os
-import socket
 
 import pytest
 import torch
-import torch.multiprocessing as mp
+from tests_helpers import free_port, start_ranks
 from torch._dynamo.utils import counters
 
 import pixio
@@ -20,12 +19,6 @@ pytestmark = pytest.mark.timeout(300)
 TINY = dict(embed_dim=32, num_heads=2, decoder_embed_dim=32, decoder_num_heads=2, img_size=32,
             mask_grid=2, drop_path=0.2)  # fmt: skip
 MODES = ("fsdp", "ddp", "fsdp_ac")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _mae(depth: int) -> pixio.PixioMAE:
@@ -113,7 +106,7 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> list[dict]:
     out = str(tmp_path_factory.mktemp("compile") / "counts.pt")
-    mp.spawn(_worker, args=(2, _free_port(), out), nprocs=2, join=True)
+    start_ranks(_worker, (2, free_port(), out), nprocs=2, join=True)
     return [torch.load(f"{out}.rank{r}", weights_only=True) for r in range(2)]
 
 

@@ -7,13 +7,12 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import weakref
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+from tests_helpers import free_port, start_ranks
 from torch import nn
 from trainer_tasks import HeadTask, Regression, encoder_and_head, task_config
 
@@ -22,12 +21,6 @@ from pixio.runtime.maploader import EvalLoader, MapLoader
 from pixio.runtime.trainer import Trainer
 
 N_TRAIN, N_VAL = 12, 11
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _join(rank: int, world: int, port: int) -> DistInfo:
@@ -130,7 +123,7 @@ def _two_rank_worker(rank: int, world: int, port: int, out: str) -> None:
 @pytest.fixture(scope="module")
 def two_ranks(tmp_path_factory) -> list[dict]:
     out = tmp_path_factory.mktemp("two_ranks")
-    mp.spawn(_two_rank_worker, args=(2, _free_port(), str(out)), nprocs=2, join=True)
+    start_ranks(_two_rank_worker, (2, free_port(), str(out)), nprocs=2, join=True)
     return [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
 
 
@@ -188,7 +181,7 @@ def _head_trainer(cfg, info: DistInfo) -> Trainer:
 
 def test_one_torchrun_process_has_its_groups_and_runs_the_fsdp_path(tmp_path):
     out = tmp_path / "fsdp1"
-    mp.spawn(_one_rank_worker, args=(_free_port(), str(out)), nprocs=1, join=True)
+    start_ranks(_one_rank_worker, (free_port(), str(out)), nprocs=1, join=True)
     result = json.loads((out / "result.json").read_text())
     assert result["group"] and result["cpu_group_at_start"]
     assert result["groups_made_after_start"] == 0  # the first save made none: all at start-up

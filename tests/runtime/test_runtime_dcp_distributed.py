@@ -6,15 +6,13 @@ from __future__ import annotations
 
 import json
 import os
-import socket
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
+from tests_helpers import free_port, start_ranks
 from torch import nn
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
@@ -26,12 +24,7 @@ from torch.distributed.checkpoint.state_dict import (
 
 from pixio.runtime import checkpointing as ckpt
 
-ROOT = Path(__file__).resolve().parents[2]
 FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
-WORKER = (
-    "import sys; sys.path.insert(0, sys.argv[1]); "
-    "import test_runtime_dcp_distributed as t; t.worker(*sys.argv[2:])"
-)
 
 
 def build(seed: int) -> tuple[nn.Module, torch.optim.Optimizer]:
@@ -125,12 +118,13 @@ def _load_run(out: str, result: str) -> None:
         torch.save(full, result)
 
 
-def worker(mode: str, rank: str, world: str, port: str, out: str, result: str) -> None:
-    """Entry point of one rank (run in a subprocess by `run_ranks`)."""
+def worker(rank: int, mode: str, world: int, port: int, out: str, result: str) -> None:
+    """Entry point of one rank (a process of `run_ranks`); its warnings go to a file per rank."""
     import logging
 
-    logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=port, RANK=rank, WORLD_SIZE=world)
+    logging.basicConfig(level=logging.WARNING, filename=f"{result}.rank{rank}.log", force=True)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      WORLD_SIZE=str(world))  # fmt: skip
     torch.set_num_threads(1)
     dist.init_process_group("gloo", timeout=__import__("datetime").timedelta(seconds=120))
     try:
@@ -139,34 +133,19 @@ def worker(mode: str, rank: str, world: str, port: str, out: str, result: str) -
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def run_ranks(
     mode: str, out: Path, result: Path, world: int = 2, timeout: float = 180
 ) -> list[str]:
-    """Run `worker(mode)` in `world` processes; fail (never hang) on error or timeout."""
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    args = [mode, "", str(world), str(_free_port()), str(out), str(result)]
-    procs = []
-    for rank in range(world):
-        args[1] = str(rank)
-        cmd = [sys.executable, "-c", WORKER, str(Path(__file__).parent), *args]
-        procs.append(subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))  # fmt: skip
-    deadline, errors = time.monotonic() + timeout, []
-    try:
-        for p in procs:
-            errors.append(p.communicate(timeout=max(1.0, deadline - time.monotonic()))[1])
-    except subprocess.TimeoutExpired:
-        for p in procs:
-            p.kill()
-        pytest.fail(f"{mode}: the {world} ranks did not finish within {timeout:.0f} s")
-    for rank, (p, err) in enumerate(zip(procs, errors, strict=True)):
-        assert p.returncode == 0, f"{mode}: rank {rank} exited with {p.returncode}:\n{err[-4000:]}"
-    return errors
+    """Run `worker(mode)` in `world` processes; fail (never hang) on error or timeout. Returns
+    each rank's logged warnings."""
+    ctx = start_ranks(worker, (mode, world, free_port(), str(out), str(result)), world, join=False)
+    deadline = time.monotonic() + timeout
+    while not ctx.join(timeout=1):  # a rank's error is raised here, with its traceback
+        if time.monotonic() > deadline:
+            for process in ctx.processes:
+                process.kill()
+            pytest.fail(f"{mode}: the {world} ranks did not finish within {timeout:.0f} s")
+    return [Path(f"{result}.rank{rank}.log").read_text() for rank in range(world)]
 
 
 # ---- tests ------------------------------------------------------------------------------------

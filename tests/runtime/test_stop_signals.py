@@ -11,7 +11,6 @@ import logging
 import multiprocessing
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -20,7 +19,7 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.multiprocessing as mp
+from tests_helpers import free_port, start_ranks
 from torch.utils.data import Dataset
 from trainer_tasks import HeadTask, Regression, encoder_and_head, task_config
 
@@ -204,12 +203,8 @@ def _two_rank_worker(rank: int, port: int, out: str) -> None:
 
 
 def test_one_ranks_failed_fetch_stops_every_rank_with_the_last_iteration_saved(tmp_path):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    ctx = mp.start_processes(
-        _two_rank_worker, args=(port, str(tmp_path)), nprocs=2, join=False, start_method="spawn"
-    )
+    port = free_port()
+    ctx = start_ranks(_two_rank_worker, args=(port, str(tmp_path)), nprocs=2, join=False)
     deadline = time.monotonic() + 120
     while not ctx.join(timeout=1):
         if time.monotonic() > deadline:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import time
 import traceback
 from collections import defaultdict
@@ -18,10 +17,9 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 from omegaconf import OmegaConf
 from test_stop_signals import FailsOnRank1
-from tests_helpers import CPU_OVERRIDES, compose_pretrain
+from tests_helpers import CPU_OVERRIDES, compose_pretrain, free_port, start_ranks
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.overrides import TorchFunctionMode
 from torch.utils.flop_counter import FlopCounterMode
@@ -358,12 +356,9 @@ def _two_rank_worker(rank: int, port: int, out: str, case: str) -> None:
 
 @pytest.mark.parametrize("case", ["signal", "fail"])
 def test_two_ranks_agree_asynchronously_on_a_signal_or_a_failed_fetch(tmp_path, case):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    ctx = mp.start_processes(
+    port = free_port()
+    ctx = start_ranks(
         _two_rank_worker, args=(port, str(tmp_path), case), nprocs=2, join=False,
-        start_method="spawn",
     )  # fmt: skip
     deadline = time.monotonic() + 150
     while not ctx.join(timeout=1):
