@@ -16,6 +16,7 @@ from typing import Any
 
 from evaluation.results import PIXIO
 from pixio.models.registry import encoder_kwargs, list_models
+from pixio.runtime.choices import ENCODER_SOURCES
 from pixio.runtime.config import ConfigError, check_choice, require, require_set
 
 log = logging.getLogger("pixio.eval")
@@ -142,9 +143,7 @@ def check_encoder(cfg: Any) -> int:
 def _check_baseline_keys(e: Any) -> None:
     """A baseline's `encoder` node: a known source, and none of the keys that only Pixio
     encoders read."""
-    from pixio.models.baselines import SOURCES  # its package loads torch (the adapters)
-
-    check_choice(e, "encoder", "source", SOURCES)
+    check_choice(e, "encoder", "source", ENCODER_SOURCES)
     for key in PIXIO_ONLY:
         require(e.get(key) is None, f"encoder.{key}", f"applies to encoder.source=pixio only; a {e.source} baseline's architecture comes from its checkpoint and encoder.model_kwargs")  # fmt: skip
     require(not (e.source == "transformers" and e.img_size is not None), "encoder.img_size", "a transformers folder's config.json sets image_size (or encoder.model_kwargs.image_size)")  # fmt: skip

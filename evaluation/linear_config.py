@@ -24,6 +24,7 @@ from evaluation.encoder_config import (
     resolve_encoder_name,
 )
 from evaluation.results import app_identity, owner_problem
+from pixio.runtime.choices import FEATURE_POOLS
 from pixio.runtime.config import (
     LauncherConfig,
     LoggerConfig,
@@ -99,15 +100,12 @@ def validate_linear(cfg: Any) -> dict[str, Any]:
     resolve_encoder_name(cfg)
     validate_common(cfg)
     check_positive(cfg.linear, "linear", "global_batch", optional=True)
+    check_choice(cfg.linear, "linear", "feature", FEATURE_POOLS)
     check_lrs(cfg.head.lrs, "head.lrs")
     require(cfg.optim.lr is None, "optim.lr", "the lrs are head.lrs (base lrs per 256 images): leave optim.lr null")  # fmt: skip
     require(cfg.train.iters_per_epoch is None, "train.iters_per_epoch", "must stay null (an epoch is the training split)")  # fmt: skip
     _check_data(d)
-    # After the values and paths, as they load torch: the features' pools (pixio.knn), the
-    # checkpoint's recorded architecture.
-    from pixio.knn import POOLS
-
-    check_choice(cfg.linear, "linear", "feature", POOLS)
+    # After the values and paths, as it loads torch: the checkpoint's recorded architecture.
     patch = check_encoder(cfg)
     check_side(d.crop, "data.crop", patch)
     check_random_weights(cfg)

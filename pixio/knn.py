@@ -20,11 +20,11 @@ from PIL import Image
 from torch.nn import functional as F
 
 from pixio.models.features import FeatureEncoder
+from pixio.runtime.choices import FEATURE_POOLS
 
 DEMO_CLASSES = ("astronaut", "coffee", "chelsea", "rocket", "sklearn_china", "sklearn_flower")
 
-
-POOLS = ("cls", "avgpool", "both")
+POOLS = FEATURE_POOLS
 
 
 def pooled_features(

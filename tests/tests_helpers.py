@@ -23,6 +23,18 @@ def assert_same_weights(a: torch.nn.Module, b: torch.nn.Module) -> None:
         assert torch.equal(sa[k], sb[k]), k
 
 
+def write_tar(path: Path, samples: list[dict]) -> Path:
+    """A webdataset shard of `samples` in order; each sample is a dict of `__key__` and
+    extension -> bytes. Creates the parent folder."""
+    import webdataset as wds
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with wds.TarWriter(str(path)) as writer:
+        for sample in samples:
+            writer.write(sample)
+    return path
+
+
 # ---- Hydra configs ---------------------------------------------------------------------------
 CONFIG_DIR = str((Path(__file__).parents[1] / "configs").resolve())
 

@@ -38,7 +38,7 @@ class FeatureEncoder(nn.Module):
         """One block on the token sequence (B, N, D) -> (B, N, D)."""
         return block(x)
 
-    source: str = "pixio"  # where the model comes from (pixio.models.baselines.SOURCES)
+    source: str = "pixio"  # where the model comes from (pixio.runtime.choices.ENCODER_SOURCES)
 
     # ---- the API ---------------------------------------------------------------------------
     def describe(self) -> dict[str, Any]:

@@ -12,6 +12,7 @@ import torch
 import webdataset as wds
 from PIL import Image
 from torch.utils.data import DataLoader
+from tests_helpers import write_tar
 
 
 def image_bytes(
@@ -33,14 +34,6 @@ def png_bytes(img: Image.Image) -> bytes:
     img.save(buf, "PNG")
     return buf.getvalue()
 
-
-def write_tar(path: Path, samples: list[dict]) -> Path:
-    """One shard; each sample is a dict of `__key__` and extension -> bytes."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with wds.TarWriter(str(path)) as writer:
-        for sample in samples:
-            writer.write(sample)
-    return path
 
 
 def web_shards(

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 import torch
-import webdataset as wds
 from omegaconf import OmegaConf
+from tests_helpers import write_tar
 
 from evaluation.linear_data import build_indexes
 from pixio.data.demo import demo_jpeg
@@ -19,15 +19,6 @@ from pixio.runtime.config import ConfigError
 from pixio.runtime.distributed import DistInfo
 
 SINGLE = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
-
-
-def write_tar(path: Path, samples: list[dict]) -> Path:
-    """A webdataset tar of `samples` ({"__key__", "jpg"?, "cls"?}), in order."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with wds.TarWriter(str(path)) as tar:
-        for sample in samples:
-            tar.write(sample)
-    return path
 
 
 def labelled(key: int, label: str | None) -> dict:

@@ -10,13 +10,14 @@ import sys
 
 import pytest
 
-APPS = ("pretraining.train", "distillation.train", "evaluation.depth", "evaluation.semseg", "evaluation.knn")  # fmt: skip
+APPS = ("pretraining.train", "distillation.train", "evaluation.depth", "evaluation.semseg", "evaluation.knn", "evaluation.linear")  # fmt: skip
 UNKNOWN = "config error: train.epoch: unknown key (a '+' override adds it, but nothing reads it); "
 DICT_ADDITIONS = {
     "distillation.train": "++student.overrides.pixio_vitt16={depth:1}",
     "evaluation.depth": "+encoder.model_kwargs.drop_path_rate=0",
     "evaluation.semseg": "+dataset.lr.extra=1e-4",
     "evaluation.knn": "+encoder.model_kwargs.drop_path_rate=0",
+    "evaluation.linear": "+encoder.model_kwargs.drop_path_rate=0",
 }
 # The site path each app's data.root reads by default (configs/paths/): the first check after
 # the unknown-key check, so a refusal naming it shows the `+` above passed.
@@ -25,6 +26,7 @@ DATA_PATH = {
     "evaluation.depth": "nyuv2",
     "evaluation.semseg": "ade20k",
     "evaluation.knn": "imagenet_folders",
+    "evaluation.linear": "imagenet_folders",
 }
 
 

@@ -57,18 +57,19 @@ def test_libgomp_starts_passive_when_pixio_is_imported_first() -> None:
     assert "OMP_WAIT_POLICY = 'ACTIVE'" in mine.stderr  # the user's value is kept
 
 
-@pytest.mark.parametrize(
-    "module",
-    ["pretraining.train", "distillation.train", "evaluation.depth", "evaluation.semseg",
-     "evaluation.knn", "pixio.extract", "pixio.visualize", "pixio.convert"],
-)  # fmt: skip
-def test_every_entry_point_sets_the_policy_before_torch(module: str) -> None:
-    """What `python -m <module>` runs first: its package's __init__, which imports pixio, which
-    sets the variable; torch is not loaded yet at that point."""
-    package = module.split(".")[0]
+ENTRY_POINTS = ("pretraining.train", "distillation.train", "evaluation.depth", "evaluation.semseg",
+                "evaluation.knn", "evaluation.linear", "pixio.extract", "pixio.visualize",
+                "pixio.convert")  # fmt: skip
+
+
+@pytest.mark.parametrize("package", sorted({m.split(".")[0] for m in ENTRY_POINTS}))
+def test_every_entry_point_sets_the_policy_before_torch(package: str) -> None:
+    """What `python -m <package>.<module>` runs first: the package's __init__, which imports
+    pixio, which sets the variable; torch is not loaded yet at that point."""
     code = f"import sys, os, {package}; print(os.environ['OMP_WAIT_POLICY'], 'torch' in sys.modules)"  # fmt: skip
     assert _run(code, env=_env()).stdout.split() == ["PASSIVE", "False"]
-    assert (REPO / module.replace(".", "/")).with_suffix(".py").is_file()
+    for module in (m for m in ENTRY_POINTS if m.startswith(f"{package}.")):
+        assert (REPO / module.replace(".", "/")).with_suffix(".py").is_file(), module
 
 
 def test_torchrun_children_inherit_the_policy_and_may_change_torchruns_thread_count() -> None:

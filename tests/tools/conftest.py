@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from tools_helpers import ARCH, DECODER, demo_image, encoded, write_tar
+from tests_helpers import write_tar
+from tools_helpers import ARCH, DECODER, demo_image, encoded
 
 import pixio
 

@@ -4,9 +4,7 @@ photos (pixio.data.demo's sources; nothing downloaded), webdataset tars."""
 from __future__ import annotations
 
 import io
-from pathlib import Path
 
-import webdataset as wds
 from PIL import Image
 
 from pixio.data.demo import SOURCES, as_uint8_image
@@ -27,10 +25,3 @@ def encoded(img: Image.Image, fmt: str) -> bytes:
     buf = io.BytesIO()
     img.save(buf, fmt)
     return buf.getvalue()
-
-
-def write_tar(path: Path, samples: list[dict]) -> Path:
-    with wds.TarWriter(str(path)) as writer:
-        for sample in samples:
-            writer.write(sample)
-    return path

@@ -20,9 +20,9 @@ from __future__ import annotations
 from typing import Any
 
 from pixio.models.baselines.common import BaselineEncoder, BaselineError
+from pixio.runtime.choices import ENCODER_SOURCES as SOURCES
 
-SOURCES = ("pixio", "transformers", "timm")
-BASELINE_SOURCES = ("transformers", "timm")
+BASELINE_SOURCES = tuple(s for s in SOURCES if s != "pixio")
 
 __all__ = [
     "BASELINE_SOURCES",
