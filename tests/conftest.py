@@ -65,7 +65,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 @pytest.hookimpl(optionalhook=True)
 def pytest_xdist_make_scheduler(config: pytest.Config, log):
-    """`make test` runs two pytest-xdist workers (`--dist loadgroup`) that take whole files: a
+    """`make test` runs pytest-xdist workers (`--dist loadgroup`) that each take whole files: a
     file's module fixtures (a compiled model, a two-rank run) are built once, not once per
     worker, and the SLURM files form one group, so their jobs reach the one-node cluster one at a
     time as in a serial run (two jobs at once would queue behind each other into their

@@ -13,6 +13,7 @@ import sys
 import pytest
 import torch
 import torch.distributed as dist
+from tests_helpers import free_port
 
 from pixio.runtime import distributed
 from pixio.runtime.distributed import read_dist_env
@@ -179,7 +180,7 @@ def _clean_env(job_env: dict[str, str]) -> dict[str, str]:
 
 
 def test_two_ranks_from_torchrun_vars(tmp_path, job_env) -> None:
-    port = str(random.randint(35000, 45000))
+    port = str(free_port())  # never a seeded draw: tests on other workers draw alike
     base = {**_clean_env(job_env), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port}
     envs = [{**base, "RANK": str(r), "WORLD_SIZE": "2", "LOCAL_RANK": str(r)} for r in (0, 1)]
     reports = _run_ranks(tmp_path, envs)

@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import signal
 import subprocess
 import sys
 import time
 
 import pytest
+from tests_helpers import free_port
 
 from pixio.runtime import preemption
 from pixio.runtime.preemption import PREEMPTED_EXIT_CODE, PreemptionHandler
@@ -144,7 +144,7 @@ def test_submitit_refusal_propagates(calls, monkeypatch) -> None:
 
 
 def _start_ranks(out, job_env: dict[str, str], steps: int, step_s: float) -> list[subprocess.Popen]:
-    port = str(random.randint(35000, 45000))
+    port = str(free_port())  # never a seeded draw: tests on other workers draw alike
     code = (
         "import fake_train; from omegaconf import OmegaConf; "
         f"fake_train.main(OmegaConf.create({{'output_dir': {str(out)!r}, "
