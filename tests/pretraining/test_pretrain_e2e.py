@@ -122,9 +122,11 @@ def test_ctrl_c_saves_at_the_next_step_and_exits_cleanly(web_shards, tmp_path):
 
 
 def test_demo_experiment_end_to_end(tmp_path):
-    out, demo = tmp_path / "demo_run", tmp_path / "demo_data"
+    # The demo's own data/demo, as `make demo` reads it: built once per checkout (under a lock)
+    # and shared with the SLURM demo tests; tests/data/test_data_demo.py checks the build.
+    out = tmp_path / "demo_run"
     args = [
-        "-m", "pretraining.train", "experiment=demo", f"data.root={demo}", f"output_dir={out}",
+        "-m", "pretraining.train", "experiment=demo", f"output_dir={out}",
         "train.epochs=2", "train.iters_per_epoch=3", "train.save_every_iters=3",
         "train.log_every=1", "train.vis_every=3", "data.shuffle_buffer=50",
     ]  # fmt: skip
