@@ -65,15 +65,18 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 @pytest.hookimpl(optionalhook=True)
 def pytest_xdist_make_scheduler(config: pytest.Config, log):
-    """`make test` runs pytest-xdist workers (`--dist loadgroup`) that each take whole files: a
-    file's module fixtures (a compiled model, a two-rank run) are built once, not once per
-    worker, and the SLURM files form one group, so their jobs reach the one-node cluster one at a
-    time as in a serial run (two jobs at once would queue behind each other into their
-    time-outs). xdist's own `xdist_group` mark cannot do this under pytest 9.2, which no longer
-    reads the node-id suffix the mark relies on."""
-    if config.getvalue("dist") != "loadgroup":
-        return None
+    """`make test` runs pytest-xdist workers (`-n 3 --dist loadgroup`; any `load*` mode here)
+    that each take whole files: a file's module fixtures (a compiled model, a two-rank run) are
+    built once, not once per worker, and the SLURM files form one group, so their jobs reach the
+    one-node cluster one at a time as in a serial run (two jobs at once would queue behind each
+    other into their time-outs). xdist's own `xdist_group` mark cannot do this under pytest 9.2,
+    which no longer reads the node-id suffix the mark relies on."""
+    if config.getvalue("dist") not in ("load", "loadscope", "loadfile", "loadgroup"):
+        return None  # each / worksteal: the user's choice, as xdist does it
     from xdist.scheduler import LoadGroupScheduling
+
+    if not callable(getattr(LoadGroupScheduling, "_split_scope", None)):
+        raise pytest.UsageError("pytest-xdist's LoadGroupScheduling has no _split_scope: update tests/conftest.py's scheduler")  # fmt: skip
 
     class FileScheduling(LoadGroupScheduling):
         def _split_scope(self, nodeid: str) -> str:

@@ -3,12 +3,15 @@
 import contextlib
 import io
 import multiprocessing
+import os
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 
+import pytest
 import torch
 import torch.multiprocessing
 
@@ -88,15 +91,35 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_ranks(fn: Callable, args: tuple = (), nprocs: int = 2, join: bool = True):
+def _rank_in_env(rank: int, fn: Callable, env: dict[str, str], *args) -> None:
+    """In a rank: the environment of the test that started it (the server holds its own)."""
+    os.environ.clear()
+    os.environ.update(env)
+    fn(rank, *args)
+
+
+def start_ranks(
+    fn: Callable, args: tuple = (), nprocs: int = 2, join: bool = True, timeout: float = 300
+):
     """Run `fn(rank, *args)` in `nprocs` new processes, as `torch.multiprocessing.spawn` does,
     but forked from a server that imported torch once: a rank starts in a fraction of a second
-    instead of ~4 CPU-seconds, and inherits nothing of the test process (threads, OpenMP, RNGs).
-    The server keeps the environment it started with: pass settings to `fn` as arguments."""
+    instead of ~4 CPU-seconds. A rank gets the caller's environment, working directory and
+    sys.path; the rest (RNGs, threads) is the server's fresh state, the same in every rank.
+    With `join`, waits at most `timeout` seconds, then kills the ranks and fails the test."""
     multiprocessing.set_forkserver_preload(RANK_PRELOAD)
-    return torch.multiprocessing.start_processes(
-        fn, args=args, nprocs=nprocs, join=join, start_method="forkserver"
-    )
+    context = torch.multiprocessing.start_processes(
+        _rank_in_env, args=(fn, dict(os.environ), *args), nprocs=nprocs, join=False,
+        start_method="forkserver",
+    )  # fmt: skip
+    if not join:
+        return context
+    deadline = time.monotonic() + timeout
+    while not context.join(timeout=1):  # a rank's exception is raised here
+        if time.monotonic() > deadline:
+            for process in context.processes:
+                process.kill()
+            pytest.fail(f"{getattr(fn, '__name__', fn)}: ranks still running after {timeout:.0f} s")
+    return None
 
 
 def run_main(main: Callable[[list[str]], object], argv: list[str]) -> subprocess.CompletedProcess:

@@ -9,10 +9,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import webdataset as wds
 from PIL import Image
-from torch.utils.data import DataLoader
 from tests_helpers import write_tar
+from torch.utils.data import DataLoader
 
 
 def image_bytes(
@@ -33,7 +32,6 @@ def png_bytes(img: Image.Image) -> bytes:
     buf = io.BytesIO()
     img.save(buf, "PNG")
     return buf.getvalue()
-
 
 
 def web_shards(

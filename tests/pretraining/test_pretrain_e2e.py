@@ -121,6 +121,23 @@ def test_ctrl_c_saves_at_the_next_step_and_exits_cleanly(web_shards, tmp_path):
     assert checkpointing.read_meta(out / "checkpoint-last")["iteration"] == 3
 
 
+def test_the_demo_builds_its_data_where_data_root_points_when_missing(monkeypatch, tmp_path):
+    """The app's side of `data.build_demo` (the end-to-end run below finds data/demo built; the
+    builder itself is tests/data/test_data_demo.py's)."""
+    from tests_helpers import compose_pretrain
+
+    import pixio.data.demo
+    from pixio.data.loader import _data_paths
+
+    built = []
+    fake = lambda root: built.append(str(root)) or {"shards": "S", "json_root": "J"}  # noqa: E731
+    monkeypatch.setattr(pixio.data.demo, "ensure_demo_data", fake)
+    cfg = compose_pretrain(["experiment=demo", f"data.root={tmp_path / 'demo'}"])
+    assert _data_paths(cfg.data) == ("S", "J") and built == [str(tmp_path / "demo")]
+    cfg = compose_pretrain(["experiment=demo", "data.build_demo=false", "data.root=/shards"])
+    assert _data_paths(cfg.data) == ("/shards", cfg.data.json_root) and len(built) == 1
+
+
 def test_demo_experiment_end_to_end(tmp_path):
     # The demo's own data/demo, as `make demo` reads it: built once per checkout (under a lock)
     # and shared with the SLURM demo tests; tests/data/test_data_demo.py checks the build.

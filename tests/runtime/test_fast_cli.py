@@ -67,6 +67,7 @@ CASES = {
         ["experiment=knn_demo", "train.precision=fp8"],
         ["experiment=knn_demo", "+knn.metric=l2"],
         ["experiment=knn_demo", "train.cpu_threads=0"],
+        ["experiment=knn_demo", "encoder.source=hub"],
         ["experiment=knn_demo", "data.build_demo=false", "data.root=/nonexistent/imagenet"],
     ],
     "evaluation.linear": [
@@ -76,6 +77,7 @@ CASES = {
         ["experiment=linear_demo", "+linear.pool=cls"],
         ["experiment=linear_demo", "train.cpu_threads=0"],
         ["experiment=linear_demo", "data.crop_scale=[0.5,0.1]"],
+        ["experiment=linear_demo", "linear.feature=max"],
     ],
 }
 PARAMS = [(app, args) for app, runs in CASES.items() for args in runs]
