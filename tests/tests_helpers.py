@@ -98,28 +98,24 @@ def _rank_in_env(rank: int, fn: Callable, env: dict[str, str], *args) -> None:
     fn(rank, *args)
 
 
-def start_ranks(
-    fn: Callable, args: tuple = (), nprocs: int = 2, join: bool = True, timeout: float = 300
-):
+def start_ranks(fn: Callable, args: tuple = (), nprocs: int = 2, timeout: float = 300) -> None:
     """Run `fn(rank, *args)` in `nprocs` new processes, as `torch.multiprocessing.spawn` does,
     but forked from a server that imported torch once: a rank starts in a fraction of a second
     instead of ~4 CPU-seconds. A rank gets the caller's environment, working directory and
     sys.path; the rest (RNGs, threads) is the server's fresh state, the same in every rank.
-    With `join`, waits at most `timeout` seconds, then kills the ranks and fails the test."""
+    Waits for them, at most `timeout` seconds, then kills the ranks and fails the test; a rank's
+    exception is raised here."""
     multiprocessing.set_forkserver_preload(RANK_PRELOAD)
     context = torch.multiprocessing.start_processes(
         _rank_in_env, args=(fn, dict(os.environ), *args), nprocs=nprocs, join=False,
         start_method="forkserver",
     )  # fmt: skip
-    if not join:
-        return context
     deadline = time.monotonic() + timeout
     while not context.join(timeout=1):  # a rank's exception is raised here
         if time.monotonic() > deadline:
             for process in context.processes:
                 process.kill()
             pytest.fail(f"{getattr(fn, '__name__', fn)}: ranks still running after {timeout:.0f} s")
-    return None
 
 
 def run_main(main: Callable[[list[str]], object], argv: list[str]) -> subprocess.CompletedProcess:

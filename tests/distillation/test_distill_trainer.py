@@ -171,7 +171,7 @@ def test_two_gloo_processes_match_one(tmp_path, teacher_path, parallel):
     base = [*overrides_for(teacher_path, tmp_path / "two"), "train.epochs=1", NULL_EPOCH]
     out = str(tmp_path / "two.pth")
     workers = [*base, "train.batch_size=4", f"train.parallel={parallel}"]
-    start_ranks(_worker, (2, free_port(), workers, out), nprocs=2, join=True)
+    start_ranks(_worker, (2, free_port(), workers, out), nprocs=2)
     torch.set_num_threads(1)
     one = [*overrides_for(teacher_path, tmp_path / "one"), "train.epochs=1", NULL_EPOCH]
     single = make_trainer(compose_distill([*one, "train.batch_size=8"]), fixed_batches(4, 8))

@@ -131,7 +131,7 @@ def test_two_process_validation_counts_every_image_once(inputs, tmp_path):
     out = tmp_path / "two"
     overrides = cpu_overrides(checkpoint, root, out, **{"dataset": "kitti", "head": "linear",
                               "train.batch_size": 1, "train.epochs": 1})  # fmt: skip
-    start_ranks(_worker, (2, free_port(), overrides), nprocs=2, join=True)
+    start_ranks(_worker, (2, free_port(), overrides), nprocs=2)
     final = read_json(out / "results.json")["final"]
     # 3 images over 2 ranks: one padded repeat, which must not count.
     assert final["samples"] == N_VAL and final["images"] == N_VAL

@@ -179,7 +179,7 @@ def test_two_processes_count_every_validation_image_once(inputs, tmp_path):
     root = colour_folder(tmp_path / "odd", {"train": 16, "val": 5})  # 15 images: one padded
     out = tmp_path / "two"
     args = overrides(encoder, root, out, **{"head.lrs": "[0.5,64.0]", "train.epochs": 2, "linear.global_batch": 16})  # fmt: skip
-    start_ranks(_worker, (2, free_port(), args), nprocs=2, join=True)
+    start_ranks(_worker, (2, free_port(), args), nprocs=2)
     results = read_json(out / "results.json")
     assert results["global_batch"] == 16 and results["config"]["train"]["accum_iter"] == 1
     assert results["epochs"][-1]["samples"] == 15

@@ -66,7 +66,7 @@ def runs(tmp_path_factory) -> dict:
     results = {}
     for parallel in ("ddp", "fsdp"):
         out = str(tmp / f"{parallel}.pt")
-        start_ranks(_worker, (2, free_port(), parallel, out), nprocs=2, join=True)
+        start_ranks(_worker, (2, free_port(), parallel, out), nprocs=2)
         results[parallel] = torch.load(out, weights_only=True)
     return results
 

@@ -158,7 +158,7 @@ def _two_processes_match_one(tmp_path, base: list[str], workers: list[str], accu
 
     out = tmp_path / "two.pth"
     overrides = [*base, *workers, f"output_dir={tmp_path / 'two'}"]
-    start_ranks(_ddp_worker, (2, free_port(), overrides, str(out), accum), nprocs=2, join=True)
+    start_ranks(_ddp_worker, (2, free_port(), overrides, str(out), accum), nprocs=2)
     torch.set_num_threads(1)
     single = make_trainer(
         compose_pretrain([*base, "train.batch_size=8", f"output_dir={tmp_path / 'one'}"]),

@@ -106,7 +106,7 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> list[dict]:
     out = str(tmp_path_factory.mktemp("compile") / "counts.pt")
-    start_ranks(_worker, (2, free_port(), out), nprocs=2, join=True)
+    start_ranks(_worker, (2, free_port(), out), nprocs=2)
     return [torch.load(f"{out}.rank{r}", weights_only=True) for r in range(2)]
 
 

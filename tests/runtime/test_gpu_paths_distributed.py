@@ -123,7 +123,7 @@ def _two_rank_worker(rank: int, world: int, port: int, out: str) -> None:
 @pytest.fixture(scope="module")
 def two_ranks(tmp_path_factory) -> list[dict]:
     out = tmp_path_factory.mktemp("two_ranks")
-    start_ranks(_two_rank_worker, (2, free_port(), str(out)), nprocs=2, join=True)
+    start_ranks(_two_rank_worker, (2, free_port(), str(out)), nprocs=2)
     return [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
 
 
@@ -181,7 +181,7 @@ def _head_trainer(cfg, info: DistInfo) -> Trainer:
 
 def test_one_torchrun_process_has_its_groups_and_runs_the_fsdp_path(tmp_path):
     out = tmp_path / "fsdp1"
-    start_ranks(_one_rank_worker, (free_port(), str(out)), nprocs=1, join=True)
+    start_ranks(_one_rank_worker, (free_port(), str(out)), nprocs=1)
     result = json.loads((out / "result.json").read_text())
     assert result["group"] and result["cpu_group_at_start"]
     assert result["groups_made_after_start"] == 0  # the first save made none: all at start-up

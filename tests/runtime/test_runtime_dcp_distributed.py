@@ -6,10 +6,8 @@ from __future__ import annotations
 
 import json
 import os
-import time
 from pathlib import Path
 
-import pytest
 import torch
 import torch.distributed as dist
 from tests_helpers import free_port, start_ranks
@@ -138,13 +136,8 @@ def run_ranks(
 ) -> list[str]:
     """Run `worker(mode)` in `world` processes; fail (never hang) on error or timeout. Returns
     each rank's logged warnings."""
-    ctx = start_ranks(worker, (mode, world, free_port(), str(out), str(result)), world, join=False)
-    deadline = time.monotonic() + timeout
-    while not ctx.join(timeout=1):  # a rank's error is raised here, with its traceback
-        if time.monotonic() > deadline:
-            for process in ctx.processes:
-                process.kill()
-            pytest.fail(f"{mode}: the {world} ranks did not finish within {timeout:.0f} s")
+    # a rank's error is raised here; hung ranks are killed after the timeout
+    start_ranks(worker, (mode, world, free_port(), str(out), str(result)), world, timeout=timeout)
     return [Path(f"{result}.rank{rank}.log").read_text() for rank in range(world)]
 
 

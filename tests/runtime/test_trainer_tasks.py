@@ -120,7 +120,7 @@ def _head_worker(rank: int, world: int, port: int, out: str, frozen: str, file: 
 def test_validation_over_two_processes_counts_each_sample_once(tmp_path, frozen):
     out, file = tmp_path / "two", tmp_path / "encoder.pt"
     torch.save(encoder_and_head(0)[0].state_dict(), file)  # rank 0 reads it, then broadcasts
-    start_ranks(_head_worker, (2, free_port(), str(out), frozen, str(file)), nprocs=2, join=True)
+    start_ranks(_head_worker, (2, free_port(), str(out), frozen, str(file)), nprocs=2)
     results = json.loads((out / "val_results.json").read_text())
     assert results["last"]["samples"] == N_VAL and results["last"]["index_sum"] == sum(range(N_VAL))
     # The reduced metric equals the metric of the final weights over the whole set, computed here.
@@ -235,7 +235,7 @@ def _per_rank_worker(rank: int, world: int, port: int, out: str, max_iters: int 
 def test_modules_in_process_subgroups_train_checkpoint_resume_and_export(tmp_path):
     out = tmp_path / "groups"
     for max_iters in (6, None):  # stop at 6 (checkpoint at 4 and 6), then resume to 18
-        start_ranks(_per_rank_worker, (2, free_port(), str(out), max_iters), nprocs=2, join=True)
+        start_ranks(_per_rank_worker, (2, free_port(), str(out), max_iters), nprocs=2)
     ckpt = checkpointing.load_checkpoint(out / "checkpoint-last", ("model", "optimizer"))
     assert ckpt["iteration"] == 18 and set(ckpt["model"]) == set(ckpt["optimizer"]) == {"s0", "s1"}
     assert set(ckpt["scalers"]) == {"s0", "s1"}  # every rank's fp16 scaler, not only rank 0's
